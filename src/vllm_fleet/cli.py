@@ -1,0 +1,106 @@
+"""The `fleet` command: thin; it parses, calls the modules that do the work, and prints."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from vllm_fleet import __version__
+from vllm_fleet.config import ConfigError, FleetConfig, load
+from vllm_fleet.gpus import Inventory, read_inventory
+from vllm_fleet.masking import mask_argv, mask_env
+from vllm_fleet.plan import Plan, build_plan
+
+app = typer.Typer(
+    help="Serve several vLLM models behind one OpenAI- and Azure-compatible endpoint.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+FleetFile = Annotated[Path, typer.Argument(help="The fleet file (YAML).", show_default=False)]
+
+
+def _load_plan(path: Path) -> tuple[FleetConfig, Plan]:
+    """Load and plan, or print every problem and exit 1."""
+    try:
+        config = load(path)
+        plan = build_plan(config, read_inventory(), sys.executable)
+    except ConfigError as exc:
+        err_console.print(f"[bold red]error:[/] {exc.render()}", highlight=False)
+        raise typer.Exit(1) from None
+    return config, plan
+
+
+def _describe_inventory(inventory: Inventory) -> str:
+    if inventory.gpus is None:
+        return f"no GPU inventory ({inventory.reason}); GPU indices in the file are trusted"
+    listed = ", ".join(
+        f"{g.index}: {g.name} ({g.memory_total_mib} MiB)" for g in inventory.gpus
+    )
+    return f"{len(inventory.gpus)} GPU(s): {listed}"
+
+
+@app.command()
+def check(fleet_file: FleetFile) -> None:
+    """Validate a fleet file and print the plan: every engine's GPUs, port, command line
+    and environment (secrets masked). Exit code 0 when valid, 1 when not."""
+    config, plan = _load_plan(fleet_file)
+    console.print(f"[bold green]ok[/] {fleet_file}: {len(config.deployments)} deployment(s)")
+    console.print(f"gateway: http://{config.gateway.host}:{config.gateway.port}")
+    console.print(f"GPUs: {_describe_inventory(plan.inventory)}")
+    for engine in plan.engines:
+        gpus = ",".join(map(str, engine.gpus)) if engine.gpus is not None else "not pinned"
+        console.print(
+            f"\n[bold]{engine.name}[/]  GPUs: {gpus}  listens: {engine.host}:{engine.port}"
+            f"  log: {engine.log_path}",
+            highlight=False,
+        )
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in mask_env(dict(engine.env)).items())
+        line = shlex.join(mask_argv(engine.argv))
+        console.print(f"  {env} {line}" if env else f"  {line}", highlight=False, soft_wrap=True)
+    for remote in plan.remotes:
+        console.print(f"\n[bold]{remote.name}[/]  remote: {remote.url} (routed to, not started)")
+    console.print()
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+
+
+@app.command()
+def up(
+    fleet_file: FleetFile,
+    host: Annotated[str | None, typer.Option(help="Override gateway.host.")] = None,
+    port: Annotated[int | None, typer.Option(help="Override gateway.port.")] = None,
+) -> None:
+    """Start every engine, wait until each is ready, and serve the gateway in front of them.
+    Ctrl-C or SIGTERM stops everything."""
+    from vllm_fleet.runner import run_fleet
+
+    config, plan = _load_plan(fleet_file)
+    if host is not None or port is not None:
+        gateway = config.gateway.model_copy(
+            update={k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        )
+        config = config.model_copy(update={"gateway": gateway})
+    raise typer.Exit(run_fleet(config, plan, console=err_console))
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    console.print(f"vllm-fleet {__version__}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,585 @@
+"""The fleet file: pydantic models of fleet.yaml, and `load(path)`.
+
+Every problem is reported at load with the place it sits (`deployments.qwen.gpus[1]`, and
+the line of the file) and what to do about it. Nothing is clamped silently.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vllm_fleet.envsubst import expand_tree
+
+Loc = tuple[str | int, ...]
+
+ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+# First path segments the gateway answers itself; a deployment id may not shadow them.
+RESERVED_IDS = frozenset(
+    {"v1", "v2", "openai", "health", "metrics", "fleet", "ping", "version", "docs", "api"}
+)
+# Engine flags the fleet sets itself; passing them in `args` would fight the launcher.
+OWNED_FLAGS = {
+    "--host": "set `host:` on the deployment instead (engines bind 127.0.0.1 by default)",
+    "--port": "set `port:` on the deployment instead",
+    "--served-model-name": "the fleet serves the model code, the id and `aliases:`; "
+    "add extra names to `aliases:`",
+}
+PLACEHOLDERS = ("model", "host", "port", "python", "id")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass
+class ConfigIssue:
+    """One problem in a fleet file: where it is and what to do."""
+
+    loc: Loc
+    message: str
+    line: int | None = None
+
+    def where(self) -> str:
+        return format_loc(self.loc)
+
+
+class ConfigError(Exception):
+    """A fleet file that cannot be used; `issues` lists every problem found."""
+
+    def __init__(self, source: str, issues: list[ConfigIssue]) -> None:
+        self.source = source
+        self.issues = issues
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [f"{self.source}: {len(self.issues)} problem(s) in the fleet file"]
+        for issue in self.issues:
+            at = f"line {issue.line}, " if issue.line else ""
+            place = issue.where() or "(top level)"
+            lines.append(f"  {at}{place}: {issue.message}")
+        return "\n".join(lines)
+
+
+def format_loc(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _stringify_scalars(value: Any) -> Any:
+    """YAML gives `2048` and `0.5` as numbers; engine args and env values are strings."""
+    if isinstance(value, list):
+        return [str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in value]
+    if isinstance(value, dict):
+        return {
+            k: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+            for k, v in value.items()
+        }
+    return value
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class GatewayConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    max_body_mb: Annotated[float, Field(gt=0)] = 32.0
+    # Keys clients must present (Bearer or `api-key`); empty means no auth at the gateway.
+    api_keys: list[str] = Field(default_factory=list)
+    # Start engines so they accept any `model` (for a front end that cannot rewrite bodies).
+    accept_any_model: bool = False
+    connect_timeout: Annotated[float, Field(gt=0)] = 10.0
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+class EnginesConfig(_Strict):
+    """Defaults for every engine the fleet starts."""
+
+    log_dir: str = ".fleet/logs"
+    base_port: Port = 8100
+    start_timeout: Annotated[float, Field(gt=0)] = 1800.0
+    stop_timeout: Annotated[float, Field(ge=0)] = 30.0
+    health_interval: Annotated[float, Field(gt=0)] = 2.0
+    max_restarts: Annotated[int, Field(ge=0)] = 5
+    backoff_initial: Annotated[float, Field(ge=0)] = 1.0
+    backoff_max: Annotated[float, Field(ge=0)] = 60.0
+    # An engine that stayed ready this long has its failure count reset.
+    stable_after: Annotated[float, Field(ge=0)] = 60.0
+
+
+class Deployment(_Strict):
+    model: Annotated[str, Field(min_length=1)]
+    gpus: list[Annotated[int, Field(ge=0)]] | Annotated[int, Field(ge=1)] | None = None
+    share_gpus: bool = False
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: Port | None = None
+    replicas: Annotated[int, Field(ge=1, le=64)] = 1
+    aliases: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    command: list[str] | None = None
+    endpoints: list[str] = Field(default_factory=list)
+    start_timeout: Annotated[float, Field(gt=0)] | None = None
+
+    _coerce_args = field_validator("args", "env", "command", mode="before")(
+        lambda v: _stringify_scalars(v)
+    )
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", url):
+                raise ValueError(
+                    f"`{url}` is not an http(s) URL; write it like http://10.1.2.3:8000"
+                )
+        return [url.rstrip("/") for url in value]
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.endpoints)
+
+    def served_names(self) -> list[str]:
+        """Names the engine answers to: the model code first (what responses say)."""
+        return _dedupe([self.model, *self.aliases])
+
+    def per_replica_gpus(self) -> int | None:
+        if self.gpus is None:
+            return None
+        count = self.gpus if isinstance(self.gpus, int) else len(self.gpus)
+        return count // self.replicas if isinstance(self.gpus, list) else count
+
+
+class FleetConfig(_Strict):
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    engines: EnginesConfig = Field(default_factory=EnginesConfig)
+    engine_command: list[str] = Field(default_factory=lambda: ["vllm", "serve", "{model}"])
+    deployments: dict[str, Deployment]
+    # Directory the fleet file lives in; relative paths (log_dir) resolve from here.
+    base_dir: str = "."
+    source: str = "<memory>"
+
+    _coerce_command = field_validator("engine_command", mode="before")(
+        lambda v: _stringify_scalars(v)
+    )
+
+    def log_dir(self) -> Path:
+        path = Path(self.engines.log_dir).expanduser()
+        return path if path.is_absolute() else Path(self.base_dir) / path
+
+
+Kind = Literal["id", "model", "alias"]
+
+
+def _dedupe(items: list[str]) -> list[str]:
+    seen: dict[str, None] = {}
+    for item in items:
+        seen.setdefault(item, None)
+    return list(seen)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> FleetConfig:
+    """Read, expand and validate a fleet file; raise ConfigError naming every problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            source, [ConfigIssue(loc=(), message="file not found; check the path")]
+        ) from None
+    except OSError as exc:
+        raise ConfigError(source, [ConfigIssue(loc=(), message=f"cannot read: {exc}")]) from None
+    base_dir = str(Path(path).resolve().parent)
+    return loads(text, source=source, base_dir=base_dir, environ=environ)
+
+
+def loads(
+    text: str,
+    *,
+    source: str = "<string>",
+    base_dir: str = ".",
+    environ: Mapping[str, str] | None = None,
+) -> FleetConfig:
+    env = os.environ if environ is None else environ
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        line = None
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            line = mark.line + 1
+        message = str(getattr(exc, "problem", None) or exc)
+        raise ConfigError(
+            source,
+            [ConfigIssue(loc=(), message=f"not valid YAML: {message}", line=line)],
+        ) from None
+    lines = _line_index(node)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            source,
+            [ConfigIssue(loc=(), message="the fleet file must be a mapping with `deployments:`")],
+        )
+    expanded, exp_errors = expand_tree(raw, env)
+    issues = [ConfigIssue(loc=e.path, message=e.message) for e in exp_errors]
+    for reserved in ("base_dir", "source"):
+        if reserved in expanded:
+            issues.append(ConfigIssue(loc=(reserved,), message="unknown key"))
+    expanded["base_dir"] = base_dir
+    expanded["source"] = source
+    try:
+        config = FleetConfig.model_validate(expanded)
+    except ValidationError as exc:
+        issues.extend(_pydantic_issues(exc))
+    else:
+        issues.extend(check(config))
+        if not issues:
+            return config
+    for issue in issues:
+        issue.line = issue.line or _nearest_line(lines, issue.loc)
+    raise ConfigError(source, issues)
+
+
+def _pydantic_issues(exc: ValidationError) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    seen: set[Loc] = set()
+    for err in exc.errors():
+        loc: Loc = tuple(err["loc"])
+        # A union (gpus: list | int) reports one error per branch; name the place once.
+        loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith(("list[", "int", "constrained"))))
+        if loc in seen:
+            continue
+        seen.add(loc)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            key = str(loc[-1])
+            known = _known_keys(loc[:-1])
+            hint = difflib.get_close_matches(key, known, n=1)
+            message = f"unknown key `{key}`"
+            message += f"; did you mean `{hint[0]}`?" if hint else ""
+            message += f" Known keys here: {', '.join(known)}."
+        elif kind == "missing":
+            message = f"`{loc[-1]}` is required here"
+            if loc == ("deployments",):
+                message += "; add at least one deployment (see examples/)"
+        elif loc and loc[-1] == "gpus" or (len(loc) >= 2 and loc[-2] == "gpus"):
+            message = (
+                "`gpus` is a list of GPU indices (`[0, 1]`) or a count (`2`) that the fleet "
+                f"fills from the machine's GPUs; got {_input(err)}"
+            )
+        else:
+            message = f"{err['msg']} (got {_input(err)})"
+        issues.append(ConfigIssue(loc=loc, message=message))
+    return issues
+
+
+def _input(err: Any) -> str:
+    value = err.get("input")
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+def _known_keys(loc: Loc) -> list[str]:
+    models: dict[Loc, type[BaseModel]] = {
+        (): FleetConfig,
+        ("gateway",): GatewayConfig,
+        ("engines",): EnginesConfig,
+    }
+    model = models.get(loc)
+    if model is None and len(loc) == 2 and loc[0] == "deployments":
+        model = Deployment
+    if model is None:
+        return []
+    hidden = {"base_dir", "source"}
+    return [name for name in model.model_fields if name not in hidden]
+
+
+# ---------------------------------------------------------------- cross checks
+
+
+def flag_value(args: list[str], *names: str) -> str | None:
+    """The value of `--flag V` or `--flag=V` in an argument list (last one wins)."""
+    found = None
+    for index, arg in enumerate(args):
+        for name in names:
+            if arg == name and index + 1 < len(args):
+                found = args[index + 1]
+            elif arg.startswith(name + "="):
+                found = arg.split("=", 1)[1]
+    return found
+
+
+def engine_ports(dep: Deployment) -> list[int]:
+    """Ports fixed in the file for a deployment's replicas (consecutive from `port`)."""
+    if dep.port is None or dep.remote:
+        return []
+    return [dep.port + i for i in range(dep.replicas)]
+
+
+def check(config: FleetConfig) -> list[ConfigIssue]:
+    """Checks that span fields or deployments; pure, returns every problem found."""
+    issues: list[ConfigIssue] = []
+    add = issues.append
+    if not config.deployments:
+        add(ConfigIssue(loc=("deployments",), message="add at least one deployment"))
+    issues.extend(_check_template(config.engine_command, ("engine_command",)))
+
+    names: dict[str, tuple[str, Kind]] = {}
+    for dep_id in config.deployments:
+        names[dep_id] = (dep_id, "id")
+    port_owner: dict[int, str] = {config.gateway.port: "the gateway (gateway.port)"}
+    gpu_owner: dict[int, str] = {}
+
+    for dep_id, dep in config.deployments.items():
+        at: Loc = ("deployments", dep_id)
+        if not ID_PATTERN.match(dep_id):
+            add(
+                ConfigIssue(
+                    loc=at,
+                    message=f"deployment id `{dep_id}` is not URL-safe; use lowercase letters, "
+                    "digits, `.`, `_` and `-`, starting with a letter or digit "
+                    f"(for example `{_suggest_id(dep_id)}`)",
+                )
+            )
+        elif dep_id in RESERVED_IDS:
+            add(
+                ConfigIssue(
+                    loc=at,
+                    message=f"deployment id `{dep_id}` is reserved by the gateway "
+                    f"({', '.join(sorted(RESERVED_IDS))}); pick another id",
+                )
+            )
+        if dep.remote:
+            for key in ("gpus", "args", "env", "port", "command", "start_timeout"):
+                if key in dep.model_fields_set:
+                    add(
+                        ConfigIssue(
+                            loc=(*at, key),
+                            message="a deployment with `endpoints` is already running "
+                            "elsewhere and is never started by the fleet; remove "
+                            f"`{key}` (or remove `endpoints` to have the fleet start it)",
+                        )
+                    )
+            if "replicas" in dep.model_fields_set:
+                add(
+                    ConfigIssue(
+                        loc=(*at, "replicas"),
+                        message="with `endpoints`, each URL is one replica; remove `replicas`",
+                    )
+                )
+            continue
+        if dep.command is not None:
+            issues.extend(_check_template(dep.command, (*at, "command")))
+        for index, arg in enumerate(dep.args):
+            flag = arg.split("=", 1)[0]
+            if flag in OWNED_FLAGS:
+                add(
+                    ConfigIssue(
+                        loc=(*at, "args", index),
+                        message=f"`{flag}` is set by the fleet; {OWNED_FLAGS[flag]}",
+                    )
+                )
+        if "CUDA_VISIBLE_DEVICES" in dep.env and dep.gpus is not None:
+            add(
+                ConfigIssue(
+                    loc=(*at, "env", "CUDA_VISIBLE_DEVICES"),
+                    message="`gpus:` sets CUDA_VISIBLE_DEVICES; remove one of the two",
+                )
+            )
+        # ports
+        for replica, port in enumerate(engine_ports(dep)):
+            if port > 65535:
+                add(
+                    ConfigIssue(
+                        loc=(*at, "port"),
+                        message=f"replica {replica} would get port {port}, past 65535; "
+                        "lower `port`",
+                    )
+                )
+                continue
+            owner = port_owner.get(port)
+            who = f"deployment `{dep_id}`" + (f" replica {replica}" if dep.replicas > 1 else "")
+            if owner:
+                add(
+                    ConfigIssue(
+                        loc=(*at, "port"),
+                        message=f"port {port} is already taken by {owner}; pick another port "
+                        "or leave `port` out to have one chosen",
+                    )
+                )
+            else:
+                port_owner[port] = who
+        # gpus
+        if isinstance(dep.gpus, list):
+            if len(set(dep.gpus)) != len(dep.gpus):
+                add(ConfigIssue(loc=(*at, "gpus"), message="a GPU index is listed twice"))
+            if len(dep.gpus) == 0:
+                add(
+                    ConfigIssue(
+                        loc=(*at, "gpus"),
+                        message="an empty list pins the engine to no GPU; remove `gpus` "
+                        "to leave CUDA_VISIBLE_DEVICES unset",
+                    )
+                )
+            elif len(dep.gpus) % dep.replicas:
+                add(
+                    ConfigIssue(
+                        loc=(*at, "gpus"),
+                        message=f"{len(dep.gpus)} GPUs cannot be split evenly over "
+                        f"{dep.replicas} replicas; list a multiple of {dep.replicas} GPUs "
+                        "(each replica takes the next equal share) or give a count per "
+                        "replica, e.g. `gpus: 1`",
+                    )
+                )
+            sharing = _shares(dep)
+            for index, gpu in enumerate(dep.gpus):
+                owner = gpu_owner.get(gpu)
+                if owner and not (sharing and owner.endswith("(shared)")):
+                    add(
+                        ConfigIssue(
+                            loc=(*at, "gpus", index),
+                            message=f"GPU {gpu} is already used by deployment "
+                            f"`{owner.removesuffix(' (shared)')}`; give each deployment its "
+                            "own GPUs, or let both share it: set `share_gpus: true` and "
+                            "`--gpu-memory-utilization` (e.g. 0.45) on both",
+                        )
+                    )
+                else:
+                    gpu_owner[gpu] = dep_id + (" (shared)" if sharing else "")
+        issues.extend(_check_parallelism(dep, at))
+        # names clients may send as `model`
+        for index, alias in enumerate(dep.aliases):
+            other = names.get(alias)
+            if other and other[0] != dep_id:
+                add(
+                    ConfigIssue(
+                        loc=(*at, "aliases", index),
+                        message=f"alias `{alias}` is already the {other[1]} of deployment "
+                        f"`{other[0]}`; clients could not tell them apart, pick another alias",
+                    )
+                )
+            else:
+                names[alias] = (dep_id, "alias")
+    for dep_id, dep in config.deployments.items():
+        other = names.get(dep.model)
+        if other and other[0] != dep_id and other[1] != "model":
+            add(
+                ConfigIssue(
+                    loc=("deployments", dep_id, "model"),
+                    message=f"model code `{dep.model}` is also the {other[1]} of deployment "
+                    f"`{other[0]}`; rename that {other[1]}",
+                )
+            )
+        names.setdefault(dep.model, (dep_id, "model"))
+    return issues
+
+
+def _shares(dep: Deployment) -> bool:
+    return dep.share_gpus or flag_value(dep.args, "--gpu-memory-utilization") is not None
+
+
+def _check_parallelism(dep: Deployment, at: Loc) -> list[ConfigIssue]:
+    per_replica = dep.per_replica_gpus()
+    tp = flag_value(dep.args, "--tensor-parallel-size", "-tp")
+    pp = flag_value(dep.args, "--pipeline-parallel-size", "-pp")
+    if per_replica is None or (tp is None and pp is None):
+        return []
+    try:
+        wanted = int(tp or 1) * int(pp or 1)
+    except ValueError:
+        return [
+            ConfigIssue(
+                loc=(*at, "args"),
+                message="--tensor-parallel-size / --pipeline-parallel-size must be integers",
+            )
+        ]
+    if wanted != per_replica:
+        return [
+            ConfigIssue(
+                loc=(*at, "gpus"),
+                message=f"each replica gets {per_replica} GPU(s) but the engine args ask for "
+                f"{wanted} (tensor-parallel {tp or 1} × pipeline-parallel {pp or 1}); make them "
+                "match, or vLLM will fail at start",
+            )
+        ]
+    return []
+
+
+def _check_template(template: list[str], at: Loc) -> list[ConfigIssue]:
+    issues = []
+    if not template:
+        return [ConfigIssue(loc=at, message="the command is empty; e.g. [vllm, serve, '{model}']")]
+    for index, part in enumerate(template):
+        for name in _PLACEHOLDER.findall(part):
+            if name not in PLACEHOLDERS:
+                issues.append(
+                    ConfigIssue(
+                        loc=(*at, index),
+                        message=f"unknown placeholder `{{{name}}}`; known: "
+                        + ", ".join(f"{{{p}}}" for p in PLACEHOLDERS),
+                    )
+                )
+    return issues
+
+
+def _suggest_id(dep_id: str) -> str:
+    slug = re.sub(r"[^a-z0-9._-]+", "-", dep_id.lower()).strip("-._")
+    return slug or "my-model"
+
+
+# ---------------------------------------------------------------- YAML line numbers
+
+
+@dataclass
+class _Lines:
+    by_loc: dict[Loc, int]
+
+
+def _line_index(node: yaml.Node | None) -> _Lines:
+    index: dict[Loc, int] = {}
+
+    def walk(n: yaml.Node, loc: Loc) -> None:
+        index[loc] = n.start_mark.line + 1
+        if isinstance(n, yaml.MappingNode):
+            for key_node, value_node in n.value:
+                key = (*loc, str(key_node.value))
+                walk(value_node, key)
+                index[key] = key_node.start_mark.line + 1
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                walk(item, (*loc, i))
+
+    if node is not None:
+        walk(node, ())
+    return _Lines(index)
+
+
+def _nearest_line(lines: _Lines, loc: Loc) -> int | None:
+    for end in range(len(loc), 0, -1):
+        line = lines.by_loc.get(loc[:end])
+        if line is not None:
+            return line
+    return None

@@ -1,0 +1,90 @@
+"""GPU inventory: `nvidia-smi` is run at the edge (`read_inventory`), parsed in a pure function."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+QUERY_FIELDS = "index,uuid,name,memory.total,memory.used,memory.free"
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    uuid: str
+    name: str
+    memory_total_mib: int
+    memory_used_mib: int
+    memory_free_mib: int
+
+
+class InventoryError(Exception):
+    pass
+
+
+def parse_query_gpu(text: str) -> list[Gpu]:
+    """Parse `nvidia-smi --query-gpu=index,uuid,name,memory.total,memory.used,memory.free
+    --format=csv,noheader,nounits` output. Extra trailing columns are ignored."""
+    gpus = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        cells = [cell.strip() for cell in line.split(",")]
+        if len(cells) < 6:
+            raise InventoryError(f"nvidia-smi line {number}: expected 6 columns, got {line!r}")
+        try:
+            gpus.append(
+                Gpu(
+                    index=int(cells[0]),
+                    uuid=cells[1],
+                    name=cells[2],
+                    memory_total_mib=_mib(cells[3]),
+                    memory_used_mib=_mib(cells[4]),
+                    memory_free_mib=_mib(cells[5]),
+                )
+            )
+        except ValueError as exc:
+            raise InventoryError(f"nvidia-smi line {number}: {exc}: {line!r}") from None
+    return gpus
+
+
+def _mib(cell: str) -> int:
+    cell = cell.removesuffix("MiB").strip()
+    return int(cell) if cell.isdigit() else -1  # "[N/A]" on some boards
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What the machine has; `gpus is None` means no inventory could be read."""
+
+    gpus: tuple[Gpu, ...] | None
+    reason: str = ""
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        return tuple(g.index for g in self.gpus or ())
+
+
+def read_inventory(timeout: float = 10.0) -> Inventory:
+    """Ask nvidia-smi for the GPUs; never raises, says why when there is no inventory."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return Inventory(None, "nvidia-smi not found: no NVIDIA GPU inventory on this machine")
+    try:
+        done = subprocess.run(
+            [exe, f"--query-gpu={QUERY_FIELDS}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Inventory(None, f"nvidia-smi failed: {exc}")
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().splitlines()
+        return Inventory(None, f"nvidia-smi failed: {detail[-1] if detail else done.returncode}")
+    try:
+        return Inventory(tuple(parse_query_gpu(done.stdout)))
+    except InventoryError as exc:
+        return Inventory(None, str(exc))
