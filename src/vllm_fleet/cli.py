@@ -42,9 +42,7 @@ def _load_plan(path: Path) -> tuple[FleetConfig, Plan]:
 def _describe_inventory(inventory: Inventory) -> str:
     if inventory.gpus is None:
         return f"no GPU inventory ({inventory.reason}); GPU indices in the file are trusted"
-    listed = ", ".join(
-        f"{g.index}: {g.name} ({g.memory_total_mib} MiB)" for g in inventory.gpus
-    )
+    listed = ", ".join(f"{g.index}: {g.name} ({g.memory_total_mib} MiB)" for g in inventory.gpus)
     return f"{len(inventory.gpus)} GPU(s): {listed}"
 
 

@@ -80,15 +80,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _scalar_str(value: Any) -> Any:
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
 def _stringify_scalars(value: Any) -> Any:
     """YAML gives `2048` and `0.5` as numbers; engine args and env values are strings."""
     if isinstance(value, list):
-        return [str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in value]
+        return [
+            str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in value
+        ]
     if isinstance(value, dict):
-        return {
-            k: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
-            for k, v in value.items()
-        }
+        return {k: _scalar_str(v) for k, v in value.items()}
     return value
 
 
@@ -263,13 +266,20 @@ def loads(
     raise ConfigError(source, issues)
 
 
+_UNION_TAGS = ("list[", "int", "constrained")
+
+
 def _pydantic_issues(exc: ValidationError) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
     seen: set[Loc] = set()
     for err in exc.errors():
         loc: Loc = tuple(err["loc"])
         # A union (gpus: list | int) reports one error per branch; name the place once.
-        loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith(("list[", "int", "constrained"))))
+        loc = tuple(
+            p
+            for p in loc
+            if not (isinstance(p, str) and p.startswith(("list[", "int", "constrained")))
+        )
         if loc in seen:
             continue
         seen.add(loc)
@@ -285,7 +295,7 @@ def _pydantic_issues(exc: ValidationError) -> list[ConfigIssue]:
             message = f"`{loc[-1]}` is required here"
             if loc == ("deployments",):
                 message += "; add at least one deployment (see examples/)"
-        elif loc and loc[-1] == "gpus" or (len(loc) >= 2 and loc[-2] == "gpus"):
+        elif (loc and loc[-1] == "gpus") or (len(loc) >= 2 and loc[-2] == "gpus"):
             message = (
                 "`gpus` is a list of GPU indices (`[0, 1]`) or a count (`2`) that the fleet "
                 f"fills from the machine's GPUs; got {_input(err)}"

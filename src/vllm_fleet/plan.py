@@ -124,9 +124,17 @@ def served_names(dep_id: str, dep: Deployment) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def engine_argv(config: FleetConfig, dep_id: str, dep: Deployment, port: int, python: str) -> list[str]:
+def engine_argv(
+    config: FleetConfig, dep_id: str, dep: Deployment, port: int, python: str
+) -> list[str]:
     template = dep.command if dep.command is not None else config.engine_command
-    values = {"model": dep.model, "host": dep.host, "port": str(port), "python": python, "id": dep_id}
+    values = {
+        "model": dep.model,
+        "host": dep.host,
+        "port": str(port),
+        "python": python,
+        "id": dep_id,
+    }
     argv = [_PLACEHOLDER.sub(lambda m: values[m.group(1)], part) for part in template]
     joined = " ".join(template)
     if "{host}" not in joined:
@@ -138,7 +146,9 @@ def engine_argv(config: FleetConfig, dep_id: str, dep: Deployment, port: int, py
     return argv
 
 
-def engine_env(config: FleetConfig, dep: Deployment, gpus: tuple[int, ...] | None) -> dict[str, str]:
+def engine_env(
+    config: FleetConfig, dep: Deployment, gpus: tuple[int, ...] | None
+) -> dict[str, str]:
     env = dict(dep.env)
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)

@@ -69,7 +69,9 @@ class Registry:
     def __init__(self, config: FleetConfig, plan: Plan) -> None:
         self.config = config
         self.plan = plan
-        self.by_deployment: dict[str, list[Upstream]] = {dep_id: [] for dep_id in config.deployments}
+        self.by_deployment: dict[str, list[Upstream]] = {
+            dep_id: [] for dep_id in config.deployments
+        }
         for engine in plan.engines:
             self.by_deployment[engine.deployment].append(
                 Upstream(engine.name, engine.deployment, engine.url, True, engine)
