@@ -1,0 +1,1 @@
+"""The gateway: one OpenAI- and Azure-compatible HTTP endpoint in front of every engine."""
