@@ -1,0 +1,475 @@
+"""A small server that behaves like `vllm serve`, for tests, benchmarks and demos.
+
+    python -m vllm_fleet.testing.fake_vllm MODEL --host H --port P \\
+        --served-model-name NAME [NAME ...] [--startup-delay S] [--token-delay S] \\
+        [--tokens N] [--fail-start] [--api-key KEY] [--max-model-len N]
+
+Unknown flags (vLLM's own) are ignored. Like vLLM (see shared/notes/vllm-facts.md): the
+port stays closed while "loading"; an unknown body `model` gets vLLM's exact 404 unless
+`VLLM_SKIP_MODEL_NAME_VALIDATION=1`; responses name the first served name; SSE chunks end
+with `data: [DONE]`; `--api-key` protects `/v1*` only. Generated text is deterministic
+("tok0 tok1 ..."); `system_fingerprint` is `fake-<port>` and every response carries
+`X-Fake-Engine: <first served name>:<port>`, so tests can tell which engine answered.
+
+Test hooks: `GET /fake/stats` (counts, the last request as received; `?reset=1` clears),
+`GET /fake/env` (pid, CUDA_VISIBLE_DEVICES, argv), `POST /fake/crash?status=N` (exits N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import signal
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+EMBED_DIMS = 384
+# Request headers /fake/stats reports, so tests can see what a proxy forwarded.
+_SEEN_HEADERS = (
+    "host",
+    "authorization",
+    "api-key",
+    "content-type",
+    "user-agent",
+    "x-request-id",
+    "x-real-ip",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "connection",
+    "traceparent",
+)
+
+
+@dataclass
+class Engine:
+    model: str
+    names: list[str]
+    port: int
+    token_delay: float
+    tokens: int
+    max_model_len: int
+    api_key: str | None
+    any_model: bool
+    requests: int = 0
+    aborted: int = 0
+    in_flight: int = 0
+    last_request: dict[str, Any] | None = None
+    counter: int = 0
+    argv: list[str] = field(default_factory=list)
+
+    @property
+    def fingerprint(self) -> str:
+        return f"fake-{self.port}"
+
+
+ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return web.json_response(body, status=status)
+
+
+def _bad_request(message: str) -> web.Response:
+    return _error(400, message, "BadRequestError")
+
+
+def _prompt_tokens(value: Any) -> int:
+    """A deterministic stand-in for tokenization: whitespace-separated words."""
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, list):
+        return sum(_prompt_tokens(v) for v in value)
+    if isinstance(value, dict):
+        return _prompt_tokens(value.get("content", "")) + _prompt_tokens(value.get("text", ""))
+    return 1 if isinstance(value, int) else 0
+
+
+def _token(index: int) -> str:
+    return f"tok{index}" if index == 0 else f" tok{index}"
+
+
+def _embedding(text: str) -> list[float]:
+    raw = b""
+    seed = text.encode()
+    while len(raw) < EMBED_DIMS:
+        seed = hashlib.sha256(seed).digest()
+        raw += seed
+    values = [(b - 127.5) / 127.5 for b in raw[:EMBED_DIMS]]
+    norm = sum(v * v for v in values) ** 0.5 or 1.0
+    return [v / norm for v in values]
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    authorized = request.headers.get("Authorization", "") == f"Bearer {engine.api_key}"
+    if engine.api_key and request.path.startswith("/v1") and not authorized:
+        return web.json_response({"error": "Unauthorized"}, status=401)
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+async def _engine_header(request: web.Request, response: web.StreamResponse) -> None:
+    engine = request.app[ENGINE]
+    response.headers["X-Fake-Engine"] = f"{engine.names[0]}:{engine.port}"
+
+
+async def _parse(request: web.Request) -> dict[str, Any] | web.Response:
+    """The JSON body and vLLM's model check; a Response when the request is refused."""
+    engine = request.app[ENGINE]
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        return _bad_request(f"Invalid JSON body: {exc}")
+    if not isinstance(body, dict):
+        return _bad_request("The request body must be a JSON object")
+    engine.requests += 1
+    engine.last_request = {
+        "path": request.path_qs,
+        "model": body.get("model"),
+        "headers": {k: request.headers[k] for k in _SEEN_HEADERS if k in request.headers},
+        "body": body,
+    }
+    model = body.get("model")
+    if model is not None and model not in engine.names and not engine.any_model:
+        return _error(
+            404,
+            f"The model `{model}` does not exist. Valid aliases: {', '.join(engine.names)}.",
+            "NotFoundError",
+            "model",
+        )
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (
+        not isinstance(max_tokens, int) or max_tokens < 1 or max_tokens > engine.max_model_len
+    ):
+        return _bad_request(
+            f"max_tokens must be an integer between 1 and {engine.max_model_len}; "
+            f"got {max_tokens!r}"
+        )
+    return body
+
+
+def _disconnected(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
+async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    parsed = await _parse(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    body = parsed
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    count = limit if isinstance(limit, int) else engine.tokens
+    finish = "length" if isinstance(limit, int) else "stop"
+    prompt = _prompt_tokens(body.get("messages") if chat else body.get("prompt"))
+    usage = {"prompt_tokens": prompt, "completion_tokens": count, "total_tokens": prompt + count}
+    engine.counter += 1
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{engine.port}-{engine.counter}"
+    head = {
+        "id": ident,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": engine.names[0],
+        "system_fingerprint": engine.fingerprint,
+    }
+    engine.in_flight += 1
+    try:
+        if body.get("stream"):
+            return await _stream(request, engine, head, chat, count, finish, usage, body)
+        try:
+            for _ in range(count):
+                if engine.token_delay:
+                    await asyncio.sleep(engine.token_delay)
+                if _disconnected(request):
+                    raise asyncio.CancelledError
+        except asyncio.CancelledError:
+            # aiohttp cancels the handler when the client goes away (handler_cancellation).
+            engine.aborted += 1
+            raise
+        text = "".join(_token(i) for i in range(count))
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text, "tool_calls": []}
+            head["object"] = "chat.completion"
+        else:
+            choice["text"] = text
+        return web.json_response({**head, "choices": [choice], "usage": usage})
+    finally:
+        engine.in_flight -= 1
+
+
+async def _stream(
+    request: web.Request,
+    engine: Engine,
+    head: dict[str, Any],
+    chat: bool,
+    count: int,
+    finish: str,
+    usage: dict[str, int],
+    body: dict[str, Any],
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+    await response.prepare(request)
+    # Every token chunk is the same JSON around the token text: build it once.
+    if chat:
+        template = {**head, "choices": [{"index": 0, "delta": {"content": "\x00"}}]}
+    else:
+        template = {**head, "choices": [{"index": 0, "text": "\x00"}]}
+    template["choices"][0].update(logprobs=None, finish_reason=None)
+    before, after = ("data: " + json.dumps(template) + "\n\n").encode().split(b'"\\u0000"')
+    options = body.get("stream_options") or {}
+    try:
+        if chat:
+            first = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}]}  # fmt: skip
+            await response.write(b"data: " + json.dumps(first).encode() + b"\n\n")
+        for index in range(count):
+            if engine.token_delay:
+                await asyncio.sleep(engine.token_delay)
+            if _disconnected(request):
+                raise ConnectionResetError
+            await response.write(before + json.dumps(_token(index)).encode() + after)
+        last_choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+        if chat:
+            last_choice["delta"] = {}
+        else:
+            last_choice["text"] = ""
+        chunks = [{**head, "choices": [last_choice]}]
+        if isinstance(options, dict) and options.get("include_usage"):
+            chunks.append({**head, "choices": [], "usage": usage})
+        data = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks)
+        await response.write(data + b"data: [DONE]\n\n")
+        await response.write_eof()
+    except (ConnectionResetError, asyncio.CancelledError):
+        engine.aborted += 1
+        raise
+    return response
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=False)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    parsed = await _parse(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    raw = parsed.get("input")
+    inputs = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
+    if not isinstance(inputs, list) or not inputs:
+        return _bad_request("`input` must be a string or a non-empty list")
+    base64_out = parsed.get("encoding_format") == "base64"
+    data = []
+    for index, item in enumerate(inputs):
+        vector = _embedding(json.dumps(item))
+        value: Any = vector
+        if base64_out:
+            value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"index": index, "object": "embedding", "embedding": value})
+    prompt = _prompt_tokens(inputs)
+    engine.counter += 1
+    return web.json_response(
+        {
+            "id": f"embd-{engine.port}-{engine.counter}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": engine.names[0],
+            "data": data,
+            "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+        }
+    )
+
+
+async def models(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    now = int(time.time())
+    cards: list[dict[str, Any]] = [
+        {
+            "id": name,
+            "object": "model",
+            "created": now,
+            "owned_by": "vllm",
+            "root": engine.model,
+            "parent": None,
+            "max_model_len": engine.max_model_len,
+            "permission": [],
+        }
+        for name in engine.names
+    ]
+    return web.json_response({"object": "list", "data": cards})
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    parsed = await _parse(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    count = _prompt_tokens(parsed.get("prompt", parsed.get("messages")))
+    return web.json_response(
+        {"count": count, "max_model_len": engine.max_model_len, "tokens": list(range(count))}
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": "0.0.0+fake"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    label = f'model_name="{engine.names[0]}"'
+    text = (
+        f"vllm:num_requests_running{{{label}}} {float(engine.in_flight)}\n"
+        f"vllm:num_requests_waiting{{{label}}} 0.0\n"
+    )
+    return web.Response(text=text, content_type="text/plain")
+
+
+async def stats(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    snapshot = {
+        "requests": engine.requests,
+        "aborted": engine.aborted,
+        "in_flight": engine.in_flight,
+        "last_request": engine.last_request,
+    }
+    if request.query.get("reset"):
+        engine.requests = engine.aborted = 0
+        engine.last_request = None
+    return web.json_response(snapshot)
+
+
+async def env(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    return web.json_response(
+        {
+            "pid": os.getpid(),
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "VLLM_SKIP_MODEL_NAME_VALIDATION": os.environ.get("VLLM_SKIP_MODEL_NAME_VALIDATION"),
+            "HF_TOKEN_set": bool(os.environ.get("HF_TOKEN")),
+            "argv": engine.argv,
+            "served_names": engine.names,
+            "model": engine.model,
+        }
+    )
+
+
+async def crash(request: web.Request) -> web.Response:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(request.query.get("status", "0")))
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return _error(404, "Not Found", "Not Found")
+
+
+def create_app(engine: Engine) -> web.Application:
+    app = web.Application(middlewares=[_auth], client_max_size=64 * 1024 * 1024)
+    app[ENGINE] = engine
+    app.on_response_prepare.append(_engine_header)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ping", health)
+    app.router.add_get("/version", version)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_get("/fake/stats", stats)
+    app.router.add_get("/fake/env", env)
+    app.router.add_post("/fake/crash", crash)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fake_vllm", description=__doc__.splitlines()[0])
+    parser.add_argument("model_tag", nargs="?", help="the model (as `vllm serve MODEL`)")
+    parser.add_argument("--model", dest="model_flag")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", nargs="+", default=None)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--startup-delay", type=float, default=0.0)
+    parser.add_argument("--token-delay", type=float, default=0.0)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--fail-start", action="store_true")
+    args, _unknown = parser.parse_known_args(argv)
+    args.model = args.model_tag or args.model_flag
+    if not args.model:
+        parser.error("give the model: fake_vllm MODEL or --model MODEL")
+    return args
+
+
+async def serve(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.startup_delay:
+        await asyncio.sleep(args.startup_delay)  # "loading": the port stays closed
+    if args.fail_start:
+        print(
+            "OSError: You are trying to access a gated repo.\nMake sure to have access to it "
+            f"at https://huggingface.co/{args.model}.\n401 Client Error. (fake_vllm "
+            "--fail-start) Set HF_TOKEN or run `hf auth login`.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    engine = Engine(
+        model=args.model,
+        names=list(args.served_model_name or [args.model]),
+        port=args.port,
+        token_delay=args.token_delay,
+        tokens=args.tokens,
+        max_model_len=args.max_model_len,
+        api_key=args.api_key or os.environ.get("VLLM_API_KEY") or None,
+        any_model=os.environ.get("VLLM_SKIP_MODEL_NAME_VALIDATION", "") not in ("", "0"),
+        argv=argv,
+    )
+    runner = web.AppRunner(create_app(engine), access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
+    await site.start()
+    print(f"fake_vllm: serving {engine.names} on http://{args.host}:{args.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(args, argv))
+    return uvloop.run(serve(args, argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Small helpers for tests that run real processes on 127.0.0.1: free ports, waiting for
+a port to open, and a fake engine started as a subprocess (`FakeEngine`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the kernel's choice for 127.0.0.1:0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port(
+    port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Wait until `port` accepts connections; fail early when `proc` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_open(port):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        time.sleep(0.05)
+    raise TimeoutError(f"port {port} did not open within {timeout}s")
+
+
+def fake_vllm_argv(model: str, port: int, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "vllm_fleet.testing.fake_vllm",
+        model,
+        "--port",
+        str(port),
+        *extra,
+    ]
+
+
+class FakeEngine:
+    """A fake vLLM engine subprocess: `with FakeEngine("org/m", ["m"]) as eng: eng.url`."""
+
+    def __init__(
+        self,
+        model: str,
+        names: Sequence[str] = (),
+        *extra: str,
+        port: int | None = None,
+        env: Mapping[str, str] | None = None,
+        wait: bool = True,
+    ) -> None:
+        self.port = port or free_port()
+        names_args = ["--served-model-name", *names] if names else []
+        self.argv = fake_vllm_argv(model, self.port, *names_args, *extra)
+        self.env = {**os.environ, **(env or {})}
+        self.wait = wait
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FakeEngine:
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        if self.wait:
+            wait_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    def __enter__(self) -> FakeEngine:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
