@@ -1,0 +1,65 @@
+"""A real gateway served from a background thread, in front of real fake-engine processes.
+
+The deployments point at the engines with `endpoints:` (the fleet's remote form), so the
+gateway's own behaviour is tested without the supervisor; tests that need an engine to be
+loading or failed set its state through `set_state`, as the supervisor would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from vllm_fleet.config import FleetConfig, loads
+from vllm_fleet.gateway.app import create_app
+from vllm_fleet.gateway.server import start_gateway
+from vllm_fleet.gpus import Inventory
+from vllm_fleet.plan import build_plan
+from vllm_fleet.registry import Registry, State
+from vllm_fleet.testing.harness import free_port
+
+
+class GatewayThread:
+    def __init__(self, fleet_yaml: str) -> None:
+        self.config: FleetConfig = loads(fleet_yaml)
+        self.registry = Registry(
+            self.config, build_plan(self.config, Inventory(None, "test"), "python")
+        )
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the gateway's loop (where the registry lives) and return its result."""
+
+        async def run() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(5)
+
+    def set_state(self, upstream: str, state: State, message: str = "") -> None:
+        ups = {u.name: u for u in self.registry.all()}
+        self.call(lambda: ups[upstream].set_state(state, message))
+
+    def start(self) -> GatewayThread:
+        self._thread.start()
+        app = create_app(self.config, self.registry)
+        self._runner = asyncio.run_coroutine_threadsafe(
+            start_gateway(app, "127.0.0.1", self.port), self.loop
+        ).result(10)
+        return self
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
