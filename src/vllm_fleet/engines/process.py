@@ -1,0 +1,312 @@
+"""One engine process: start it, wait until it is ready, watch it, stop it.
+
+States (written into the engine's `registry.Upstream`):
+
+    stopped --start()--> starting --/health 200--> ready
+    starting|ready --stop()--> stopping --> stopped
+    (the supervisor decides what an exit means: restart -> starting, or failed)
+
+The stop sequence, always the same:
+
+1. SIGTERM to the engine's process group (the engine runs in its own session, so its
+   group holds the engine and every worker it spawned);
+2. wait up to `engines.stop_timeout` seconds for the whole group to exit;
+3. SIGKILL the group, wait for it to vanish;
+4. reap the engine (`await proc.wait()`), so no zombie is left.
+
+A group that is already gone (ProcessLookupError) is simply done.
+
+On Linux each engine is also started with `PR_SET_PDEATHSIG = SIGKILL`, so it dies if the
+`fleet up` process is killed outright (SIGKILL, OOM killer), when no stop sequence can
+run. The kernel applies it to the direct child only: processes the engine spawns (vLLM's
+engine core and workers) are not covered by it; vLLM's own children watch their parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import enum
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+import aiohttp
+
+from vllm_fleet.config import EnginesConfig
+from vllm_fleet.masking import mask_argv
+from vllm_fleet.plan import EngineSpec
+from vllm_fleet.registry import State, Upstream
+
+log = logging.getLogger(__name__)
+
+# A line written into the engine's log before each start; the tail shown after a
+# failure starts after the last one, so it is about the last attempt only.
+LOG_MARK = "---- vllm-fleet:"
+# Consecutive failed health checks of a ready engine that count as a failure.
+UNHEALTHY_AFTER = 3
+# While an engine loads, /health is polled this often (or health_interval, if shorter).
+START_POLL_INTERVAL = 0.5
+START_POLL_TIMEOUT = 2.0
+READY_POLL_TIMEOUT = 5.0
+# After SIGKILL, how long to wait for the group to vanish before giving up on it.
+KILL_WAIT = 5.0
+
+
+class Outcome(enum.Enum):
+    """Why waiting on an engine ended."""
+
+    READY = "ready"
+    EXITED = "exited"
+    TIMEOUT = "timeout"
+    UNHEALTHY = "unhealthy"
+    STOPPED = "stopped"  # the fleet is stopping
+
+
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    """A preexec_fn setting PR_SET_PDEATHSIG=SIGKILL in the child (Linux only).
+
+    Everything it needs is resolved before fork; in the child it only calls prctl and
+    getppid. If the parent already died between fork and prctl, the child exits."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+    sigkill = int(signal.SIGKILL)
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, sigkill, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+def killpg(pgid: int, sig: int) -> bool:
+    """Signal a process group; False when the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # The number was reused by someone else's group: ours is gone.
+        return False
+    return True
+
+
+def _open_log(spec: EngineSpec, attempt: int) -> BinaryIO:
+    """Open the engine's log for appending, after a line marking this start."""
+    spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+    logf = open(spec.log_path, "ab", buffering=0)  # noqa: SIM115 (the caller closes it)
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    logf.write(f"{LOG_MARK} start {attempt} of {spec.name} at {stamp}\n".encode())
+    logf.write(f"{LOG_MARK} argv: {' '.join(mask_argv(spec.argv))}\n".encode())
+    return logf
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is still in process group `pgid`.
+
+    On Linux this reads /proc, because a killed worker that its new parent has not
+    reaped yet (a zombie) still counts for `killpg(pgid, 0)` but holds nothing. Elsewhere
+    `killpg(pgid, 0)` is the answer."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return killpg(pgid, 0)
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+class EngineProcess:
+    """One engine process and its state; driven by one supervisor task."""
+
+    def __init__(
+        self,
+        spec: EngineSpec,
+        upstream: Upstream,
+        settings: EnginesConfig,
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self.spec = spec
+        self.upstream = upstream
+        self.settings = settings
+        self.session = session
+        self.proc: asyncio.subprocess.Process | None = None
+        self._exited: asyncio.Task[int] | None = None
+        self.started_at = 0.0  # time.monotonic() of the last start
+        self.attempts = 0
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode if self.proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self) -> None:
+        """Spawn the engine in its own session, output appended to its log file."""
+        spec = self.spec
+        self.attempts += 1
+        self.upstream.set_state(State.STARTING, "starting")
+        self.upstream.pid = None
+        with _open_log(spec, self.attempts) as logf:
+            self.proc = await asyncio.create_subprocess_exec(
+                *spec.argv,
+                env=os.environ | dict(spec.env),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                start_new_session=True,
+                preexec_fn=_pdeathsig_preexec(),
+            )
+        self.started_at = time.monotonic()
+        self.upstream.pid = self.proc.pid
+        self._exited = asyncio.ensure_future(self.proc.wait())
+        log.info("%s: started pid %d, log %s", spec.name, self.proc.pid, spec.log_path)
+
+    async def _wait(self, seconds: float, stop: asyncio.Event) -> bool:
+        """Sleep up to `seconds`; True when the engine exited or the fleet is stopping."""
+        assert self._exited is not None
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {self._exited, stopping}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stopping.cancel()
+        return bool(done)
+
+    async def _health(self, timeout: float) -> str | None:
+        """None when /health answers 200, else why not."""
+        url = f"{self.spec.url}/health"
+        try:
+            async with self.session.get(
+                url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
+            ) as resp:
+                await resp.read()
+                return None if resp.status == 200 else f"/health answered {resp.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return f"/health: {type(exc).__name__}: {exc}".rstrip(": ")
+
+    async def _probe(self, timeout: float, stop: asyncio.Event) -> tuple[bool, str | None]:
+        """One health check, abandoned early if the engine exits or the fleet stops.
+        Returns (interrupted, problem)."""
+        assert self._exited is not None
+        check = asyncio.ensure_future(self._health(timeout))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({check, self._exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not check.done():
+            check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await check
+            return True, None
+        return False, check.result()
+
+    async def wait_ready(self, stop: asyncio.Event) -> Outcome:
+        """Poll /health until 200 (READY), the process exits, the start timeout passes,
+        or the fleet stops. Refused connections while the model loads are normal."""
+        interval = min(START_POLL_INTERVAL, self.settings.health_interval)
+        deadline = self.started_at + self.spec.start_timeout
+        while True:
+            if stop.is_set():
+                return Outcome.STOPPED
+            if not self.running:
+                return Outcome.EXITED
+            interrupted, problem = await self._probe(START_POLL_TIMEOUT, stop)
+            if interrupted:
+                continue
+            if problem is None:
+                elapsed = time.monotonic() - self.started_at
+                self.upstream.set_state(State.READY, f"ready after {elapsed:.1f}s")
+                log.info("%s: ready after %.1fs", self.spec.name, elapsed)
+                return Outcome.READY
+            if time.monotonic() >= deadline:
+                return Outcome.TIMEOUT
+            await self._wait(min(interval, max(0.0, deadline - time.monotonic())), stop)
+
+    async def watch(self, stop: asyncio.Event) -> Outcome:
+        """Health-check a ready engine every `health_interval` until it exits (EXITED),
+        fails UNHEALTHY_AFTER checks in a row (UNHEALTHY) or the fleet stops."""
+        failures = 0
+        while True:
+            if await self._wait(self.settings.health_interval, stop):
+                return Outcome.STOPPED if stop.is_set() else Outcome.EXITED
+            interrupted, problem = await self._probe(READY_POLL_TIMEOUT, stop)
+            if interrupted:
+                continue
+            if problem is None:
+                failures = 0
+                continue
+            failures += 1
+            log.warning(
+                "%s: health check failed (%d/%d): %s",
+                self.spec.name,
+                failures,
+                UNHEALTHY_AFTER,
+                problem,
+            )
+            if failures >= UNHEALTHY_AFTER:
+                self.upstream.message = f"unhealthy: {problem}"
+                return Outcome.UNHEALTHY
+
+    async def _group_gone(self, pgid: int, timeout: float) -> bool:
+        """Wait until the engine is reaped and its process group is empty."""
+        assert self._exited is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if not self._exited.done():
+                await asyncio.wait({self._exited}, timeout=max(0.0, min(left, 0.1)))
+            if self._exited.done() and not group_alive(pgid):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            if self._exited.done():
+                await asyncio.sleep(min(0.1, max(0.0, left)))
+
+    async def stop(self) -> None:
+        """The stop sequence (see the module docstring). Safe to call at any time, any
+        number of times; also cleans up workers left behind by an engine that exited."""
+        proc, exited = self.proc, self._exited
+        if proc is None or exited is None:
+            return  # never started
+        pgid = proc.pid  # start_new_session: the engine leads its own group
+        if proc.returncode is None:
+            self.upstream.set_state(State.STOPPING, "stopping")
+        name, grace = self.spec.name, self.settings.stop_timeout
+        if killpg(pgid, signal.SIGTERM):
+            log.info("%s: SIGTERM to process group %d", name, pgid)
+            if not await self._group_gone(pgid, grace):
+                log.warning("%s: still running %.0fs after SIGTERM; SIGKILL", name, grace)
+                killpg(pgid, signal.SIGKILL)
+                if not await self._group_gone(pgid, KILL_WAIT):
+                    log.error("%s: process group %d survived SIGKILL", name, pgid)
+        await exited  # always reap
+        if self.upstream.state is not State.FAILED:
+            self.upstream.set_state(State.STOPPED, f"exited with status {proc.returncode}")
+        self.upstream.pid = None

@@ -1,0 +1,236 @@
+"""All engines of a fleet: one task per engine starts it, restarts it, and stops it.
+
+Restart policy: any exit is a failure (vLLM can exit 0 when its engine core dies), and
+so are a start that passes its `start_timeout` and a ready engine whose /health fails
+several times in a row. After a failure the engine is restarted after a backoff that
+starts at `engines.backoff_initial` seconds and doubles up to `engines.backoff_max`.
+When an engine has failed more than `engines.max_restarts` times in a row it is marked
+failed and the tail of its log is reported. An engine that stayed ready for
+`engines.stable_after` seconds has its count of failures in a row reset.
+
+Everyone else (gateway, runner, `fleet status`) reads the states from the registry or
+listens to the `EngineEvent`s passed to `on_event`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from vllm_fleet.config import FleetConfig
+from vllm_fleet.engines.process import LOG_MARK, EngineProcess, Outcome, killpg
+from vllm_fleet.plan import EngineSpec
+from vllm_fleet.registry import Registry, State, Upstream
+
+log = logging.getLogger(__name__)
+
+LOG_TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """A change in one engine's life, for progress displays."""
+
+    upstream: Upstream
+    state: State
+    message: str
+    # On a final failure: the last lines of the engine's log (its last attempt).
+    log_tail: tuple[str, ...] = field(default=())
+
+
+EventCallback = Callable[[EngineEvent], None]
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """None when `port` can be bound on `host` now, else the OS's reason.
+
+    Bound with SO_REUSEADDR like the engines' servers do, so a port only held by
+    connections in TIME_WAIT counts as free."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return f"cannot resolve host {host!r}: {exc}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def read_log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The last `lines` lines of an engine log, from its last start only."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read()
+    except OSError:
+        return []
+    text = data.decode("utf-8", errors="replace").splitlines()
+    marks = [i for i, line in enumerate(text) if line.startswith(LOG_MARK)]
+    if marks:
+        text = text[marks[-1] + 1 :]
+    text = [line for line in text if not line.startswith(LOG_MARK)]
+    return text[-lines:]
+
+
+def _describe(outcome: Outcome, engine: EngineProcess) -> str:
+    if outcome is Outcome.EXITED:
+        return f"exited with status {engine.returncode}"
+    if outcome is Outcome.TIMEOUT:
+        return f"not ready after its start_timeout of {engine.spec.start_timeout:g}s"
+    if outcome is Outcome.UNHEALTHY:
+        return str(engine.upstream.message or "unhealthy")
+    return str(outcome.value)
+
+
+class Supervisor:
+    """Starts, restarts and stops every engine in the registry."""
+
+    def __init__(self, registry: Registry, on_event: EventCallback | None = None) -> None:
+        self.registry = registry
+        self.config: FleetConfig = registry.config
+        self.on_event = on_event
+        self._stop = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.engines: list[EngineProcess] = []
+        self._stopped = False
+
+    def _emit(self, upstream: Upstream, tail: list[str] | None = None) -> None:
+        if self.on_event is None:
+            return
+        event = EngineEvent(upstream, upstream.state, upstream.message, tuple(tail or ()))
+        try:
+            self.on_event(event)
+        except Exception:
+            log.exception("progress callback failed")
+
+    async def start(self) -> None:
+        """Start one task per managed engine and return at once (engines load in the
+        background; watch the registry or the events to see them become ready)."""
+        if self._session is not None or self._stopped:
+            return
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+        for upstream in self.registry.all():
+            if not upstream.managed or not isinstance(upstream.spec, EngineSpec):
+                continue
+            engine = EngineProcess(upstream.spec, upstream, self.config.engines, self._session)
+            self.engines.append(engine)
+            self._tasks.append(asyncio.create_task(self._own(engine), name=upstream.name))
+
+    async def wait_settled(self) -> None:
+        """Return once no engine is starting (each is ready, failed or stopped)."""
+        while any(e.upstream.state in (State.STARTING, State.STOPPED) for e in self.engines):
+            if self._stop.is_set() or all(t.done() for t in self._tasks):
+                return
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        """Stop every engine concurrently (TERM the group, grace, KILL, reap) and wait
+        for all of them. Idempotent; engines still loading are stopped too."""
+        self._stop.set()
+        self._stopped = True
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A task that died of a bug must not leave its engine behind.
+        await asyncio.gather(*(e.stop() for e in self.engines), return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def kill_now(self) -> None:
+        """Skip the grace period: SIGKILL every engine's group (a second Ctrl-C)."""
+        for engine in self.engines:
+            if engine.proc is not None and engine.proc.returncode is None:
+                killpg(engine.proc.pid, signal.SIGKILL)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+
+    async def _own(self, engine: EngineProcess) -> None:
+        try:
+            await self._run(engine)
+        except Exception as exc:
+            log.exception("%s: supervisor task failed", engine.spec.name)
+            engine.upstream.set_state(State.FAILED, f"supervisor error: {exc}")
+            self._emit(engine.upstream)
+        finally:
+            await asyncio.shield(engine.stop())
+            if engine.upstream.state is not State.FAILED:
+                engine.upstream.set_state(State.STOPPED, "stopped")
+                self._emit(engine.upstream)
+
+    async def _run(self, engine: EngineProcess) -> None:
+        settings = self.config.engines
+        upstream, spec = engine.upstream, engine.spec
+        failures = 0
+        while not self._stop.is_set():
+            busy = port_problem(spec.host, spec.port)
+            if busy is not None:
+                reason = (
+                    f"port {spec.port} on {spec.host} is not free ({busy}); another process "
+                    f"(an engine from an earlier run?) holds it. Stop it, or set `port:` on "
+                    f"deployment `{spec.deployment}` in the fleet file to a free port"
+                )
+                if engine.attempts == 0:
+                    upstream.set_state(State.FAILED, reason)
+                    log.error("%s: %s", spec.name, reason)
+                    self._emit(upstream)
+                    return
+                why = reason
+            else:
+                await engine.start()
+                self._emit(upstream)
+                outcome = await engine.wait_ready(self._stop)
+                if outcome is Outcome.READY:
+                    self._emit(upstream)
+                    ready_at = time.monotonic()
+                    outcome = await engine.watch(self._stop)
+                    if time.monotonic() - ready_at >= settings.stable_after:
+                        failures = 0
+                if outcome is Outcome.STOPPED:
+                    return
+                why = _describe(outcome, engine)
+                log.warning("%s: %s", spec.name, why)
+                await engine.stop()
+                if self._stop.is_set():
+                    return
+            failures += 1
+            if failures > settings.max_restarts:
+                tail = read_log_tail(spec.log_path)
+                message = f"{why}; gave up after {failures} failure(s) in a row"
+                upstream.set_state(State.FAILED, message)
+                log.error(
+                    "%s: failed: %s; last lines of %s:\n%s",
+                    spec.name,
+                    message,
+                    spec.log_path,
+                    "\n".join(tail) or "(empty)",
+                )
+                self._emit(upstream, tail)
+                return
+            delay = min(settings.backoff_initial * 2 ** (failures - 1), settings.backoff_max)
+            upstream.set_state(
+                State.STARTING,
+                f"{why}; restarting in {delay:g}s "
+                f"(restart {failures} of at most {settings.max_restarts} in a row)",
+            )
+            self._emit(upstream)
+            await self._sleep(delay)
+            if self._stop.is_set():
+                return
+            upstream.restarts += 1
