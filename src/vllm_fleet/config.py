@@ -97,6 +97,23 @@ def _stringify_scalars(value: Any) -> Any:
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
+# A host name or an IP address (IPv6 without brackets): nothing that could break out of a
+# URL or an nginx directive (`fleet nginx` renders hosts and endpoints into its vhost).
+HOST_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,253}$")
+# http(s)://host[:port][/path], host a name, an IPv4 or a bracketed IPv6 address.
+ENDPOINT_PATTERN = re.compile(
+    r"^https?://(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?(?:/[A-Za-z0-9._~%/-]*)?$"
+)
+
+
+def _check_host(value: str) -> str:
+    if not HOST_PATTERN.match(value):
+        raise ValueError(
+            f"`{value}` is not a host name or IP address (letters, digits, `.`, `-`, `:`); "
+            "e.g. 127.0.0.1"
+        )
+    return value
+
 
 class GatewayConfig(_Strict):
     host: str = "127.0.0.1"
@@ -107,6 +124,8 @@ class GatewayConfig(_Strict):
     # Start engines so they accept any `model` (for a front end that cannot rewrite bodies).
     accept_any_model: bool = False
     connect_timeout: Annotated[float, Field(gt=0)] = 10.0
+
+    _host = field_validator("host")(lambda v: _check_host(v))
 
     @property
     def max_body_bytes(self) -> int:
@@ -145,14 +164,16 @@ class Deployment(_Strict):
     _coerce_args = field_validator("args", "env", "command", mode="before")(
         lambda v: _stringify_scalars(v)
     )
+    _host = field_validator("host")(lambda v: _check_host(v))
 
     @field_validator("endpoints")
     @classmethod
     def _urls(cls, value: list[str]) -> list[str]:
         for url in value:
-            if not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", url):
+            if not ENDPOINT_PATTERN.match(url):
                 raise ValueError(
-                    f"`{url}` is not an http(s) URL; write it like http://10.1.2.3:8000"
+                    f"`{url}` is not an http(s) URL (host, optional port and path; no query, "
+                    "spaces or quotes); write it like http://10.1.2.3:8000"
                 )
         return [url.rstrip("/") for url in value]
 
