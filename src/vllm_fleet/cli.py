@@ -91,6 +91,52 @@ def up(
 
 
 @app.command()
+def nginx(
+    fleet_file: FleetFile,
+    listen: Annotated[str, typer.Option(help="nginx `listen`: PORT or ADDRESS:PORT.")] = "80",
+    server_name: Annotated[str, typer.Option(help="nginx `server_name`.")] = "_",
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the vhost here.")
+    ] = None,
+    check_it: Annotated[
+        bool, typer.Option("--check", help="Run `nginx -t` on it in a throwaway prefix.")
+    ] = False,
+) -> None:
+    """Render the nginx vhost equivalent to the gateway's path and Azure routes."""
+    from vllm_fleet.nginx import NginxRenderError, render
+    from vllm_fleet.nginx_run import NginxNotFound
+    from vllm_fleet.nginx_run import check as nginx_check
+
+    config, plan = _load_plan(fleet_file)
+    if not config.gateway.accept_any_model:
+        err_console.print(
+            "[yellow]warning:[/] the fleet file does not set `gateway: {accept_any_model: "
+            "true}`: nginx cannot rewrite `model`, so clients must send the exact model code",
+            highlight=False,
+        )
+    try:
+        text = render(config, plan, listen=listen, server_name=server_name)
+    except NginxRenderError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    if output is not None:
+        output.write_text(text, encoding="utf-8")
+        err_console.print(f"wrote {output}", highlight=False)
+    elif not check_it:
+        sys.stdout.write(text)
+    if check_it:
+        try:
+            ok, said = nginx_check(text)
+        except NginxNotFound as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+        if not ok:
+            err_console.print(f"[bold red]nginx rejects it:[/]\n{said}", highlight=False)
+            raise typer.Exit(1)
+        err_console.print("[bold green]ok[/] nginx accepts it (nginx -t)", highlight=False)
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     console.print(f"vllm-fleet {__version__}")
