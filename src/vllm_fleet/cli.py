@@ -91,6 +91,44 @@ def up(
 
 
 @app.command()
+def status(
+    fleet_file: Annotated[
+        Path | None,
+        typer.Argument(help="Read the gateway's address (and key) from this fleet file."),
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="The gateway, e.g. http://127.0.0.1:8080.")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="FLEET_API_KEY", help="A gateway.api_keys key.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+) -> None:
+    """Show every engine of a running fleet: state, pid, port, GPUs, restarts, and why
+    an engine failed (from the gateway's /fleet/status). Exit code 1 when unreachable."""
+    from vllm_fleet.runner import display_url
+    from vllm_fleet.status import StatusError, fetch_status, render_status
+
+    if url is None and fleet_file is not None:
+        try:
+            gateway = load(fleet_file).gateway
+        except ConfigError as exc:
+            err_console.print(f"[bold red]error:[/] {exc.render()}", highlight=False)
+            raise typer.Exit(1) from None
+        url = display_url(gateway.host, gateway.port)
+        api_key = api_key or next(iter(gateway.api_keys), None)
+    try:
+        data = fetch_status(url or "http://127.0.0.1:8080", api_key)
+    except StatusError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    if as_json:
+        console.print_json(data=data)
+    else:
+        console.print(render_status(data))
+
+
+@app.command()
 def nginx(
     fleet_file: FleetFile,
     listen: Annotated[str, typer.Option(help="nginx `listen`: PORT or ADDRESS:PORT.")] = "80",

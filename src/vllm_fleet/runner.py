@@ -1,0 +1,247 @@
+"""`fleet up`: the gateway first, then every engine; stop everything on SIGINT/SIGTERM.
+
+Order of events:
+
+1. SIGINT/SIGTERM handlers are installed before anything starts, so a signal at any
+   moment leads to the stop sequence below (never to an orphan engine).
+2. The gateway binds `gateway.host:gateway.port` (a busy port exits 1 with a message).
+   While engines load it answers 503 with Retry-After for their deployments.
+3. The supervisor starts every engine; progress shows which are loading, for how long,
+   which are ready; then a "ready" line with the three URL styles.
+4. On the first signal: stop accepting connections, stop every engine concurrently
+   (SIGTERM to its group, `engines.stop_timeout` grace, SIGKILL, reap), close the
+   gateway, exit 0. A second signal skips the grace period (SIGKILL at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import signal
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.panel import Panel
+from rich.status import Status
+from rich.text import Text
+
+from vllm_fleet.config import FleetConfig
+from vllm_fleet.engines import EngineEvent, Supervisor
+from vllm_fleet.gateway.app import create_app
+from vllm_fleet.gateway.server import start_gateway
+from vllm_fleet.plan import Plan
+from vllm_fleet.registry import Registry, State
+
+log = logging.getLogger(__name__)
+
+
+def run_fleet(config: FleetConfig, plan: Plan, console: Console) -> int:
+    """Run the fleet until SIGINT/SIGTERM; the exit code (0, or 1 when it cannot start)."""
+    _setup_logging(console)
+    return _run_loop(_run(config, plan, console))
+
+
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover (uvloop is a dependency off Windows)
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+class _NotEngineEvents(logging.Filter):
+    """The progress display already shows what the supervisor logs; drop the repeat."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("vllm_fleet.engines.supervisor")
+
+
+def _setup_logging(console: Console) -> None:
+    root = logging.getLogger()
+    if root.handlers:
+        return  # configured by whoever embeds us
+    handler = RichHandler(console=console, show_path=False, show_time=False)
+    handler.addFilter(_NotEngineEvents())
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+def display_url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    shown = f"[{shown}]" if ":" in shown else shown
+    return f"http://{shown}:{port}"
+
+
+class Progress:
+    """Prints engine events as they happen and a live line while engines load."""
+
+    def __init__(self, console: Console, registry: Registry) -> None:
+        self.console = console
+        self.registry = registry
+        self.started = time.monotonic()
+
+    def on_event(self, event: EngineEvent) -> None:
+        up, name = event.upstream, escape(event.upstream.name)
+        if event.state is State.READY:
+            self.console.print(f"[green]✓[/] {name} {escape(event.message)}")
+        elif event.state is State.STARTING and event.message != "starting":
+            # A failure and the restart it leads to (a plain spawn says only "starting").
+            self.console.print(f"[yellow]![/] {name} {escape(event.message)}")
+        elif event.state is State.FAILED:
+            self.console.print(f"[bold red]✗ {name} failed:[/] {escape(event.message)}")
+            if event.log_tail:
+                log_path = getattr(up.spec, "log_path", "")
+                tail = Text("\n".join(event.log_tail))
+                self.console.print(
+                    Panel(tail, title=f"last lines of {log_path}", title_align="left")
+                )
+
+    def loading_line(self) -> str:
+        managed = [u for u in self.registry.all() if u.managed]
+        loading = [u for u in managed if u.state is State.STARTING]
+        ready = sum(1 for u in managed if u.state is State.READY)
+        now = time.time()
+        parts = ", ".join(f"{u.name} ({now - u.since:.0f}s)" for u in loading)
+        return f"loading {parts}; ready {ready}/{len(managed)}"
+
+    async def until_settled(self, supervisor: Supervisor, stop: asyncio.Event) -> None:
+        """Show a live 'loading' line until no engine is starting (or the fleet stops)."""
+        settled = asyncio.ensure_future(supervisor.wait_settled())
+        stopping = asyncio.ensure_future(stop.wait())
+        status: Status | None = None
+        if self.console.is_terminal:
+            status = self.console.status(escape(self.loading_line()))
+            status.start()
+        last_note = time.monotonic()
+        try:
+            while not settled.done() and not stop.is_set():
+                await asyncio.wait({settled, stopping}, timeout=1.0)
+                if status is not None:
+                    status.update(escape(self.loading_line()))
+                elif time.monotonic() - last_note >= 30:
+                    # Not a terminal (a log file, systemd): a plain line now and then.
+                    self.console.print(self.loading_line(), highlight=False)
+                    last_note = time.monotonic()
+        finally:
+            if status is not None:
+                status.stop()
+            stopping.cancel()
+            if not settled.done():
+                settled.cancel()
+
+    def print_ready(self, config: FleetConfig) -> None:
+        managed = [u for u in self.registry.all() if u.managed]
+        ready = sum(1 for u in managed if u.state is State.READY)
+        failed = [u.name for u in managed if u.state is State.FAILED]
+        url = display_url(config.gateway.host, config.gateway.port)
+        took = time.monotonic() - self.started
+        summary = f"{ready}/{len(managed)} engines ready in {took:.0f}s"
+        if failed:
+            self.console.print(
+                f"[bold yellow]ready with failures:[/] {url}  ({summary}; failed: "
+                f"{escape(', '.join(failed))}; see their logs above)"
+            )
+        else:
+            self.console.print(f"[bold green]ready:[/] {url}  ({summary})", highlight=False)
+        example = next(iter(config.deployments))
+        model = config.deployments[example].model
+        lines = [
+            f"  path:   {url}/{example}/v1   (OpenAI SDK base_url; any `model` works)",
+            f'  azure:  AzureOpenAI(azure_endpoint="{url}", azure_deployment="{example}", '
+            'api_version="2024-10-21")',
+            f'  openai: {url}/v1   with model="{example}" or "{model}"',
+            f"  status: fleet status --url {url}   (or GET {url}/fleet/status)",
+            "Ctrl-C or SIGTERM stops the gateway and every engine.",
+        ]
+        for line in lines:
+            self.console.print(escape(line), highlight=False, soft_wrap=True)
+
+
+def _print_plan(console: Console, config: FleetConfig, registry: Registry) -> None:
+    url = display_url(config.gateway.host, config.gateway.port)
+    console.print(
+        f"gateway listening on {config.gateway.host}:{config.gateway.port} ({url}); "
+        "deployments answer 503 until their engines are ready",
+        highlight=False,
+    )
+    for up in registry.all():
+        spec = up.spec
+        if not up.managed:
+            console.print(f"  {escape(up.name)}: remote {escape(up.url)} (not started here)")
+            continue
+        gpus = getattr(spec, "gpus", None)
+        on = "GPUs " + ",".join(map(str, gpus)) if gpus is not None else "GPUs not pinned"
+        console.print(
+            f"  {escape(up.name)}: {on}, port {getattr(spec, 'port', '?')}, "
+            f"log {escape(str(getattr(spec, 'log_path', '')))}",
+            highlight=False,
+        )
+
+
+async def _run(config: FleetConfig, plan: Plan, console: Console) -> int:
+    loop = asyncio.get_running_loop()
+    registry = Registry(config, plan)
+    progress = Progress(console, registry)
+    supervisor = Supervisor(registry, on_event=progress.on_event)
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            console.print(
+                f"\n{sig.name}: stopping (engines get SIGTERM, then SIGKILL after "
+                f"{config.engines.stop_timeout:g}s; again to kill at once)",
+                highlight=False,
+            )
+            stop.set()
+        else:
+            console.print(f"{sig.name} again: SIGKILL to every engine", highlight=False)
+            supervisor.kill_now()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    host, port = config.gateway.host, config.gateway.port
+    try:
+        runner = await start_gateway(create_app(config, registry), host, port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            console.print(
+                f"[bold red]error:[/] port {port} in use; set gateway.port in the fleet "
+                "file or pass --port",
+                highlight=False,
+            )
+        else:
+            reason = exc.strerror or str(exc)
+            console.print(
+                f"[bold red]error:[/] cannot listen on {escape(host)}:{port}: {escape(reason)}; "
+                "check gateway.host / --host and gateway.port / --port",
+                highlight=False,
+            )
+        return 1
+
+    try:
+        _print_plan(console, config, registry)
+        if not stop.is_set():
+            await supervisor.start()
+            await progress.until_settled(supervisor, stop)
+        if not stop.is_set():
+            progress.print_ready(config)
+        await stop.wait()
+    finally:
+        for site in list(runner.sites):
+            await site.stop()  # stop accepting; in-flight requests end with their engines
+        await supervisor.stop()
+        await runner.cleanup()
+    left = [u.name for u in registry.all() if u.managed and u.pid is not None]
+    if left:  # pragma: no cover (stop() reaps every engine)
+        log.error("engines may still be running: %s", ", ".join(left))
+    console.print("stopped: gateway closed, every engine reaped", highlight=False)
+    return 0

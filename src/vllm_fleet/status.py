@@ -1,0 +1,102 @@
+"""`fleet status`: fetch a running gateway's `/fleet/status` and render it as a table."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+STATE_STYLES = {
+    "ready": "green",
+    "starting": "yellow",
+    "stopping": "yellow",
+    "stopped": "dim",
+    "failed": "bold red",
+}
+
+
+class StatusError(Exception):
+    """The gateway could not be asked; the message says what to check."""
+
+
+def fetch_status(url: str, api_key: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    """GET {url}/fleet/status and return the decoded JSON."""
+    target = url.rstrip("/") + "/fleet/status"
+    request = urllib.request.Request(target, headers={"Accept": "application/json"})
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        hint = " (pass --api-key, or the fleet file)" if exc.code == 401 else ""
+        raise StatusError(f"{target} answered {exc.code} {exc.reason}{hint}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise StatusError(
+            f"no gateway at {url} ({reason}); is `fleet up` running there? "
+            "Pass the fleet file or --url"
+        ) from None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise StatusError(f"{target} did not answer JSON; is this a vllm-fleet gateway?") from None
+    if not isinstance(data, dict) or not isinstance(data.get("deployments"), dict):
+        raise StatusError(f"{target} answered JSON without `deployments`")
+    return data
+
+
+def _age(since: Any, now: float) -> str:
+    if not isinstance(since, int | float):
+        return ""
+    seconds = max(0, int(now - since))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+def render_status(data: dict[str, Any], now: float | None = None) -> Group:
+    """One row per upstream, then a note under the table for each one not ready (its
+    message and log file)."""
+    now = time.time() if now is None else now
+    table = Table(header_style="bold")
+    for column in ("deployment", "engine", "state", "for", "pid", "port", "GPUs"):
+        table.add_column(column, overflow="fold")
+    table.add_column("restarts", justify="right")
+    table.add_column("busy", justify="right")
+    notes: list[Text] = []
+    for dep_id, dep in data["deployments"].items():
+        label = Text(dep_id, style="bold")
+        label.append(f" {dep.get('ready', 0)}/{dep.get('replicas', 0)}", style="dim")
+        for index, up in enumerate(dep.get("upstreams", [])):
+            state = str(up.get("state", "?"))
+            gpus = up.get("gpus")
+            managed = up.get("managed", True)
+            table.add_row(
+                label if index == 0 else "",
+                str(up.get("name", "")),
+                Text(state, style=STATE_STYLES.get(state, "")),
+                _age(up.get("since"), now),
+                str(up.get("pid") or "-"),
+                str(up.get("port") or "-") if managed else "remote",
+                ",".join(map(str, gpus)) if isinstance(gpus, list) else "-",
+                str(up.get("restarts", 0)),
+                str(up.get("outstanding", 0)),
+            )
+            if state != "ready" or not managed:
+                note = Text(f"{up.get('name', '')}: ", style="bold")
+                note.append(str(up.get("message") or state))
+                if not managed:
+                    note.append(f" (remote {up.get('url', '')})")
+                elif up.get("log"):
+                    note.append(f"\n  log: {up['log']}", style="dim")
+                notes.append(note)
+    return Group(table, *notes)
