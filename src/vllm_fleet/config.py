@@ -107,7 +107,7 @@ ENDPOINT_PATTERN = re.compile(
 
 
 def _check_host(value: str) -> str:
-    if not HOST_PATTERN.match(value):
+    if not HOST_PATTERN.fullmatch(value):
         raise ValueError(
             f"`{value}` is not a host name or IP address (letters, digits, `.`, `-`, `:`); "
             "e.g. 127.0.0.1"
@@ -170,7 +170,7 @@ class Deployment(_Strict):
     @classmethod
     def _urls(cls, value: list[str]) -> list[str]:
         for url in value:
-            if not ENDPOINT_PATTERN.match(url):
+            if not ENDPOINT_PATTERN.fullmatch(url):
                 raise ValueError(
                     f"`{url}` is not an http(s) URL (host, optional port and path; no query, "
                     "spaces or quotes); write it like http://10.1.2.3:8000"
@@ -386,7 +386,7 @@ def check(config: FleetConfig) -> list[ConfigIssue]:
 
     for dep_id, dep in config.deployments.items():
         at: Loc = ("deployments", dep_id)
-        if not ID_PATTERN.match(dep_id):
+        if not ID_PATTERN.fullmatch(dep_id):
             add(
                 ConfigIssue(
                     loc=at,

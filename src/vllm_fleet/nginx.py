@@ -21,6 +21,9 @@ KEEPALIVE = 32
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _HOST = re.compile(r"^(?:[A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])$")
+_URL = re.compile(
+    r"^https?://(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?(?:/[A-Za-z0-9._~%/-]*)?$"
+)
 _PATH = re.compile(r"^(?:/[A-Za-z0-9._~%-]+)*$")
 _LISTEN = re.compile(r"^(?:(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):)?\d{1,5}$")
 _SERVER_NAME = re.compile(r"^[A-Za-z0-9*._-]{1,253}$")
@@ -50,7 +53,7 @@ def upstreams(config: FleetConfig, plan: Plan) -> list[Upstream]:
     """Every deployment's upstream, in fleet-file order; raises NginxRenderError."""
     found = []
     for dep_id in config.deployments:
-        if not _ID.match(dep_id):
+        if not _ID.fullmatch(dep_id):
             raise NginxRenderError(f"deployments.{dep_id}: the id is not URL-safe")
         targets = plan.for_deployment(dep_id)
         if not targets:
@@ -67,6 +70,11 @@ def _upstream(dep_id: str, targets: list[EngineSpec | RemoteSpec]) -> Upstream:
             if isinstance(target, RemoteSpec)
             else f"deployments.{dep_id}.host"
         )
+        if not _URL.fullmatch(target.url):
+            raise NginxRenderError(
+                f"{where}: `{target.url}` cannot be written into an nginx config safely "
+                "(http(s)://host[:port][/path]; no spaces, quotes, `;`, `{`, `}` or query)"
+            )
         url = urlsplit(target.url)
         host = url.hostname or ""
         host = f"[{host}]" if ":" in host else host
@@ -75,7 +83,11 @@ def _upstream(dep_id: str, targets: list[EngineSpec | RemoteSpec]) -> Upstream:
         except ValueError:
             raise NginxRenderError(f"{where}: bad port in `{target.url}`") from None
         path = url.path.rstrip("/")
-        if url.scheme not in ("http", "https") or not _HOST.match(host) or not _PATH.match(path):
+        if (
+            url.scheme not in ("http", "https")
+            or not _HOST.fullmatch(host)
+            or not _PATH.fullmatch(path)
+        ):
             raise NginxRenderError(
                 f"{where}: `{target.url}` cannot be written into an nginx config safely "
                 "(hosts are letters, digits, `.`, `-`; paths have no spaces, quotes, `;`, "
@@ -112,10 +124,10 @@ def _upstream(dep_id: str, targets: list[EngineSpec | RemoteSpec]) -> Upstream:
 
 def render(config: FleetConfig, plan: Plan, listen: str = "80", server_name: str = "_") -> str:
     """The complete vhost for this fleet. Raises NginxRenderError on unsafe values."""
-    if not _LISTEN.match(listen):
+    if not _LISTEN.fullmatch(listen):
         raise NginxRenderError(f"--listen `{listen}`: give a port or ADDRESS:PORT, e.g. 8080")
     names = server_name.split()
-    if not names or not all(_SERVER_NAME.match(n) for n in names):
+    if not names or not all(_SERVER_NAME.fullmatch(n) for n in names):
         raise NginxRenderError(
             f"--server-name `{server_name}`: host names (letters, digits, `.`, `-`, `*`) or `_`"
         )
