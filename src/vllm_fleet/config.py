@@ -22,6 +22,7 @@ from vllm_fleet.envsubst import expand_tree
 Loc = tuple[str | int, ...]
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+ID_MAX_LEN = 63
 # First path segments the gateway answers itself; a deployment id may not shadow them.
 RESERVED_IDS = frozenset(
     {"v1", "v2", "openai", "health", "metrics", "fleet", "ping", "version", "docs", "api"}
@@ -34,6 +35,8 @@ OWNED_FLAGS = {
     "add extra names to `aliases:`",
 }
 PLACEHOLDERS = ("model", "host", "port", "python", "id")
+# vLLM's default `--gpu-memory-utilization`: the fraction of the whole card one engine takes.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -92,6 +95,14 @@ def _stringify_scalars(value: Any) -> Any:
         ]
     if isinstance(value, dict):
         return {k: _scalar_str(v) for k, v in value.items()}
+    return value
+
+
+def _no_bool(value: Any) -> Any:
+    """YAML reads `true`/`yes`/`on` as booleans, which pydantic would take as the number 1."""
+    items = value if isinstance(value, list) else [value]
+    if any(isinstance(item, bool) for item in items):
+        raise ValueError("a yes/no value where a number is expected")
     return value
 
 
@@ -164,6 +175,7 @@ class Deployment(_Strict):
     _coerce_args = field_validator("args", "env", "command", mode="before")(
         lambda v: _stringify_scalars(v)
     )
+    _numbers = field_validator("gpus", "port", "replicas", mode="before")(lambda v: _no_bool(v))
     _host = field_validator("host")(lambda v: _check_host(v))
 
     @field_validator("endpoints")
@@ -269,6 +281,7 @@ def loads(
         )
     expanded, exp_errors = expand_tree(raw, env)
     issues = [ConfigIssue(loc=e.path, message=e.message) for e in exp_errors]
+    issues.extend(_duplicate_keys(node))
     for reserved in ("base_dir", "source"):
         if reserved in expanded:
             issues.append(ConfigIssue(loc=(reserved,), message="unknown key"))
@@ -277,7 +290,7 @@ def loads(
     try:
         config = FleetConfig.model_validate(expanded)
     except ValidationError as exc:
-        issues.extend(_pydantic_issues(exc))
+        issues.extend(_pydantic_issues(exc, skip={e.path for e in exp_errors}))
     else:
         issues.extend(check(config))
         if not issues:
@@ -287,20 +300,31 @@ def loads(
     raise ConfigError(source, issues)
 
 
-_UNION_TAGS = ("list[", "int", "constrained")
+# pydantic names the branch of the `gpus: list | int` union right after `gpus` in a loc.
+_LIST_BRANCH = "list[constrained-int]"
+_INT_BRANCH = "constrained-int"
 
 
-def _pydantic_issues(exc: ValidationError) -> list[ConfigIssue]:
+def _union_branch(loc: Loc) -> tuple[Loc, str | None]:
+    """The loc without the union branch tag, and the branch (None outside the union)."""
+    for index in range(1, len(loc)):
+        if loc[index - 1] == "gpus" and loc[index] in (_LIST_BRANCH, _INT_BRANCH):
+            return (*loc[:index], *loc[index + 1 :]), str(loc[index])
+    return loc, None
+
+
+def _pydantic_issues(exc: ValidationError, skip: set[Loc]) -> list[ConfigIssue]:
+    """One issue per place; `skip` holds places already reported (an unset ${VAR})."""
     issues: list[ConfigIssue] = []
-    seen: set[Loc] = set()
+    seen: set[Loc] = set(skip)
     for err in exc.errors():
-        loc: Loc = tuple(err["loc"])
-        # A union (gpus: list | int) reports one error per branch; name the place once.
-        loc = tuple(
-            p
-            for p in loc
-            if not (isinstance(p, str) and p.startswith(("list[", "int", "constrained")))
-        )
+        # A union (gpus: list | int) reports one error per branch; keep the branch the
+        # value was meant for: the list one when a list was given, else the count one.
+        loc, branch = _union_branch(tuple(err["loc"]))
+        if branch == _LIST_BRANCH and err["type"] == "list_type":
+            continue
+        if branch == _INT_BRANCH and isinstance(err.get("input"), list):
+            continue
         if loc in seen:
             continue
         seen.add(loc)
@@ -320,6 +344,11 @@ def _pydantic_issues(exc: ValidationError) -> list[ConfigIssue]:
             message = (
                 "`gpus` is a list of GPU indices (`[0, 1]`) or a count (`2`) that the fleet "
                 f"fills from the machine's GPUs; got {_input(err)}"
+            )
+        elif kind == "string_type" and isinstance(err.get("input"), bool | None):
+            message = (
+                f"expected text, got {_input(err)}: YAML reads yes/no/true/false/on/off and an "
+                'empty value as something else; quote it, e.g. "false" or ""'
             )
         else:
             message = f"{err['msg']} (got {_input(err)})"
@@ -378,33 +407,14 @@ def check(config: FleetConfig) -> list[ConfigIssue]:
         add(ConfigIssue(loc=("deployments",), message="add at least one deployment"))
     issues.extend(_check_template(config.engine_command, ("engine_command",)))
 
-    names: dict[str, tuple[str, Kind]] = {}
-    for dep_id in config.deployments:
-        names[dep_id] = (dep_id, "id")
     port_owner: dict[int, str] = {config.gateway.port: "the gateway (gateway.port)"}
-    gpu_owner: dict[int, str] = {}
+    gpu_users: dict[int, list[str]] = {}  # GPU index -> deployments pinned to it, in order
 
     for dep_id, dep in config.deployments.items():
         at: Loc = ("deployments", dep_id)
-        if not ID_PATTERN.fullmatch(dep_id):
-            add(
-                ConfigIssue(
-                    loc=at,
-                    message=f"deployment id `{dep_id}` is not URL-safe; use lowercase letters, "
-                    "digits, `.`, `_` and `-`, starting with a letter or digit "
-                    f"(for example `{_suggest_id(dep_id)}`)",
-                )
-            )
-        elif dep_id in RESERVED_IDS:
-            add(
-                ConfigIssue(
-                    loc=at,
-                    message=f"deployment id `{dep_id}` is reserved by the gateway "
-                    f"({', '.join(sorted(RESERVED_IDS))}); pick another id",
-                )
-            )
+        issues.extend(_check_id(dep_id, at))
         if dep.remote:
-            for key in ("gpus", "args", "env", "port", "command", "start_timeout"):
+            for key in ("gpus", "share_gpus", "args", "env", "host", "port", "command"):
                 if key in dep.model_fields_set:
                     add(
                         ConfigIssue(
@@ -414,6 +424,14 @@ def check(config: FleetConfig) -> list[ConfigIssue]:
                             f"`{key}` (or remove `endpoints` to have the fleet start it)",
                         )
                     )
+            if "start_timeout" in dep.model_fields_set:
+                add(
+                    ConfigIssue(
+                        loc=(*at, "start_timeout"),
+                        message="a deployment with `endpoints` is never started by the fleet; "
+                        "remove `start_timeout`",
+                    )
+                )
             if "replicas" in dep.model_fields_set:
                 add(
                     ConfigIssue(
@@ -464,6 +482,7 @@ def check(config: FleetConfig) -> list[ConfigIssue]:
             else:
                 port_owner[port] = who
         # gpus
+        issues.extend(_check_utilization(dep, at))
         if isinstance(dep.gpus, list):
             if len(set(dep.gpus)) != len(dep.gpus):
                 add(ConfigIssue(loc=(*at, "gpus"), message="a GPU index is listed twice"))
@@ -485,51 +504,139 @@ def check(config: FleetConfig) -> list[ConfigIssue]:
                         "replica, e.g. `gpus: 1`",
                     )
                 )
-            sharing = _shares(dep)
             for index, gpu in enumerate(dep.gpus):
-                owner = gpu_owner.get(gpu)
-                if owner and not (sharing and owner.endswith("(shared)")):
+                users = gpu_users.setdefault(gpu, [])
+                if dep_id in users:
+                    continue  # listed twice in this deployment: reported above
+                # A GPU is shared only when every deployment on it says it shares.
+                blocker = next(
+                    (u for u in users if not (_shares(dep) and _shares(config.deployments[u]))),
+                    None,
+                )
+                if blocker is not None:
                     add(
                         ConfigIssue(
                             loc=(*at, "gpus", index),
-                            message=f"GPU {gpu} is already used by deployment "
-                            f"`{owner.removesuffix(' (shared)')}`; give each deployment its "
-                            "own GPUs, or let both share it: set `share_gpus: true` and "
-                            "`--gpu-memory-utilization` (e.g. 0.45) on both",
+                            message=f"GPU {gpu} is already used by deployment `{blocker}`; "
+                            "give each deployment its own GPUs, or let both share it: set "
+                            "`share_gpus: true` and `--gpu-memory-utilization` (e.g. 0.45) "
+                            "on both",
                         )
                     )
-                else:
-                    gpu_owner[gpu] = dep_id + (" (shared)" if sharing else "")
+                    continue
+                users.append(dep_id)
+                issues.extend(_check_shared_memory(config, gpu, users, (*at, "gpus", index)))
         issues.extend(_check_parallelism(dep, at))
-        # names clients may send as `model`
+    issues.extend(_check_names(config))
+    return issues
+
+
+def _check_id(dep_id: str, at: Loc) -> list[ConfigIssue]:
+    if not ID_PATTERN.fullmatch(dep_id):
+        return [
+            ConfigIssue(
+                loc=at,
+                message=f"deployment id `{dep_id}` is not URL-safe; use at most {ID_MAX_LEN} "
+                "lowercase letters, digits, `.`, `_` and `-`, starting with a letter or digit "
+                f"(for example `{_suggest_id(dep_id)}`)",
+            )
+        ]
+    if dep_id in RESERVED_IDS:
+        return [
+            ConfigIssue(
+                loc=at,
+                message=f"deployment id `{dep_id}` is reserved by the gateway "
+                f"({', '.join(sorted(RESERVED_IDS))}); pick another id",
+            )
+        ]
+    return []
+
+
+def _check_names(config: FleetConfig) -> list[ConfigIssue]:
+    """Every name a client may send as `model` leads to one deployment: an alias may not
+    be another deployment's id, model code or alias, nor a model code another's id."""
+    issues: list[ConfigIssue] = []
+    owners: dict[str, tuple[str, Kind]] = {dep_id: (dep_id, "id") for dep_id in config.deployments}
+    # Two deployments may serve the same model code (the gateway then asks for an id).
+    for dep_id, dep in config.deployments.items():
+        owners.setdefault(dep.model, (dep_id, "model"))
+    for dep_id, dep in config.deployments.items():
+        other = owners.get(dep.model)
+        if other and other[0] != dep_id and other[1] == "id":
+            issues.append(
+                ConfigIssue(
+                    loc=("deployments", dep_id, "model"),
+                    message=f"model code `{dep.model}` is also the id of deployment "
+                    f"`{other[0]}`; rename that id",
+                )
+            )
         for index, alias in enumerate(dep.aliases):
-            other = names.get(alias)
+            if alias in (dep_id, dep.model):
+                continue
+            other = owners.get(alias)
             if other and other[0] != dep_id:
-                add(
+                what = "model code" if other[1] == "model" else other[1]
+                issues.append(
                     ConfigIssue(
-                        loc=(*at, "aliases", index),
-                        message=f"alias `{alias}` is already the {other[1]} of deployment "
+                        loc=("deployments", dep_id, "aliases", index),
+                        message=f"alias `{alias}` is already the {what} of deployment "
                         f"`{other[0]}`; clients could not tell them apart, pick another alias",
                     )
                 )
             else:
-                names[alias] = (dep_id, "alias")
-    for dep_id, dep in config.deployments.items():
-        other = names.get(dep.model)
-        if other and other[0] != dep_id and other[1] != "model":
-            add(
-                ConfigIssue(
-                    loc=("deployments", dep_id, "model"),
-                    message=f"model code `{dep.model}` is also the {other[1]} of deployment "
-                    f"`{other[0]}`; rename that {other[1]}",
-                )
-            )
-        names.setdefault(dep.model, (dep_id, "model"))
+                owners[alias] = (dep_id, "alias")
     return issues
 
 
 def _shares(dep: Deployment) -> bool:
     return dep.share_gpus or flag_value(dep.args, "--gpu-memory-utilization") is not None
+
+
+def _utilization(dep: Deployment) -> float:
+    value = flag_value(dep.args, "--gpu-memory-utilization")
+    try:
+        return float(value) if value is not None else DEFAULT_GPU_MEMORY_UTILIZATION
+    except ValueError:
+        return DEFAULT_GPU_MEMORY_UTILIZATION  # reported by _check_utilization
+
+
+def _check_utilization(dep: Deployment, at: Loc) -> list[ConfigIssue]:
+    value = flag_value(dep.args, "--gpu-memory-utilization")
+    if value is None:
+        return []
+    try:
+        ok = 0 < float(value) <= 1
+    except ValueError:
+        ok = False
+    if ok:
+        return []
+    return [
+        ConfigIssue(
+            loc=(*at, "args"),
+            message=f"--gpu-memory-utilization {value!r} is not a fraction of the GPU's memory; "
+            "give a number above 0 and at most 1, e.g. 0.45",
+        )
+    ]
+
+
+def _check_shared_memory(
+    config: FleetConfig, gpu: int, users: list[str], at: Loc
+) -> list[ConfigIssue]:
+    """Engines sharing a GPU each take their --gpu-memory-utilization of the whole card."""
+    if len(users) < 2:
+        return []
+    total = sum(_utilization(config.deployments[u]) for u in users)
+    if total <= 1.0 + 1e-9:
+        return []
+    return [
+        ConfigIssue(
+            loc=at,
+            message=f"GPU {gpu} is shared by {', '.join(f'`{u}`' for u in users)}, whose "
+            f"--gpu-memory-utilization add up to {total:.2f} of the card (an engine without "
+            f"the flag takes {DEFAULT_GPU_MEMORY_UTILIZATION}); the later engine would run out "
+            "of memory; set it on each so they add up to at most 1, e.g. 0.45 each",
+        )
+    ]
 
 
 def _check_parallelism(dep: Deployment, at: Loc) -> list[ConfigIssue]:
@@ -606,6 +713,30 @@ def _line_index(node: yaml.Node | None) -> _Lines:
     if node is not None:
         walk(node, ())
     return _Lines(index)
+
+
+def _duplicate_keys(node: yaml.Node | None, loc: Loc = ()) -> list[ConfigIssue]:
+    """A key written twice in one mapping: YAML silently keeps the last, so say so."""
+    issues: list[ConfigIssue] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            if key in first and key != "<<":
+                issues.append(
+                    ConfigIssue(
+                        loc=(*loc, key),
+                        message=f"`{key}` is written twice (lines {first[key]} and {line}); "
+                        "YAML would silently keep only the last one; remove or rename one",
+                        line=line,
+                    )
+                )
+            first.setdefault(key, line)
+            issues.extend(_duplicate_keys(value_node, (*loc, key)))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            issues.extend(_duplicate_keys(item, (*loc, index)))
+    return issues
 
 
 def _nearest_line(lines: _Lines, loc: Loc) -> int | None:
