@@ -153,7 +153,7 @@ def render(config: FleetConfig, plan: Plan, listen: str = "80", server_name: str
         f"    proxy_read_timeout {READ_TIMEOUT};",
         f"    proxy_send_timeout {READ_TIMEOUT};",
         "    # Errors nginx makes itself (engine down, body too big) in the OpenAI envelope.",
-        "    error_page 502 503 504 @fleet_unavailable;",
+        "    error_page 502 503 504 =503 @fleet_unavailable;",
         "    error_page 413 @fleet_too_large;",
         "",
     ]
