@@ -81,7 +81,7 @@ def build_plan(config: FleetConfig, inventory: Inventory, python: str) -> Plan:
     issues: list[ConfigIssue] = []
     warnings: list[str] = []
     gpu_plan = _assign_gpus(config, inventory, issues, warnings)
-    port_plan = _assign_ports(config)
+    port_plan = _assign_ports(config, issues)
     engines: list[EngineSpec] = []
     remotes: list[RemoteSpec] = []
     log_dir = config.log_dir()
@@ -157,7 +157,7 @@ def engine_env(
     return env
 
 
-def _assign_ports(config: FleetConfig) -> dict[tuple[str, int], int]:
+def _assign_ports(config: FleetConfig, issues: list[ConfigIssue]) -> dict[tuple[str, int], int]:
     """Fixed ports as written; the rest counted up from `engines.base_port`, skipping
     every port the file names (including the gateway's)."""
     taken = {config.gateway.port}
@@ -175,6 +175,14 @@ def _assign_ports(config: FleetConfig) -> dict[tuple[str, int], int]:
                 continue
             while next_port in taken:
                 next_port += 1
+            if next_port > 65535:
+                issues.append(
+                    ConfigIssue(
+                        loc=("engines", "base_port"),
+                        message=f"no port left for `{dep_id}` replica {replica}: counting up "
+                        f"from {config.engines.base_port} passes 65535; lower `base_port`",
+                    )
+                )
             ports[(dep_id, replica)] = next_port
             taken.add(next_port)
     return ports
