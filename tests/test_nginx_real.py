@@ -12,12 +12,13 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx2 as httpx
 import pytest
 from openai import AzureOpenAI, OpenAI
 
-from vllm_fleet.config import loads
+from vllm_fleet.config import load, loads
 from vllm_fleet.gpus import Inventory
 from vllm_fleet.nginx import render
 from vllm_fleet.nginx_run import NginxNotFound, NginxProcess, check, find_nginx
@@ -235,10 +236,6 @@ def test_body_over_the_limit_is_a_413_envelope() -> None:
 
 def test_nginx_t_accepts_the_seed_example_and_reports_its_errors() -> None:
     binary = _nginx()
-    from pathlib import Path
-
-    from vllm_fleet.config import load
-
     seed = Path(__file__).resolve().parents[1] / "examples" / "seed-two-models.yaml"
     config = load(seed)
     text = render(config, build_plan(config, Inventory(None, "test"), sys.executable))
@@ -246,3 +243,16 @@ def test_nginx_t_accepts_the_seed_example_and_reports_its_errors() -> None:
     assert ok, output
     ok, output = check(text.replace("proxy_buffering off;", "proxy_buffering sideways;"), binary)
     assert not ok and "proxy_buffering" in output
+
+
+def test_cli_check_runs_nginx_t() -> None:
+    _nginx()
+    seed = Path(__file__).resolve().parents[1] / "examples" / "seed-two-models.yaml"
+    argv = [sys.executable, "-m", "vllm_fleet.cli", "nginx", str(seed), "--check"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "nginx accepts it" in done.stderr
+    # nginx's own complaint is shown when it refuses (a port out of range here).
+    done = subprocess.run([*argv, "--listen", "99999"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "nginx rejects it" in done.stderr and "99999" in done.stderr

@@ -4,6 +4,7 @@ fleet file (or the command line) can inject nginx directives."""
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -113,7 +114,7 @@ deployments:
     assert "listen 127.0.0.1:8088;" in text
     assert "server_name llm.example.com www.example.com;" in text
     assert "client_max_body_size 1536k;" in text
-    assert "exact model code" not in text
+    assert "exact model code" not in text and "WARNING" not in text
 
 
 def test_mixed_schemes_cannot_share_an_upstream() -> None:
@@ -201,3 +202,29 @@ def test_rendered_text_has_exactly_the_expected_directives() -> None:
         assert word in allowed, line
     # Model codes and aliases never reach the vhost (nginx does not look at them).
     assert "org/m" not in text and "n;}" not in text
+
+
+def _fleet(*args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "vllm_fleet.cli", "nginx", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_prints_the_vhost_and_warns_without_accept_any_model(tmp_path: Path) -> None:
+    done = _fleet(str(SEED), "--listen", "8080", "--server-name", "llm.example.com")
+    assert done.returncode == 0, done.stderr
+    assert "location ^~ /qwen/ {" in done.stdout and "listen 8080;" in done.stdout
+    assert "server_name llm.example.com;" in done.stdout
+    assert "exact model code" in done.stderr and "accept_any_model" in done.stderr
+    out = tmp_path / "fleet.conf"
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("gateway: {accept_any_model: true}\ndeployments:\n  q: {model: m}\n")
+    done = _fleet(str(fleet), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and "warning" not in done.stderr
+    assert "upstream fleet_q {" in out.read_text()
+
+
+def test_cli_refuses_an_injected_listen() -> None:
+    done = _fleet(str(SEED), "--listen", "80; include /etc/passwd")
+    assert done.returncode == 1
+    assert "--listen" in done.stderr and "include" not in done.stdout

@@ -141,17 +141,13 @@ def nginx(
     ] = False,
 ) -> None:
     """Render the nginx vhost equivalent to the gateway's path and Azure routes."""
-    from vllm_fleet.nginx import NginxRenderError, render
+    from vllm_fleet.nginx import NginxRenderError, render, warnings
     from vllm_fleet.nginx_run import NginxNotFound
     from vllm_fleet.nginx_run import check as nginx_check
 
     config, plan = _load_plan(fleet_file)
-    if not config.gateway.accept_any_model:
-        err_console.print(
-            "[yellow]warning:[/] the fleet file does not set `gateway: {accept_any_model: "
-            "true}`: nginx cannot rewrite `model`, so clients must send the exact model code",
-            highlight=False,
-        )
+    for warning in warnings(config):
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     try:
         text = render(config, plan, listen=listen, server_name=server_name)
     except NginxRenderError as exc:

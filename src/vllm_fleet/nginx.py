@@ -122,6 +122,22 @@ def _upstream(dep_id: str, targets: list[EngineSpec | RemoteSpec]) -> Upstream:
     return Upstream(dep_id, scheme, servers, prefixes.pop(), tls_name)
 
 
+def warnings(config: FleetConfig) -> list[str]:
+    """What nginx in front does differently from the gateway, for this fleet file."""
+    found = []
+    if not config.gateway.accept_any_model:
+        found.append(
+            "the fleet file does not set `gateway: {accept_any_model: true}`: nginx cannot "
+            "rewrite `model`, so clients must send the exact model code"
+        )
+    if config.gateway.api_keys:
+        found.append(
+            "gateway.api_keys is not enforced by the nginx vhost; protect it in nginx "
+            "(auth_request, allow/deny) or start the engines with --api-key"
+        )
+    return found
+
+
 def render(config: FleetConfig, plan: Plan, listen: str = "80", server_name: str = "_") -> str:
     """The complete vhost for this fleet. Raises NginxRenderError on unsafe values."""
     if not _LISTEN.fullmatch(listen):
@@ -174,11 +190,7 @@ def _header(config: FleetConfig) -> list[str]:
         "# VLLM_SKIP_MODEL_NAME_VALIDATION=1). /v1/... routing by `model`, the merged",
         "# /v1/models and API keys are the built-in gateway's job (`fleet up`).",
     ]
-    if not config.gateway.accept_any_model:
-        lines.append(
-            "# WARNING: this fleet file lacks accept_any_model: true; clients must send the "
-            "exact model code."
-        )
+    lines += [f"# WARNING: {warning}" for warning in warnings(config)]
     return [*lines, ""]
 
 
