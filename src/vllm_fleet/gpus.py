@@ -83,7 +83,8 @@ def read_inventory(timeout: float = 10.0) -> Inventory:
         return Inventory(None, f"nvidia-smi failed: {exc}")
     if done.returncode != 0:
         detail = (done.stderr or done.stdout).strip().splitlines()
-        return Inventory(None, f"nvidia-smi failed: {detail[-1] if detail else done.returncode}")
+        why = detail[-1] if detail else f"exit status {done.returncode}"
+        return Inventory(None, f"nvidia-smi failed: {why}")
     try:
         return Inventory(tuple(parse_query_gpu(done.stdout)))
     except InventoryError as exc:
