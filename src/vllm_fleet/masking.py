@@ -5,7 +5,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-_SECRET_NAME = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.IGNORECASE)
+# The secret word ends a part of the name: HF_TOKEN, OPENAI_API_KEY, APIKEY, API_KEYS,
+# DB_PASSWORD; but not TOKENIZERS_PARALLELISM or AUTHOR.
+_SECRET_NAME = re.compile(
+    r"(TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)S?(_|$)", re.IGNORECASE
+)
 _SECRET_FLAGS = frozenset({"--api-key", "--hf-token", "--ssl-keyfile-password"})
 MASK = "****"
 
@@ -15,7 +19,7 @@ def is_secret_name(name: str) -> bool:
 
 
 def mask_value(value: str) -> str:
-    """Show only that a value is set, and how long it is for short checks by eye."""
+    """Show only whether a value is set, never any part of it."""
     return MASK if value else ""
 
 
