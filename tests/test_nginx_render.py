@@ -228,3 +228,18 @@ def test_cli_refuses_an_injected_listen() -> None:
     done = _fleet(str(SEED), "--listen", "80; include /etc/passwd")
     assert done.returncode == 1
     assert "--listen" in done.stderr and "include" not in done.stdout
+
+
+def test_the_docs_show_what_fleet_nginx_renders_for_the_seed_example() -> None:
+    """The vhost printed in the docs ("Keeping nginx in front") is the renderer's output
+    for the seed example with `accept_any_model: true` added, as the docs say."""
+    root = SEED.parents[1]
+    docs = [p for p in (root / "README.md", root / "docs" / "nginx.md") if p.exists()]
+    section = next(
+        (p.read_text() for p in docs if "## Keeping nginx in front" in p.read_text()), None
+    )
+    assert section is not None, "no 'Keeping nginx in front' section in README.md or docs/"
+    shown = section.split("```nginx\n", 1)[1].split("\n```", 1)[0]
+    text = SEED.read_text().replace("  port: 8080\n", "  port: 8080\n  accept_any_model: true\n", 1)
+    config = loads(text, source="examples/seed-two-models.yaml", environ={})
+    assert shown + "\n" == render(config, _plan(config), server_name="llm.example.com")
