@@ -120,7 +120,9 @@ class Progress:
         last_note = time.monotonic()
         try:
             while not settled.done() and not stop.is_set():
-                await asyncio.wait({settled, stopping}, timeout=1.0)
+                await asyncio.wait(
+                    {settled, stopping}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+                )
                 if status is not None:
                     status.update(escape(self.loading_line()))
                 elif time.monotonic() - last_note >= 30:

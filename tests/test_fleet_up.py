@@ -1,0 +1,194 @@
+"""The real `fleet up` as a subprocess, with fake engines: it serves, restarts, and leaves
+no process behind however it is stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import fake_fleet_file, pid_alive, wait_until
+
+
+class FleetUp:
+    """`python -m vllm_fleet.cli up FILE` with its output in a file."""
+
+    def __init__(self, path: Path, *args: str) -> None:
+        self.path = path
+        self.output = path.parent / "fleet-up.out"
+        self.gateway_port = yaml.safe_load(path.read_text())["gateway"]["port"]
+        with open(self.output, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vllm_fleet.cli", "up", str(path), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(f"{self.url}/fleet/status", timeout=2) as resp:
+                data: dict[str, Any] = json.load(resp)
+                return data
+        except OSError:
+            return None
+
+    def upstreams(self) -> list[dict[str, Any]]:
+        data = self.status() or {"deployments": {}}
+        return [u for dep in data["deployments"].values() for u in dep["upstreams"]]
+
+    def wait_ready(self, count: int) -> list[dict[str, Any]]:
+        def ready() -> list[dict[str, Any]] | None:
+            assert self.proc.poll() is None, self.text()
+            ups = self.upstreams()
+            ok = len(ups) == count and all(u["state"] == "ready" for u in ups)
+            return ups if ok else None
+
+        result: list[dict[str, Any]] = wait_until(ready, timeout=20, what="engines ready")
+        return result
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+@pytest.fixture
+def fleets() -> Iterator[list[FleetUp]]:
+    started: list[FleetUp] = []
+    yield started
+    for fleet in started:  # a failed test must not leave a fleet running
+        if fleet.proc.poll() is None:
+            fleet.proc.send_signal(signal.SIGTERM)
+            try:
+                fleet.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                fleet.proc.kill()
+                fleet.proc.wait()
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.load(resp)
+
+
+def test_fleet_up_serves_restarts_and_sigterm_leaves_no_process(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    path = fake_fleet_file(
+        tmp_path,
+        {
+            "qwen": {"model": "Qwen/Qwen2.5-1.5B-Instruct", "gpus": [1]},
+            "smol": {"model": "org/smol", "gpus": [0, 2]},
+        },
+    )
+    fleet = FleetUp(path)
+    fleets.append(fleet)
+    ups = {u["name"]: u for u in fleet.wait_ready(2)}
+    wait_until(lambda: "ready: http://127.0.0.1:" in fleet.text(), what="the ready line")
+
+    # Each engine saw its own GPUs.
+    for name, gpus in (("qwen-0", "1"), ("smol-0", "0,2")):
+        env = get_json(f"{ups[name]['url']}/fake/env")
+        assert env["CUDA_VISIBLE_DEVICES"] == gpus
+        assert env["pid"] == ups[name]["pid"]
+    # Requests go through the gateway to the engine.
+    health = urllib.request.urlopen(f"{fleet.url}/qwen/health", timeout=5)
+    assert health.status == 200
+
+    # An engine killed outright is restarted, with a new pid.
+    old = ups["qwen-0"]["pid"]
+    os.kill(old, signal.SIGKILL)
+
+    def restarted() -> dict[str, Any] | None:
+        (up,) = [u for u in fleet.upstreams() if u["name"] == "qwen-0"]
+        return up if up["state"] == "ready" and up["restarts"] == 1 else None
+
+    new = wait_until(restarted, timeout=15, what="qwen-0 restarted")
+    assert new["pid"] != old
+
+    # `fleet status` reads the address from the fleet file and shows every engine.
+    shown = subprocess.run(
+        [sys.executable, "-m", "vllm_fleet.cli", "status", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "qwen-0" in shown.stdout and "smol-0" in shown.stdout
+    assert "ready" in shown.stdout
+
+    pids = [u["pid"] for u in fleet.upstreams()]
+    assert fleet.stop() == 0
+    assert not any(pid_alive(pid) for pid in pids)
+    out = fleet.text()
+    assert f"{fleet.url}/qwen/v1" in out  # the URL styles follow the ready line
+    assert "Traceback" not in out
+
+
+def test_sigterm_while_engines_load_leaves_no_process(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    slow = ["--startup-delay", "30"]
+    path = fake_fleet_file(
+        tmp_path,
+        {"a": {"model": "org/a", "args": slow}, "b": {"model": "org/b", "args": slow}},
+    )
+    fleet = FleetUp(path)
+    fleets.append(fleet)
+
+    def spawned() -> list[int] | None:
+        assert fleet.proc.poll() is None, fleet.text()
+        ups = fleet.upstreams()
+        pids = [u["pid"] for u in ups if u["pid"] and u["state"] == "starting"]
+        return pids if len(pids) == 2 else None
+
+    pids = wait_until(spawned, timeout=15, what="both engines loading")
+    assert all(pid_alive(pid) for pid in pids)
+    assert fleet.stop() == 0
+    assert not any(pid_alive(pid) for pid in pids)
+    assert "Traceback" not in fleet.text()
+
+
+def test_engines_die_when_fleet_up_is_killed_outright(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    path = fake_fleet_file(tmp_path, {"a": {"model": "org/a"}})
+    fleet = FleetUp(path)
+    fleets.append(fleet)
+    pids = [u["pid"] for u in fleet.wait_ready(1)]
+    assert fleet.stop(signal.SIGKILL) == -signal.SIGKILL
+    # PR_SET_PDEATHSIG: the kernel kills each engine when its parent dies.
+    wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=10, what="engines gone")
+
+
+def test_busy_gateway_port_exits_1_with_a_message(tmp_path: Path, fleets: list[FleetUp]) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        path = fake_fleet_file(tmp_path, {"a": {"model": "org/a"}})
+        fleet = FleetUp(path, "--port", str(port))
+        fleets.append(fleet)
+        assert fleet.proc.wait(timeout=20) == 1
+    out = fleet.text()
+    assert f"port {port} in use; set gateway.port" in out
+    assert "--port" in out
+    assert "Traceback" not in out
+    assert not (tmp_path / "logs" / "a-0.log").exists()  # no engine was started
