@@ -192,3 +192,37 @@ def test_busy_gateway_port_exits_1_with_a_message(tmp_path: Path, fleets: list[F
     assert "--port" in out
     assert "Traceback" not in out
     assert not (tmp_path / "logs" / "a-0.log").exists()  # no engine was started
+
+
+# Ignores SIGTERM, like an engine stuck in a CUDA call.
+STUBBORN = """
+import http.server, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
+
+
+def test_a_second_signal_kills_engines_without_waiting_the_grace_period(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    script = tmp_path / "stubborn.py"
+    script.write_text(STUBBORN)
+    path = fake_fleet_file(
+        tmp_path,
+        {"s": {"model": "x", "command": ["{python}", str(script), "{port}"]}},
+        engines={"stop_timeout": 600},
+    )
+    fleet = FleetUp(path)
+    fleets.append(fleet)
+    pids = [u["pid"] for u in fleet.wait_ready(1)]
+    fleet.proc.send_signal(signal.SIGINT)
+    wait_until(lambda: "SIGINT: stopping" in fleet.text(), what="first signal seen")
+    assert fleet.proc.poll() is None  # waiting out the grace period
+    assert fleet.stop(signal.SIGINT) == 0
+    assert "SIGINT again: SIGKILL" in fleet.text()
+    assert not any(pid_alive(pid) for pid in pids)

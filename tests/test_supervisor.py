@@ -149,6 +149,30 @@ def test_engine_that_keeps_failing_is_marked_failed_with_its_log_tail(tmp_path: 
     assert log.count("---- vllm-fleet: start") == 3
 
 
+def test_engine_not_ready_within_its_start_timeout_is_a_failure(tmp_path: Path) -> None:
+    path = fake_fleet_file(
+        tmp_path,
+        {"slow": {"model": "org/slow", "args": ["--startup-delay", "30"], "start_timeout": 0.5}},
+        engines={"max_restarts": 0},
+    )
+    sup, registry, _ = make_supervisor(path)
+    pids: list[int] = []
+
+    async def body() -> None:
+        await sup.start()
+        try:
+            up = only(registry)
+            await until(lambda: up.pid, what="spawned")
+            pids.append(up.pid)  # type: ignore[arg-type]
+            await until(lambda: up.state is State.FAILED, what="failed")
+        finally:
+            await sup.stop()
+
+    run(body)
+    assert "not ready after its start_timeout of 0.5s" in only(registry).message
+    assert not pid_alive(pids[0])  # the engine that never got ready was stopped
+
+
 def test_busy_port_fails_the_engine_with_a_fix(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

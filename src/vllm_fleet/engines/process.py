@@ -18,8 +18,9 @@ A group that is already gone (ProcessLookupError) is simply done.
 
 On Linux each engine is also started with `PR_SET_PDEATHSIG = SIGKILL`, so it dies if the
 `fleet up` process is killed outright (SIGKILL, OOM killer), when no stop sequence can
-run. The kernel applies it to the direct child only: processes the engine spawns (vLLM's
-engine core and workers) are not covered by it; vLLM's own children watch their parent.
+run. The kernel applies it to the direct child only, and fires when the thread that
+started it exits (the event loop's thread): processes the engine spawns (vLLM's engine
+core and workers) are not covered by it; vLLM's own children watch their parent.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ UNHEALTHY_AFTER = 3
 # While an engine loads, /health is polled this often (or health_interval, if shorter).
 START_POLL_INTERVAL = 0.5
 START_POLL_TIMEOUT = 2.0
-READY_POLL_TIMEOUT = 5.0
+# Generous: a busy engine answers /health late, and restarting it would lose its work.
+READY_POLL_TIMEOUT = 10.0
 # After SIGKILL, how long to wait for the group to vanish before giving up on it.
 KILL_WAIT = 5.0
 
