@@ -613,6 +613,7 @@ def test_unset_variable_without_default_is_refused_once_with_the_fix() -> None:
         ("pre-${A}-${B:-b}", {"A": "a"}, "pre-a-b"),
         ("$$", {}, "$"),
         ("$${A}", {"A": "x"}, "${A}"),
+        ("${A:-p$$w}", {}, "p$w"),
         ("$A", {"A": "x"}, "$A"),  # only the braced form expands
     ],
 )
@@ -626,7 +627,7 @@ def test_expanded_default_becomes_a_number_where_one_is_needed() -> None:
     assert cfg.deployments["a"].port == 8001
 
 
-@pytest.mark.parametrize("written", ["${1A}", "${A:?required}", "${A"])
+@pytest.mark.parametrize("written", ["${1A}", "${A:?required}", "${A", "${A:-${B}}"])
 def test_malformed_variable_reference_is_refused(written: str) -> None:
     err = problems(f"deployments:\n  a:\n    model: m\n    args: ['{written}']\n")
     issue = only_issue(err, "deployments.a.args[0]", 4)

@@ -4,7 +4,8 @@ Supported forms, as in shell and docker compose:
   ${NAME}            the variable's value; an error when it is unset
   ${NAME:-default}   the value, or `default` when unset or empty
   ${NAME-default}    the value, or `default` when unset
-  $$                 a literal `$`
+  $$                 a literal `$` (also inside a default)
+A default cannot hold another `${...}`: that is an error, never a literal left behind.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-_TOKEN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}|\$\{[^}]*\}?")
+_TOKEN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)((?:[^}$]|\$\$)*))?\}|\$\{[^}]*\}?")
 
 
 @dataclass(frozen=True)
@@ -39,15 +40,17 @@ def expand_string(
                 ExpansionError(
                     path,
                     f"`{whole}` is not a valid variable reference; "
-                    "write ${NAME} or ${NAME:-default} (and $$ for a literal $)",
+                    "write ${NAME} or ${NAME:-default} (and $$ for a literal $; "
+                    "a default cannot hold another ${...})",
                 )
             )
             return whole
         value = environ.get(name)
+        default = (default or "").replace("$$", "$")
         if op == ":-" and not value:
-            return default or ""
+            return default
         if op == "-" and value is None:
-            return default or ""
+            return default
         if value is None:
             errors.append(
                 ExpansionError(
