@@ -23,7 +23,7 @@ from vllm_fleet.gpus import Inventory
 from vllm_fleet.nginx import render
 from vllm_fleet.nginx_run import NginxNotFound, NginxProcess, check, find_nginx
 from vllm_fleet.plan import build_plan
-from vllm_fleet.testing.harness import FakeEngine, free_port, wait_port
+from vllm_fleet.testing.harness import FakeEngine, free_port, port_open, wait_port
 
 pytestmark = pytest.mark.nginx
 
@@ -51,11 +51,25 @@ class Fleet:
         return data
 
 
+def _two_free_ports() -> int:
+    for _ in range(50):
+        port = free_port()
+        if port < 65535 and not port_open(port + 1):
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no two consecutive free ports")
+
+
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Fleet]:
     binary = _nginx()
     ports = {"qwen": free_port(), "mistral": free_port(), "far": free_port()}
     down = free_port()  # nothing listens here
+    ports["rep"] = _two_free_ports()  # replicas take `port` and `port + 1`
     yaml_text = f"""
 gateway: {{accept_any_model: true}}
 engine_command: ["{{python}}", "-m", "vllm_fleet.testing.fake_vllm", "{{model}}"]
@@ -73,6 +87,11 @@ deployments:
   down:
     model: org/down
     endpoints: ["http://127.0.0.1:{down}"]
+  rep:
+    model: org/rep
+    port: {ports["rep"]}
+    replicas: 2
+    args: ["--tokens", "1"]
 """
     config = loads(yaml_text)
     plan = build_plan(config, Inventory(None, "test"), sys.executable)
@@ -256,3 +275,18 @@ def test_cli_check_runs_nginx_t() -> None:
     done = subprocess.run([*argv, "--listen", "99999"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "nginx rejects it" in done.stderr and "99999" in done.stderr
+
+
+def test_replicas_share_the_load_and_cover_for_a_dead_one(fleet: Fleet) -> None:
+    client = OpenAI(base_url=f"{fleet.url}/rep/v1", api_key="x", max_retries=0)
+    first, second = fleet.ports["rep"], fleet.ports["rep"] + 1
+
+    def ask() -> str | None:
+        reply = client.completions.create(model="m", prompt="hi")
+        return reply.system_fingerprint
+
+    assert {ask() for _ in range(6)} == {f"fake-{first}", f"fake-{second}"}
+    with pytest.raises(httpx.TransportError):
+        httpx.post(f"http://127.0.0.1:{first}/fake/crash?status=0")
+    # The dead replica refuses connections: nginx passes each request to the live one.
+    assert {ask() for _ in range(6)} == {f"fake-{second}"}
