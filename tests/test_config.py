@@ -572,6 +572,12 @@ def test_remote_deployment_refuses_keys_for_engines_the_fleet_starts(key: str, v
     assert f"remove `{key}`" in issue.message
 
 
+def test_empty_endpoints_is_refused_rather_than_starting_the_engine_here() -> None:
+    err = problems("deployments:\n  r:\n    model: m\n    endpoints: []\n")
+    issue = only_issue(err, "deployments.r.endpoints", 4)
+    assert "`endpoints` is empty" in issue.message and "remove `endpoints`" in issue.message
+
+
 def test_remote_endpoint_that_is_not_a_url_is_refused() -> None:
     err = problems("deployments:\n  r:\n    model: m\n    endpoints: ['10.0.0.1:8000']\n")
     issue = only_issue(err, "deployments.r.endpoints", 4)
@@ -784,3 +790,18 @@ def test_flag_value_reads_both_spellings_and_the_last_wins() -> None:
     assert config.flag_value(["--a=1=2"], "--a") == "1=2"
     assert config.flag_value(["--a"], "--a") is None
     assert config.flag_value(["--ab", "1"], "--a") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "line", "read_as"),
+    [
+        ("deployments:\n  7:\n    model: m\n", "deployments.7", 2, "7"),
+        ("deployments:\n  a:\n    model: m\n    env:\n      1: x\n", "deployments.a.env.1", 5, "1"),
+        ("deployments:\n  yes:\n    model: m\n", "deployments.True", 1, "True"),
+    ],
+)
+def test_key_that_yaml_reads_as_a_number_or_yes_no_is_refused_asking_to_quote(
+    text: str, where: str, line: int, read_as: str
+) -> None:
+    issue = only_issue(problems(text), where, line)
+    assert f"this key is read by YAML as {read_as}, not as text; quote it" in issue.message

@@ -325,11 +325,19 @@ def _pydantic_issues(exc: ValidationError, skip: set[Loc]) -> list[ConfigIssue]:
             continue
         if branch == _INT_BRANCH and isinstance(err.get("input"), list):
             continue
+        is_key = bool(loc) and loc[-1] == "[key]"
+        if is_key:  # a mapping key that is not text: name the place by the key itself
+            loc = (*loc[:-2], str(err.get("input")))
         if loc in seen:
             continue
         seen.add(loc)
         kind = err["type"]
-        if kind == "extra_forbidden":
+        if is_key:
+            message = (
+                f"this key is read by YAML as {_input(err)}, not as text; quote it "
+                "(YAML reads yes/no/on/off/true/false and numbers as other types)"
+            )
+        elif kind == "extra_forbidden":
             key = str(loc[-1])
             known = _known_keys(loc[:-1])
             hint = difflib.get_close_matches(key, known, n=1)
@@ -440,6 +448,14 @@ def check(config: FleetConfig) -> list[ConfigIssue]:
                     )
                 )
             continue
+        if "endpoints" in dep.model_fields_set:
+            add(
+                ConfigIssue(
+                    loc=(*at, "endpoints"),
+                    message="`endpoints` is empty; list the URLs of engines already running, "
+                    "or remove `endpoints` to have the fleet start this one",
+                )
+            )
         if dep.command is not None:
             issues.extend(_check_template(dep.command, (*at, "command")))
         for index, arg in enumerate(dep.args):
