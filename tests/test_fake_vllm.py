@@ -22,7 +22,10 @@ MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 @pytest.fixture(scope="module")
 def engine() -> Iterator[FakeEngine]:
     with FakeEngine(
-        MODEL, ["smol", MODEL], "--tokens", "5", "--enforce-eager", "--max-model-len", "4096"
+        MODEL,
+        ["smol", MODEL],
+        *("--tokens", "5", "--enforce-eager", "--max-model-len", "4096"),
+        *("--tokenizer-mode", "mistral", "--limit-mm-per-prompt", '{"image":10}'),
     ) as eng:
         yield eng
 
@@ -186,12 +189,13 @@ def test_api_key_protects_v1_only() -> None:
 
 def test_skip_model_name_validation_accepts_any_model() -> None:
     env = {"VLLM_SKIP_MODEL_NAME_VALIDATION": "1", "CUDA_VISIBLE_DEVICES": "3,4"}
-    with FakeEngine(MODEL, ["m"], env=env) as eng:
+    with FakeEngine("ignored", ["m"], "--dtype", "bf16", "--model", MODEL, env=env) as eng:
         client = OpenAI(base_url=f"{eng.url}/v1", api_key="x")
         reply = client.completions.create(model="anything-at-all", prompt="hi")
         assert reply.model == "m"
         info = json.loads(_get(f"{eng.url}/fake/env")[2])
         assert info["CUDA_VISIBLE_DEVICES"] == "3,4" and info["served_names"] == ["m"]
+        assert info["model"] == MODEL
 
 
 def test_startup_delay_keeps_the_port_closed() -> None:

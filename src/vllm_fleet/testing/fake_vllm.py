@@ -35,19 +35,10 @@ from aiohttp import web
 EMBED_DIMS = 384
 # Request headers /fake/stats reports, so tests can see what a proxy forwarded.
 _SEEN_HEADERS = (
-    "host",
-    "authorization",
-    "api-key",
-    "content-type",
-    "user-agent",
-    "x-request-id",
-    "x-real-ip",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "connection",
+    "host", "authorization", "api-key", "content-type", "user-agent", "x-request-id",
+    "x-real-ip", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "connection",
     "traceparent",
-)
+)  # fmt: skip
 
 
 @dataclass
@@ -418,7 +409,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--fail-start", action="store_true")
     args, _unknown = parser.parse_known_args(argv)
-    args.model = args.model_tag or args.model_flag
+    # `--model M` wins: a stray value of an unknown flag may land in the positional slot.
+    args.model = args.model_flag or args.model_tag
     if not args.model:
         parser.error("give the model: fake_vllm MODEL or --model MODEL")
     return args
