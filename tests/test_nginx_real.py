@@ -262,6 +262,29 @@ def test_nginx_t_accepts_the_seed_example_and_reports_its_errors() -> None:
     assert ok, output
     ok, output = check(text.replace("proxy_buffering off;", "proxy_buffering sideways;"), binary)
     assert not ok and "proxy_buffering" in output
+    # The unusual shapes the renderer allows: dotted ids, replicas, IPv6, https with a path.
+    exotic = loads(
+        """
+gateway: {accept_any_model: true, max_body_mb: 0.5}
+deployments:
+  chat.v2_x-y:
+    model: org/chat
+    host: "::1"
+    port: 9100
+    replicas: 2
+  tls:
+    model: org/tls
+    endpoints: ["https://127.0.0.1:8443/base/", "https://127.0.0.1:8444/base"]
+  six:
+    model: org/six
+    endpoints: ["http://[::1]:8000"]
+"""
+    )
+    plan = build_plan(exotic, Inventory(None, "test"), sys.executable)
+    ok, output = check(
+        render(exotic, plan, listen="[::1]:8080", server_name="a.example *.b"), binary
+    )
+    assert ok, output
 
 
 def test_cli_check_runs_nginx_t() -> None:

@@ -37,8 +37,8 @@ def find_nginx() -> str:
     )
 
 
-def wrap(vhost: str, prefix: Path) -> str:
-    """A minimal nginx.conf around `vhost`, with every writable path inside `prefix`."""
+def wrap(prefix: Path) -> str:
+    """A minimal nginx.conf that includes `vhost.conf`; every writable path is in `prefix`."""
     temp = prefix / "temp"
     lines = [
         "worker_processes 1;",
@@ -68,7 +68,7 @@ def prepare(vhost: str, prefix: Path) -> Path:
     (prefix / "logs").mkdir(exist_ok=True)  # nginx opens its default error log here first
     (prefix / "vhost.conf").write_text(vhost, encoding="utf-8")
     conf = prefix / "nginx.conf"
-    conf.write_text(wrap(vhost, prefix), encoding="utf-8")
+    conf.write_text(wrap(prefix), encoding="utf-8")
     return conf
 
 
