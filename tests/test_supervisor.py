@@ -173,6 +173,27 @@ def test_engine_not_ready_within_its_start_timeout_is_a_failure(tmp_path: Path) 
     assert not pid_alive(pids[0])  # the engine that never got ready was stopped
 
 
+def test_engine_command_that_cannot_run_fails_at_once_with_a_fix(tmp_path: Path) -> None:
+    path = fake_fleet_file(
+        tmp_path, {"m": {"model": "org/m"}}, engine_command=["no-such-vllm", "serve", "{model}"]
+    )
+    sup, registry, events = make_supervisor(path)
+
+    async def body() -> None:
+        await sup.start()
+        try:
+            await until(lambda: only(registry).state is State.FAILED, what="failed")
+        finally:
+            await sup.stop()
+
+    run(body)
+    up = only(registry)
+    assert "cannot run `no-such-vllm`: not found" in up.message
+    assert "engine_command" in up.message
+    assert up.restarts == 0
+    assert [e.state for e in events] == [State.FAILED]
+
+
 def test_busy_port_fails_the_engine_with_a_fix(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

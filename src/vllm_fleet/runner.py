@@ -143,10 +143,19 @@ class Progress:
         url = display_url(config.gateway.host, config.gateway.port)
         took = time.monotonic() - self.started
         summary = f"{ready}/{len(managed)} engines ready in {took:.0f}s"
+        if managed and len(failed) == len(managed) and not self.registry.plan.remotes:
+            self.console.print(
+                f"[bold red]every engine failed[/] (see above, or `fleet status`); the gateway "
+                f"at {url} answers 503 until you fix the fleet file and run `fleet up` again. "
+                "Ctrl-C stops it.",
+                highlight=False,
+            )
+            return
         if failed:
             self.console.print(
                 f"[bold yellow]ready with failures:[/] {url}  ({summary}; failed: "
-                f"{escape(', '.join(failed))}; see their logs above)"
+                f"{escape(', '.join(failed))}; see above, or `fleet status`)",
+                highlight=False,
             )
         else:
             self.console.print(f"[bold green]ready:[/] {url}  ({summary})", highlight=False)

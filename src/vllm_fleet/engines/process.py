@@ -72,6 +72,23 @@ class Outcome(enum.Enum):
     STOPPED = "stopped"  # the fleet is stopping
 
 
+class SpawnError(Exception):
+    """The engine could not be started at all; retrying would not help."""
+
+
+def _spawn_problem(program: str, exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return (
+            f"cannot run `{program}`: not found. Is vLLM installed in this environment? "
+            "Otherwise set `engine_command` (or the deployment's `command`) to how vLLM runs "
+            'here, e.g. ["{python}", "-m", "vllm.entrypoints.openai.api_server", "--model", '
+            '"{model}"]'
+        )
+    if isinstance(exc, PermissionError):
+        return f"cannot run `{program}`: permission denied (not executable?)"
+    return f"cannot run `{program}`: {exc.strerror or exc}"
+
+
 def _pdeathsig_preexec() -> Callable[[], None] | None:
     """A preexec_fn setting PR_SET_PDEATHSIG=SIGKILL in the child (Linux only).
 
@@ -173,16 +190,28 @@ class EngineProcess:
         self.attempts += 1
         self.upstream.set_state(State.STARTING, "starting")
         self.upstream.pid = None
-        with _open_log(spec, self.attempts) as logf:
-            self.proc = await asyncio.create_subprocess_exec(
-                *spec.argv,
-                env=os.environ | dict(spec.env),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=logf,
-                stderr=logf,
-                start_new_session=True,
-                preexec_fn=_pdeathsig_preexec(),
-            )
+        try:
+            logf = _open_log(spec, self.attempts)
+        except OSError as exc:
+            raise SpawnError(
+                f"cannot write its log {spec.log_path} ({exc.strerror or exc}); set "
+                "engines.log_dir to a writable directory"
+            ) from None
+        with logf:
+            try:
+                self.proc = await asyncio.create_subprocess_exec(
+                    *spec.argv,
+                    env=os.environ | dict(spec.env),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=logf,
+                    start_new_session=True,
+                    preexec_fn=_pdeathsig_preexec(),
+                )
+            except OSError as exc:
+                message = _spawn_problem(spec.argv[0], exc)
+                logf.write(f"{LOG_MARK} {message}\n".encode())
+                raise SpawnError(message) from None
         self.started_at = time.monotonic()
         self.upstream.pid = self.proc.pid
         self._exited = asyncio.ensure_future(self.proc.wait())

@@ -27,7 +27,7 @@ from pathlib import Path
 import aiohttp
 
 from vllm_fleet.config import FleetConfig
-from vllm_fleet.engines.process import LOG_MARK, EngineProcess, Outcome, killpg
+from vllm_fleet.engines.process import LOG_MARK, EngineProcess, Outcome, SpawnError, killpg
 from vllm_fleet.plan import EngineSpec
 from vllm_fleet.registry import Registry, State, Upstream
 
@@ -193,7 +193,13 @@ class Supervisor:
                     return
                 why = reason
             else:
-                await engine.start()
+                try:
+                    await engine.start()
+                except SpawnError as exc:
+                    upstream.set_state(State.FAILED, str(exc))
+                    log.error("%s: %s", spec.name, exc)
+                    self._emit(upstream)
+                    return
                 self._emit(upstream)
                 outcome = await engine.wait_ready(self._stop)
                 if outcome is Outcome.READY:
