@@ -1,0 +1,89 @@
+"""`fleet status` rendering and its errors (the live path is in test_fleet_up.py)."""
+
+from __future__ import annotations
+
+import pytest
+from rich.console import Console
+
+from tests.conftest import free_port
+from vllm_fleet.status import StatusError, fetch_status, render_status
+
+SNAPSHOT = {
+    "deployments": {
+        "qwen": {
+            "model": "Qwen/Qwen2.5-1.5B-Instruct",
+            "aliases": [],
+            "ready": 1,
+            "replicas": 2,
+            "upstreams": [
+                {
+                    "name": "qwen-0",
+                    "state": "ready",
+                    "since": 1000.0,
+                    "pid": 4242,
+                    "port": 8100,
+                    "gpus": [0, 1],
+                    "restarts": 2,
+                    "outstanding": 3,
+                    "message": "ready after 40.0s",
+                    "log": "/logs/qwen-0.log",
+                    "managed": True,
+                },
+                {
+                    "name": "qwen-1",
+                    "state": "failed",
+                    "since": 1000.0,
+                    "pid": None,
+                    "port": 8101,
+                    "gpus": [2, 3],
+                    "restarts": 5,
+                    "outstanding": 0,
+                    "message": "exited with status 1; gave up after 6 failure(s) in a row",
+                    "log": "/logs/qwen-1.log",
+                    "managed": True,
+                },
+            ],
+        },
+        "remote": {
+            "model": "meta-llama/Llama-3.1-8B-Instruct",
+            "ready": 1,
+            "replicas": 1,
+            "upstreams": [
+                {
+                    "name": "remote-0",
+                    "state": "ready",
+                    "url": "http://10.1.2.3:8000",
+                    "managed": False,
+                    "pid": None,
+                    "restarts": 0,
+                    "outstanding": 0,
+                    "message": "",
+                    "since": 1000.0,
+                }
+            ],
+        },
+    }
+}
+
+
+def render(data: dict) -> str:  # type: ignore[type-arg]
+    console = Console(width=120, record=True, color_system=None)
+    console.print(render_status(data, now=1090.0))
+    return console.export_text()
+
+
+def test_status_table_shows_each_engine_and_why_one_failed() -> None:
+    text = render(SNAPSHOT)
+    row = next(line for line in text.splitlines() if "qwen-0" in line)
+    for cell in ("qwen 1/2", "ready", "90s", "4242", "8100", "0,1", "2", "3"):
+        assert cell in row
+    assert "qwen-1: exited with status 1; gave up after 6" in text
+    assert "log: /logs/qwen-1.log" in text
+    assert "/logs/qwen-0.log" not in text  # a ready engine needs no log pointer
+    assert "remote-0: ready (remote http://10.1.2.3:8000)" in text
+
+
+def test_status_without_a_gateway_says_what_to_check() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(StatusError, match="is `fleet up` running there"):
+        fetch_status(url, timeout=2)
