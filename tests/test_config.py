@@ -666,6 +666,26 @@ def test_numbers_in_args_env_and_command_become_strings() -> None:
     assert dep.env == {"OMP_NUM_THREADS": "4"}
 
 
+def test_numbers_reach_the_engine_as_written_not_as_yaml_reads_them() -> None:
+    # YAML 1.1 reads 1.10 as 1.1, 010 as 8 and 0x10 as 16; the engine gets the file's text.
+    cfg = load(
+        """
+        engine_command: [vllm, serve, "{model}", --seed, 010]
+        deployments:
+          a:
+            model: m
+            args: [--gpu-memory-utilization, 0.90, --revision, 0123]
+            env: {SOME_VERSION: 1.10, MASK: 0x10}
+            port: 8001
+        """
+    )
+    assert cfg.engine_command[-1] == "010"
+    dep = cfg.deployments["a"]
+    assert dep.args == ["--gpu-memory-utilization", "0.90", "--revision", "0123"]
+    assert dep.env == {"SOME_VERSION": "1.10", "MASK": "0x10"}
+    assert dep.port == 8001  # numbers stay numbers where a number is meant
+
+
 @pytest.mark.parametrize("value", ["false", "yes", "", "null"])
 def test_yes_no_or_empty_env_value_is_refused_with_quote_hint(value: str) -> None:
     err = problems(

@@ -279,7 +279,7 @@ def loads(
             source,
             [ConfigIssue(loc=(), message="the fleet file must be a mapping with `deployments:`")],
         )
-    expanded, exp_errors = expand_tree(raw, env)
+    expanded, exp_errors = expand_tree(_as_written(raw, _number_texts(node)), env)
     issues = [ConfigIssue(loc=e.path, message=e.message) for e in exp_errors]
     issues.extend(_duplicate_keys(node))
     for reserved in ("base_dir", "source"):
@@ -729,6 +729,36 @@ def _line_index(node: yaml.Node | None) -> _Lines:
     if node is not None:
         walk(node, ())
     return _Lines(index)
+
+
+def _number_texts(node: yaml.Node | None, loc: Loc = ()) -> dict[Loc, str]:
+    """The source text of every plain number in the file, by place."""
+    out: dict[Loc, str] = {}
+    if isinstance(node, yaml.ScalarNode):
+        if node.style is None and node.tag.endswith((":int", ":float")):
+            out[loc] = str(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            out.update(_number_texts(value_node, (*loc, str(key_node.value))))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            out.update(_number_texts(item, (*loc, index)))
+    return out
+
+
+def _as_written(data: Any, texts: dict[Loc, str], loc: Loc = ()) -> Any:
+    """Numbers in engine args, env values and commands become the text as written: YAML
+    reads `1.10` as 1.1 and `010` as 8, and the engine must get what the file says."""
+    if isinstance(data, dict):
+        return {k: _as_written(v, texts, (*loc, str(k))) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_as_written(v, texts, (*loc, i)) for i, v in enumerate(data)]
+    text_only = loc[:1] == ("engine_command",) or (
+        len(loc) > 3 and loc[0] == "deployments" and loc[2] in ("args", "env", "command")
+    )
+    if text_only and isinstance(data, int | float) and not isinstance(data, bool):
+        return texts.get(loc, data)
+    return data
 
 
 def _duplicate_keys(node: yaml.Node | None, loc: Loc = ()) -> list[ConfigIssue]:
