@@ -173,6 +173,7 @@ class EngineProcess:
         self.session = session
         self.proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Task[int] | None = None
+        self._stopped = False  # the last started process went through stop()
         self.started_at = 0.0  # time.monotonic() of the last start
         self.attempts = 0
 
@@ -215,6 +216,7 @@ class EngineProcess:
         self.started_at = time.monotonic()
         self.upstream.pid = self.proc.pid
         self._exited = asyncio.ensure_future(self.proc.wait())
+        self._stopped = False
         log.info("%s: started pid %d, log %s", spec.name, self.proc.pid, spec.log_path)
 
     async def _wait(self, seconds: float, stop: asyncio.Event) -> bool:
@@ -324,8 +326,8 @@ class EngineProcess:
         """The stop sequence (see the module docstring). Safe to call at any time, any
         number of times; also cleans up workers left behind by an engine that exited."""
         proc, exited = self.proc, self._exited
-        if proc is None or exited is None:
-            return  # never started
+        if proc is None or exited is None or self._stopped:
+            return  # never started, or already stopped (its group number may be reused)
         pgid = proc.pid  # start_new_session: the engine leads its own group
         if proc.returncode is None:
             self.upstream.set_state(State.STOPPING, "stopping")
@@ -338,6 +340,7 @@ class EngineProcess:
                 if not await self._group_gone(pgid, KILL_WAIT):
                     log.error("%s: process group %d survived SIGKILL", name, pgid)
         await exited  # always reap
+        self._stopped = True
         if self.upstream.state is not State.FAILED:
             self.upstream.set_state(State.STOPPED, f"exited with status {proc.returncode}")
         self.upstream.pid = None

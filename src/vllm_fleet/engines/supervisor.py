@@ -154,7 +154,9 @@ class Supervisor:
     def kill_now(self) -> None:
         """Skip the grace period: SIGKILL every engine's group (a second Ctrl-C)."""
         for engine in self.engines:
-            if engine.proc is not None and engine.proc.returncode is None:
+            # upstream.pid is cleared only once the group is gone and the engine reaped;
+            # until then its workers may outlive the engine itself.
+            if engine.proc is not None and engine.upstream.pid is not None:
                 killpg(engine.proc.pid, signal.SIGKILL)
 
     async def _sleep(self, seconds: float) -> None:
