@@ -79,8 +79,12 @@ def test_check_on_the_real_one_gpu_machine_refuses_the_missing_gpus(tmp_path: Pa
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     done = fleet_check(SEED, tmp_path)
     assert done.returncode == 1
-    assert "deployments.mistral.gpus[0]: this machine has no GPU 1 (it has: 0)" in done.stderr
-    assert "deployments.mistral.gpus[1]: this machine has no GPU 2 (it has: 0)" in done.stderr
+    assert "line 23, deployments.mistral.gpus[0]: this machine has no GPU 1 (it has: 0)" in (
+        done.stderr
+    )
+    assert "line 23, deployments.mistral.gpus[1]: this machine has no GPU 2 (it has: 0)" in (
+        done.stderr
+    )
     assert "Traceback" not in done.stderr + done.stdout
 
 

@@ -84,9 +84,9 @@ def test_seed_example_on_the_real_one_gpu_h200_names_the_missing_gpus() -> None:
     h200 = Inventory(tuple(parse_query_gpu(H200.read_text())))
     with pytest.raises(ConfigError) as info:
         build_plan(config.load(SEED, environ={}), h200, PY)
-    assert [i.where() for i in info.value.issues] == [
-        "deployments.mistral.gpus[0]",
-        "deployments.mistral.gpus[1]",
+    assert [(i.where(), i.line) for i in info.value.issues] == [
+        ("deployments.mistral.gpus[0]", 23),  # the line of `gpus: [1, 2]` in the seed file
+        ("deployments.mistral.gpus[1]", 23),
     ]
     assert "this machine has no GPU 1 (it has: 0)" in info.value.issues[0].message
     assert "silently sees no GPU at all" in info.value.issues[0].message
@@ -279,7 +279,7 @@ def test_gpu_count_larger_than_what_is_left_is_refused() -> None:
 
 def test_gpu_count_without_an_inventory_is_refused_saying_why() -> None:
     err = plan_error("deployments:\n  a: {model: m, gpus: 1}\n")
-    assert [i.where() for i in err.issues] == ["deployments.a.gpus"]
+    assert [(i.where(), i.line) for i in err.issues] == [("deployments.a.gpus", 2)]
     message = err.issues[0].message
     assert "needs the machine's GPU inventory (nvidia-smi not found)" in message
     assert "e.g. `gpus: [0, 1]`" in message

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from vllm_fleet.envsubst import expand_tree
 
@@ -216,6 +216,12 @@ class FleetConfig(_Strict):
     _coerce_command = field_validator("engine_command", mode="before")(
         lambda v: _stringify_scalars(v)
     )
+    # Where each place sits in the file, so later checks (the plan) can name the line too.
+    _lines: dict[Loc, int] = PrivateAttr(default_factory=dict)
+
+    def line_of(self, loc: Loc) -> int | None:
+        """The line of `loc` in the fleet file (or of its nearest enclosing place)."""
+        return _nearest_line(_Lines(self._lines), loc)
 
     def log_dir(self) -> Path:
         path = Path(self.engines.log_dir).expanduser()
@@ -294,6 +300,7 @@ def loads(
     else:
         issues.extend(check(config))
         if not issues:
+            config._lines = lines.by_loc
             return config
     for issue in issues:
         issue.line = issue.line or _nearest_line(lines, issue.loc)

@@ -113,6 +113,8 @@ def build_plan(config: FleetConfig, inventory: Inventory, python: str) -> Plan:
             "compete for GPU memory; give each deployment `gpus:`"
         )
     if issues:
+        for issue in issues:
+            issue.line = issue.line or config.line_of(issue.loc)
         raise ConfigError(config.source, issues)
     return Plan(tuple(engines), tuple(remotes), inventory, tuple(warnings))
 
