@@ -290,6 +290,7 @@ def test_two_deployments_on_one_gpu_is_refused_at_the_second_with_the_fix() -> N
     [
         (SHARE + util("0.45"), SHARE + util("0.45")),
         (util("0.45"), util("0.5")),  # the flag alone says it shares
+        (util("0.45"), '    args: ["--gpu_memory_utilization=0.5"]\n'),  # as vLLM reads it
         (SHARE + util("0.3"), util("0.6")),
     ],
 )
@@ -416,6 +417,8 @@ def test_replicas_out_of_range_is_refused(replicas: str) -> None:
         ("[0, 1, 2, 3]", 2, '["--tensor-parallel-size", 2]'),
         ("[0, 1, 2, 3]", 1, '["-tp", "2", "--pipeline-parallel-size", "2"]'),
         ("2", 2, '["--tensor-parallel-size", "2"]'),  # a count is per replica
+        ("[0, 1]", 1, '["--data-parallel-size", "2"]'),
+        ("[0, 1, 2, 3]", 1, '["-dp", "2", "--tensor_parallel_size", "2"]'),
     ],
 )
 def test_parallel_sizes_matching_the_gpus_are_accepted(gpus: str, replicas: int, args: str) -> None:
@@ -432,6 +435,15 @@ def test_tensor_parallel_size_not_matching_the_gpus_is_refused() -> None:
     issue = only_issue(err, "deployments.a.gpus", 4)
     assert "each replica gets 1 GPU(s) but the engine args ask for 2" in issue.message
     assert "make them match" in issue.message
+
+
+def test_data_parallel_size_counts_in_the_gpus_an_engine_needs() -> None:
+    err = problems(
+        "deployments:\n  a:\n    model: m\n    gpus: [0, 1]\n"
+        '    args: ["-tp", "2", "--data-parallel-size=2"]\n'
+    )
+    issue = only_issue(err, "deployments.a.gpus", 4)
+    assert "ask for 4 (tensor-parallel 2 × pipeline-parallel 1 × data-parallel 2)" in issue.message
 
 
 def test_tensor_parallel_size_that_is_not_a_number_is_refused() -> None:
@@ -521,6 +533,8 @@ def test_names_a_deployment_already_has_and_a_shared_model_code_are_fine() -> No
         ('["--enforce-eager", "--host", "0.0.0.0"]', 1, "--host", "set `host:`"),
         ('["--port=9000"]', 0, "--port", "set `port:`"),
         ('["--served-model-name", "x"]', 0, "--served-model-name", "add extra names to `aliases:`"),
+        # vLLM reads `--served_model_name` as `--served-model-name`
+        ('["--enforce-eager", "--served_model_name=x"]', 1, "--served-model-name", "`aliases:`"),
     ],
 )
 def test_flags_the_fleet_sets_are_refused_in_args(
@@ -810,6 +824,8 @@ def test_flag_value_reads_both_spellings_and_the_last_wins() -> None:
     assert config.flag_value(["--a=1=2"], "--a") == "1=2"
     assert config.flag_value(["--a"], "--a") is None
     assert config.flag_value(["--ab", "1"], "--a") is None
+    assert config.flag_value(["--tensor_parallel_size", "2"], "--tensor-parallel-size") == "2"
+    assert config.flag_value(["-t_p", "2"], "-tp") is None  # only long flags are rewritten
 
 
 @pytest.mark.parametrize(

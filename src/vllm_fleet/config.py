@@ -395,15 +395,23 @@ def _known_keys(loc: Loc) -> list[str]:
 # ---------------------------------------------------------------- cross checks
 
 
+def flag_name(arg: str) -> str:
+    """The flag an argument sets, as vLLM reads it: `--a_b=1` is `--a-b` (vLLM's parser
+    turns underscores in long flag names into dashes)."""
+    name = arg.split("=", 1)[0]
+    return name.replace("_", "-") if name.startswith("--") else name
+
+
 def flag_value(args: list[str], *names: str) -> str | None:
     """The value of `--flag V` or `--flag=V` in an argument list (last one wins)."""
     found = None
     for index, arg in enumerate(args):
-        for name in names:
-            if arg == name and index + 1 < len(args):
-                found = args[index + 1]
-            elif arg.startswith(name + "="):
-                found = arg.split("=", 1)[1]
+        if flag_name(arg) not in names:
+            continue
+        if "=" in arg:
+            found = arg.split("=", 1)[1]
+        elif index + 1 < len(args):
+            found = args[index + 1]
     return found
 
 
@@ -466,7 +474,7 @@ def check(config: FleetConfig) -> list[ConfigIssue]:
         if dep.command is not None:
             issues.extend(_check_template(dep.command, (*at, "command")))
         for index, arg in enumerate(dep.args):
-            flag = arg.split("=", 1)[0]
+            flag = flag_name(arg)
             if flag in OWNED_FLAGS:
                 add(
                     ConfigIssue(
@@ -666,15 +674,17 @@ def _check_parallelism(dep: Deployment, at: Loc) -> list[ConfigIssue]:
     per_replica = dep.per_replica_gpus()
     tp = flag_value(dep.args, "--tensor-parallel-size", "-tp")
     pp = flag_value(dep.args, "--pipeline-parallel-size", "-pp")
-    if per_replica is None or (tp is None and pp is None):
+    dp = flag_value(dep.args, "--data-parallel-size", "-dp")
+    if per_replica is None or (tp is None and pp is None and dp is None):
         return []
     try:
-        wanted = int(tp or 1) * int(pp or 1)
+        wanted = int(tp or 1) * int(pp or 1) * int(dp or 1)
     except ValueError:
         return [
             ConfigIssue(
                 loc=(*at, "args"),
-                message="--tensor-parallel-size / --pipeline-parallel-size must be integers",
+                message="--tensor-parallel-size / --pipeline-parallel-size / "
+                "--data-parallel-size must be integers",
             )
         ]
     if wanted != per_replica:
@@ -682,8 +692,8 @@ def _check_parallelism(dep: Deployment, at: Loc) -> list[ConfigIssue]:
             ConfigIssue(
                 loc=(*at, "gpus"),
                 message=f"each replica gets {per_replica} GPU(s) but the engine args ask for "
-                f"{wanted} (tensor-parallel {tp or 1} × pipeline-parallel {pp or 1}); make them "
-                "match, or vLLM will fail at start",
+                f"{wanted} (tensor-parallel {tp or 1} × pipeline-parallel {pp or 1} × "
+                f"data-parallel {dp or 1}); make them match, or vLLM will fail at start",
             )
         ]
     return []
