@@ -82,8 +82,26 @@ def test_argv_masks_secret_flag_values_in_both_spellings() -> None:
     assert not {"sk-one", "hf_two", "pw3"} & set(" ".join(masked).replace("=", " ").split())
 
 
+def test_argv_masks_underscore_spellings_vllm_accepts() -> None:
+    assert mask_argv(["--api_key", "sk-one", "--hf_token=hf_two"]) == [
+        "--api_key",
+        MASK,
+        f"--hf_token={MASK}",
+    ]
+
+
+def test_argv_masks_secret_env_assignments_in_a_command() -> None:
+    argv = ["env", "HF_TOKEN=hf_abc", "TOKENIZERS_PARALLELISM=false", "vllm", "serve", "m"]
+    assert mask_argv(argv) == [
+        "env", f"HF_TOKEN={MASK}", "TOKENIZERS_PARALLELISM=false", "vllm", "serve", "m",
+    ]  # fmt: skip
+
+
 def test_argv_without_secrets_is_unchanged() -> None:
-    argv = ["vllm", "serve", "m", "--max-model-len", "4096", "--api-keys-file-is-not-a-flag"]
+    argv = [
+        "vllm", "serve", "m", "--max-model-len", "4096", "--chat-template-kwargs",
+        '{"KEY": 1}', "--api-keys-file-is-not-a-flag", "--kv-transfer-config={}",
+    ]  # fmt: skip
     assert mask_argv(argv) == argv
 
 

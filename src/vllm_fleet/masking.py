@@ -27,7 +27,12 @@ def mask_env(env: Mapping[str, str]) -> dict[str, str]:
     return {k: mask_value(v) if is_secret_name(k) else v for k, v in env.items()}
 
 
+_ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 def mask_argv(argv: Sequence[str]) -> list[str]:
+    """Mask the values of secret flags (`--api-key X`, `--api-key=X`, and `--api_key`, which
+    vLLM reads the same) and `NAME=value` words with a secret NAME (`env HF_TOKEN=x ...`)."""
     out: list[str] = []
     hide_next = False
     for arg in argv:
@@ -35,13 +40,17 @@ def mask_argv(argv: Sequence[str]) -> list[str]:
             out.append(MASK)
             hide_next = False
             continue
-        flag, eq, _ = arg.partition("=")
-        if flag in _SECRET_FLAGS:
+        flag, eq, value = arg.partition("=")
+        name = flag.replace("_", "-") if flag.startswith("--") else flag
+        if name in _SECRET_FLAGS:
             if eq:
                 out.append(f"{flag}={MASK}")
             else:
                 out.append(arg)
                 hide_next = True
+            continue
+        if eq and _ENV_ASSIGNMENT.match(flag) and is_secret_name(flag):
+            out.append(f"{flag}={mask_value(value)}")
             continue
         out.append(arg)
     return out
