@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv lint format test test-fast demo clean
+.PHONY: venv lint format test test-fast demo clean bench bench-quick
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -29,3 +29,16 @@ test: lint
 
 clean:
 	rm -rf $(VENV) .fleet examples/.fleet .pytest_cache .mypy_cache .ruff_cache
+
+# The gateway overhead benchmark: direct vs nginx vs `fleet up` (docs/performance.md).
+bench: $(VENV)/.installed-bench
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { echo "--- installing nginx"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
+	$(PY) -m bench
+
+bench-quick: $(VENV)/.installed-bench
+	$(PY) -m bench --quick --out $(VENV)/bench-quick
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@

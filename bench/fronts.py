@@ -1,0 +1,132 @@
+"""The upstream and the front ends put in front of it, started the way a user would.
+
+- upstream: `python -m bench.upstream` (the lean vLLM look-alike);
+- nginx: the vhost `fleet nginx bench-fleet.yaml --listen 127.0.0.1:PORT` renders, inside
+  a main config sized for the benchmark (one worker process, as many connections as the
+  scenarios open, no access log), run unprivileged on its own prefix;
+- gateway: `fleet up bench-fleet.yaml`, whose one deployment has `endpoints:` pointing at
+  the upstream (routed to, never started).
+
+Every process is pinned to its cores from the moment it forks.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from bench.procs import Cores, Managed, free_port, python_module
+from vllm_fleet.nginx_run import find_nginx
+
+DEPLOYMENT = "bench"
+FLEET_FILE = """\
+# The benchmark's fleet: one deployment whose engine is already running (the bench upstream).
+gateway:
+  host: 127.0.0.1
+  port: {gateway_port}
+  accept_any_model: true
+engines:
+  log_dir: logs
+deployments:
+  {deployment}:
+    model: bench/model
+    endpoints: ["http://127.0.0.1:{upstream_port}"]
+"""
+
+NGINX_MAIN = """\
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 10000; }}
+http {{
+    access_log off;
+    default_type application/octet-stream;
+{temp_paths}
+    include {prefix}/vhost.conf;
+}}
+"""
+
+
+def fleet_command() -> list[str]:
+    """`fleet` as installed next to this interpreter (the console script), else -m."""
+    script = Path(sys.executable).with_name("fleet")
+    if script.exists():
+        return [str(script)]
+    return python_module("vllm_fleet.cli")
+
+
+def write_fleet_file(workdir: Path, gateway_port: int, upstream_port: int) -> Path:
+    path = workdir / "bench-fleet.yaml"
+    path.write_text(
+        FLEET_FILE.format(
+            gateway_port=gateway_port, upstream_port=upstream_port, deployment=DEPLOYMENT
+        )
+    )
+    return path
+
+
+def start_upstream(workdir: Path, cores: Cores) -> tuple[Managed, int]:
+    port = free_port()
+    upstream = Managed(
+        "upstream",
+        python_module("bench.upstream", "--port", str(port)),
+        cores.upstream,
+        workdir / "upstream.log",
+    )
+    upstream.wait_port(port)
+    return upstream, port
+
+
+def start_nginx(workdir: Path, fleet_file: Path, cores: Cores) -> tuple[Managed, int]:
+    """Render the vhost with `fleet nginx`, wrap it in a main config, start nginx."""
+    port = free_port()
+    prefix = workdir / "nginx"
+    if prefix.exists():
+        shutil.rmtree(prefix)
+    (prefix / "temp").mkdir(parents=True)
+    (prefix / "logs").mkdir()
+    prefix.chmod(0o755)  # run as root, nginx's worker becomes `nobody`
+    subprocess.run(
+        [
+            *fleet_command(),
+            "nginx",
+            str(fleet_file),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "-o",
+            str(prefix / "vhost.conf"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    temp_paths = "\n".join(
+        f"    {name}_temp_path {prefix}/temp/{name};"
+        for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_MAIN.format(prefix=prefix, temp_paths=temp_paths))
+    binary = find_nginx()
+    argv = [binary, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+    test = subprocess.run([*argv, "-t", "-q"], capture_output=True, text=True, timeout=30)
+    if test.returncode != 0:
+        raise RuntimeError(f"nginx rejected the rendered config:\n{test.stderr}")
+    nginx = Managed("nginx", argv, cores.proxy, workdir / "nginx.log")
+    nginx.wait_port(port)
+    return nginx, port
+
+
+def start_gateway(workdir: Path, fleet_file: Path, port: int, cores: Cores) -> Managed:
+    gateway = Managed(
+        "gateway", [*fleet_command(), "up", str(fleet_file)], cores.proxy, workdir / "gateway.log"
+    )
+    gateway.wait_port(port, timeout=60)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as answer:
+        if answer.status != 200:
+            raise RuntimeError(f"the gateway's /health answered {answer.status}")
+    return gateway
