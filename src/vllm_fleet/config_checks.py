@@ -1,0 +1,360 @@
+"""Fleet-file rules that span fields or deployments (ids, ports, GPUs, names, flags).
+
+Pure: `check(config)` returns every problem found; `config.load` raises them together.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Literal
+
+from vllm_fleet.config_issues import ConfigIssue, Loc
+
+if TYPE_CHECKING:
+    from vllm_fleet.config import Deployment, FleetConfig
+
+ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+ID_MAX_LEN = 63
+# First path segments the gateway answers itself; a deployment id may not shadow them.
+RESERVED_IDS = frozenset(
+    {"v1", "v2", "openai", "health", "metrics", "fleet", "ping", "version", "docs", "api"}
+)
+# Engine flags the fleet sets itself; passing them in `args` would fight the launcher.
+OWNED_FLAGS = {
+    "--host": "set `host:` on the deployment instead (engines bind 127.0.0.1 by default)",
+    "--port": "set `port:` on the deployment instead",
+    "--served-model-name": "the fleet serves the model code, the id and `aliases:`; "
+    "add extra names to `aliases:`",
+}
+PLACEHOLDERS = ("model", "host", "port", "python", "id")
+# vLLM's default `--gpu-memory-utilization`: the fraction of the whole card one engine takes.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+Kind = Literal["id", "model", "alias"]
+
+
+def flag_name(arg: str) -> str:
+    """The flag an argument sets, as vLLM reads it: `--a_b=1` is `--a-b` (vLLM's parser
+    turns underscores in long flag names into dashes)."""
+    name = arg.split("=", 1)[0]
+    return name.replace("_", "-") if name.startswith("--") else name
+
+
+def flag_value(args: list[str], *names: str) -> str | None:
+    """The value of `--flag V` or `--flag=V` in an argument list (last one wins)."""
+    found = None
+    for index, arg in enumerate(args):
+        if flag_name(arg) not in names:
+            continue
+        if "=" in arg:
+            found = arg.split("=", 1)[1]
+        elif index + 1 < len(args):
+            found = args[index + 1]
+    return found
+
+
+def engine_ports(dep: Deployment) -> list[int]:
+    """Ports fixed in the file for a deployment's replicas (consecutive from `port`)."""
+    if dep.port is None or dep.remote:
+        return []
+    return [dep.port + i for i in range(dep.replicas)]
+
+
+def check(config: FleetConfig) -> list[ConfigIssue]:
+    """Checks that span fields or deployments; pure, returns every problem found."""
+    issues: list[ConfigIssue] = []
+    add = issues.append
+    if not config.deployments:
+        add(ConfigIssue(loc=("deployments",), message="add at least one deployment"))
+    issues.extend(_check_template(config.engine_command, ("engine_command",)))
+
+    port_owner: dict[int, str] = {config.gateway.port: "the gateway (gateway.port)"}
+    gpu_users: dict[int, list[str]] = {}  # GPU index -> deployments pinned to it, in order
+
+    for dep_id, dep in config.deployments.items():
+        at: Loc = ("deployments", dep_id)
+        issues.extend(_check_id(dep_id, at))
+        if dep.remote:
+            for key in ("gpus", "share_gpus", "args", "env", "host", "port", "command"):
+                if key in dep.model_fields_set:
+                    add(
+                        ConfigIssue(
+                            loc=(*at, key),
+                            message="a deployment with `endpoints` is already running "
+                            "elsewhere and is never started by the fleet; remove "
+                            f"`{key}` (or remove `endpoints` to have the fleet start it)",
+                        )
+                    )
+            if "start_timeout" in dep.model_fields_set:
+                add(
+                    ConfigIssue(
+                        loc=(*at, "start_timeout"),
+                        message="a deployment with `endpoints` is never started by the fleet; "
+                        "remove `start_timeout`",
+                    )
+                )
+            if "replicas" in dep.model_fields_set:
+                add(
+                    ConfigIssue(
+                        loc=(*at, "replicas"),
+                        message="with `endpoints`, each URL is one replica; remove `replicas`",
+                    )
+                )
+            continue
+        if "endpoints" in dep.model_fields_set:
+            add(
+                ConfigIssue(
+                    loc=(*at, "endpoints"),
+                    message="`endpoints` is empty; list the URLs of engines already running, "
+                    "or remove `endpoints` to have the fleet start this one",
+                )
+            )
+        if dep.command is not None:
+            issues.extend(_check_template(dep.command, (*at, "command")))
+        for index, arg in enumerate(dep.args):
+            flag = flag_name(arg)
+            if flag in OWNED_FLAGS:
+                add(
+                    ConfigIssue(
+                        loc=(*at, "args", index),
+                        message=f"`{flag}` is set by the fleet; {OWNED_FLAGS[flag]}",
+                    )
+                )
+        if "CUDA_VISIBLE_DEVICES" in dep.env and dep.gpus is not None:
+            add(
+                ConfigIssue(
+                    loc=(*at, "env", "CUDA_VISIBLE_DEVICES"),
+                    message="`gpus:` sets CUDA_VISIBLE_DEVICES; remove one of the two",
+                )
+            )
+        # ports
+        for replica, port in enumerate(engine_ports(dep)):
+            if port > 65535:
+                add(
+                    ConfigIssue(
+                        loc=(*at, "port"),
+                        message=f"replica {replica} would get port {port}, past 65535; "
+                        "lower `port`",
+                    )
+                )
+                continue
+            owner = port_owner.get(port)
+            who = f"deployment `{dep_id}`" + (f" replica {replica}" if dep.replicas > 1 else "")
+            if owner:
+                add(
+                    ConfigIssue(
+                        loc=(*at, "port"),
+                        message=f"port {port} is already taken by {owner}; pick another port "
+                        "or leave `port` out to have one chosen",
+                    )
+                )
+            else:
+                port_owner[port] = who
+        # gpus
+        issues.extend(_check_utilization(dep, at))
+        if isinstance(dep.gpus, list):
+            if len(set(dep.gpus)) != len(dep.gpus):
+                add(ConfigIssue(loc=(*at, "gpus"), message="a GPU index is listed twice"))
+            if len(dep.gpus) == 0:
+                add(
+                    ConfigIssue(
+                        loc=(*at, "gpus"),
+                        message="an empty list pins the engine to no GPU; remove `gpus` "
+                        "to leave CUDA_VISIBLE_DEVICES unset",
+                    )
+                )
+            elif len(dep.gpus) % dep.replicas:
+                add(
+                    ConfigIssue(
+                        loc=(*at, "gpus"),
+                        message=f"{len(dep.gpus)} GPUs cannot be split evenly over "
+                        f"{dep.replicas} replicas; list a multiple of {dep.replicas} GPUs "
+                        "(each replica takes the next equal share) or give a count per "
+                        "replica, e.g. `gpus: 1`",
+                    )
+                )
+            for index, gpu in enumerate(dep.gpus):
+                users = gpu_users.setdefault(gpu, [])
+                if dep_id in users:
+                    continue  # listed twice in this deployment: reported above
+                # A GPU is shared only when every deployment on it says it shares.
+                blocker = next(
+                    (u for u in users if not (_shares(dep) and _shares(config.deployments[u]))),
+                    None,
+                )
+                if blocker is not None:
+                    add(
+                        ConfigIssue(
+                            loc=(*at, "gpus", index),
+                            message=f"GPU {gpu} is already used by deployment `{blocker}`; "
+                            "give each deployment its own GPUs, or let both share it: set "
+                            "`share_gpus: true` and `--gpu-memory-utilization` (e.g. 0.45) "
+                            "on both",
+                        )
+                    )
+                    continue
+                users.append(dep_id)
+                issues.extend(_check_shared_memory(config, gpu, users, (*at, "gpus", index)))
+        issues.extend(_check_parallelism(dep, at))
+    issues.extend(_check_names(config))
+    return issues
+
+
+def _check_id(dep_id: str, at: Loc) -> list[ConfigIssue]:
+    if not ID_PATTERN.fullmatch(dep_id):
+        return [
+            ConfigIssue(
+                loc=at,
+                message=f"deployment id `{dep_id}` is not URL-safe; use at most {ID_MAX_LEN} "
+                "lowercase letters, digits, `.`, `_` and `-`, starting with a letter or digit "
+                f"(for example `{_suggest_id(dep_id)}`)",
+            )
+        ]
+    if dep_id in RESERVED_IDS:
+        return [
+            ConfigIssue(
+                loc=at,
+                message=f"deployment id `{dep_id}` is reserved by the gateway "
+                f"({', '.join(sorted(RESERVED_IDS))}); pick another id",
+            )
+        ]
+    return []
+
+
+def _check_names(config: FleetConfig) -> list[ConfigIssue]:
+    """Every name a client may send as `model` leads to one deployment: an alias may not
+    be another deployment's id, model code or alias, nor a model code another's id."""
+    issues: list[ConfigIssue] = []
+    owners: dict[str, tuple[str, Kind]] = {dep_id: (dep_id, "id") for dep_id in config.deployments}
+    # Two deployments may serve the same model code (the gateway then asks for an id).
+    for dep_id, dep in config.deployments.items():
+        owners.setdefault(dep.model, (dep_id, "model"))
+    for dep_id, dep in config.deployments.items():
+        other = owners.get(dep.model)
+        if other and other[0] != dep_id and other[1] == "id":
+            issues.append(
+                ConfigIssue(
+                    loc=("deployments", dep_id, "model"),
+                    message=f"model code `{dep.model}` is also the id of deployment "
+                    f"`{other[0]}`; rename that id",
+                )
+            )
+        for index, alias in enumerate(dep.aliases):
+            if alias in (dep_id, dep.model):
+                continue
+            other = owners.get(alias)
+            if other and other[0] != dep_id:
+                what = "model code" if other[1] == "model" else other[1]
+                issues.append(
+                    ConfigIssue(
+                        loc=("deployments", dep_id, "aliases", index),
+                        message=f"alias `{alias}` is already the {what} of deployment "
+                        f"`{other[0]}`; clients could not tell them apart, pick another alias",
+                    )
+                )
+            else:
+                owners[alias] = (dep_id, "alias")
+    return issues
+
+
+def _shares(dep: Deployment) -> bool:
+    return dep.share_gpus or flag_value(dep.args, "--gpu-memory-utilization") is not None
+
+
+def _utilization(dep: Deployment) -> float:
+    value = flag_value(dep.args, "--gpu-memory-utilization")
+    try:
+        return float(value) if value is not None else DEFAULT_GPU_MEMORY_UTILIZATION
+    except ValueError:
+        return DEFAULT_GPU_MEMORY_UTILIZATION  # reported by _check_utilization
+
+
+def _check_utilization(dep: Deployment, at: Loc) -> list[ConfigIssue]:
+    value = flag_value(dep.args, "--gpu-memory-utilization")
+    if value is None:
+        return []
+    try:
+        ok = 0 < float(value) <= 1
+    except ValueError:
+        ok = False
+    if ok:
+        return []
+    return [
+        ConfigIssue(
+            loc=(*at, "args"),
+            message=f"--gpu-memory-utilization {value!r} is not a fraction of the GPU's memory; "
+            "give a number above 0 and at most 1, e.g. 0.45",
+        )
+    ]
+
+
+def _check_shared_memory(
+    config: FleetConfig, gpu: int, users: list[str], at: Loc
+) -> list[ConfigIssue]:
+    """Engines sharing a GPU each take their --gpu-memory-utilization of the whole card."""
+    if len(users) < 2:
+        return []
+    total = sum(_utilization(config.deployments[u]) for u in users)
+    if total <= 1.0 + 1e-9:
+        return []
+    return [
+        ConfigIssue(
+            loc=at,
+            message=f"GPU {gpu} is shared by {', '.join(f'`{u}`' for u in users)}, whose "
+            f"--gpu-memory-utilization add up to {total:.2f} of the card (an engine without "
+            f"the flag takes {DEFAULT_GPU_MEMORY_UTILIZATION}); the later engine would run out "
+            "of memory; set it on each so they add up to at most 1, e.g. 0.45 each",
+        )
+    ]
+
+
+def _check_parallelism(dep: Deployment, at: Loc) -> list[ConfigIssue]:
+    per_replica = dep.per_replica_gpus()
+    tp = flag_value(dep.args, "--tensor-parallel-size", "-tp")
+    pp = flag_value(dep.args, "--pipeline-parallel-size", "-pp")
+    dp = flag_value(dep.args, "--data-parallel-size", "-dp")
+    if per_replica is None or (tp is None and pp is None and dp is None):
+        return []
+    try:
+        wanted = int(tp or 1) * int(pp or 1) * int(dp or 1)
+    except ValueError:
+        return [
+            ConfigIssue(
+                loc=(*at, "args"),
+                message="--tensor-parallel-size / --pipeline-parallel-size / "
+                "--data-parallel-size must be integers",
+            )
+        ]
+    if wanted != per_replica:
+        return [
+            ConfigIssue(
+                loc=(*at, "gpus"),
+                message=f"each replica gets {per_replica} GPU(s) but the engine args ask for "
+                f"{wanted} (tensor-parallel {tp or 1} × pipeline-parallel {pp or 1} × "
+                f"data-parallel {dp or 1}); make them match, or vLLM will fail at start",
+            )
+        ]
+    return []
+
+
+def _check_template(template: list[str], at: Loc) -> list[ConfigIssue]:
+    issues = []
+    if not template:
+        return [ConfigIssue(loc=at, message="the command is empty; e.g. [vllm, serve, '{model}']")]
+    for index, part in enumerate(template):
+        for name in _PLACEHOLDER.findall(part):
+            if name not in PLACEHOLDERS:
+                issues.append(
+                    ConfigIssue(
+                        loc=(*at, index),
+                        message=f"unknown placeholder `{{{name}}}`; known: "
+                        + ", ".join(f"{{{p}}}" for p in PLACEHOLDERS),
+                    )
+                )
+    return issues
+
+
+def _suggest_id(dep_id: str) -> str:
+    slug = re.sub(r"[^a-z0-9._-]+", "-", dep_id.lower()).strip("-._")
+    return slug or "my-model"
