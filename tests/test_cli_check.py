@@ -44,12 +44,13 @@ def test_check_seed_example_prints_each_engine_exactly(tmp_path: Path) -> None:
     logs = SEED.parent / ".fleet" / "logs"
     assert f"qwen-0  GPUs: 0  listens: 127.0.0.1:8100  log: {logs / 'qwen-0.log'}" in lines
     assert (
-        "  CUDA_VISIBLE_DEVICES=0 vllm serve Qwen/Qwen2.5-1.5B-Instruct --host 127.0.0.1 "
+        "  CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=0 "
+        "vllm serve Qwen/Qwen2.5-1.5B-Instruct --host 127.0.0.1 "
         "--port 8100 --served-model-name Qwen/Qwen2.5-1.5B-Instruct qwen qwen2.5 --enforce-eager"
     ) in lines
     assert f"mistral-0  GPUs: 1,2  listens: 127.0.0.1:8101  log: {logs / 'mistral-0.log'}" in lines
     assert (
-        "  HF_TOKEN='****' CUDA_VISIBLE_DEVICES=1,2 vllm serve "
+        "  HF_TOKEN='****' CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=1,2 vllm serve "
         "mistralai/Mistral-Small-3.1-24B-Instruct-2503 --host 127.0.0.1 --port 8101 "
         "--served-model-name mistralai/Mistral-Small-3.1-24B-Instruct-2503 mistral "
         "--tokenizer-mode mistral --config-format mistral --load-format mistral "

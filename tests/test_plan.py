@@ -56,7 +56,7 @@ def test_seed_example_plans_exactly_the_two_vllm_serve_commands() -> None:
         "--served-model-name", "Qwen/Qwen2.5-1.5B-Instruct", "qwen", "qwen2.5",
         "--enforce-eager",
     )  # fmt: skip
-    assert dict(qwen.env) == {"CUDA_VISIBLE_DEVICES": "0"}
+    assert dict(qwen.env) == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "0"}
     assert (qwen.gpus, qwen.host, qwen.port) == ((0,), "127.0.0.1", 8100)
     assert qwen.url == "http://127.0.0.1:8100"
     assert mistral.argv == (
@@ -68,7 +68,11 @@ def test_seed_example_plans_exactly_the_two_vllm_serve_commands() -> None:
         "--limit-mm-per-prompt", '{"image":10}',
         "--tensor-parallel-size", "2",
     )  # fmt: skip
-    assert dict(mistral.env) == {"HF_TOKEN": "", "CUDA_VISIBLE_DEVICES": "1,2"}
+    assert dict(mistral.env) == {
+        "HF_TOKEN": "",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": "1,2",
+    }
     assert (mistral.gpus, mistral.port) == ((1, 2), 8101)
     logs = SEED.parent / ".fleet" / "logs"
     assert (qwen.log_path, mistral.log_path) == (logs / "qwen-0.log", logs / "mistral-0.log")
@@ -179,6 +183,7 @@ def test_env_holds_the_deployments_env_and_cuda_visible_devices() -> None:
     )
     assert dict(engine(p, "a-0").env) == {
         "VLLM_CPU_KVCACHE_SPACE": "1",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",  # indices as nvidia-smi numbers them
         "CUDA_VISIBLE_DEVICES": "3,1",
     }
     assert dict(engine(p, "b-0").env) == {}  # no `gpus`: CUDA_VISIBLE_DEVICES left alone

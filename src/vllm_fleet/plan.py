@@ -148,6 +148,9 @@ def engine_env(
 ) -> dict[str, str]:
     env = dict(dep.env)
     if gpus is not None:
+        # CUDA numbers GPUs fastest-first by default; nvidia-smi (and so the fleet file)
+        # by PCI bus. Make them agree, or on a mixed machine `gpus: [0]` is another card.
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
     if config.gateway.accept_any_model:
         env["VLLM_SKIP_MODEL_NAME_VALIDATION"] = "1"
