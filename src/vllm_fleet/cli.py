@@ -22,8 +22,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: messages stay whole lines in pipes and CI logs (no wrapping at 80 columns).
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 FleetFile = Annotated[Path, typer.Argument(help="The fleet file (YAML).", show_default=False)]
 
