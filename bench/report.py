@@ -159,6 +159,17 @@ def targets(runs: Runs) -> list[Check]:
     if "c" in runs:
         rps = med("c", "gateway", "rps") / med("c", "nginx", "rps")
         add("(c) requests/s vs nginx", "≥ 0.5×", f"{rps:.2f}×", lambda: rps >= 0.5)
+        # The same on equal CPU: requests per proxy CPU-second, which does not depend on
+        # whether the load generator's core or the proxy's was the limit.
+        per_cpu = med("c", "nginx", "proxy_cpu_per_1k_req_s") / med(
+            "c", "gateway", "proxy_cpu_per_1k_req_s"
+        )
+        add(
+            "(c) requests per proxy CPU-second vs nginx",
+            "≥ 0.5× (stricter reading)",
+            f"{per_cpu:.2f}×",
+            lambda: per_cpu >= 0.5,
+        )
     if "d" in runs:
         rss = med("d", "gateway", "rss_peak_mb")
         add("(d) gateway peak RSS", "≤ 150 MB", f"{rss:.1f} MB", lambda: rss <= 150)
@@ -170,6 +181,31 @@ def targets_table(checks: Sequence[Check]) -> str:
     for c in checks:
         lines.append(f"| {c.name} | {c.target} | {c.measured} | {'yes' if c.met else '**no**'} |")
     return "\n".join(lines)
+
+
+def bottlenecks(runs: Runs) -> list[str]:
+    """Plain-language notes on which core limited each proxy in (c)."""
+    notes = []
+    for front in ("nginx", "gateway"):
+        proxy = median(runs, "c", front, "proxy_core_util")
+        load = median(runs, "c", front, "load_core_util")
+        if math.isnan(proxy):
+            continue
+        per_1k = median(runs, "c", front, "proxy_cpu_per_1k_req_s")
+        ceiling = 1000 / per_1k if per_1k else math.nan
+        if proxy >= 0.85:
+            limit = "its own core was the limit"
+        else:
+            limit = (
+                "its core had room left, so the load generator + upstream "
+                f"({load:.0%} of a core) or the other processes were the limit"
+            )
+        notes.append(
+            f"(c) {front}: proxy core {proxy:.0%} busy, {limit}; at "
+            f"{per_1k:.3f} CPU-s per 1,000 requests one full core would pass about "
+            f"{ceiling:,.0f} requests/s."
+        )
+    return notes
 
 
 def error_count(runs: Runs) -> dict[str, float]:

@@ -207,6 +207,8 @@ def write_results(
         "",
         report.targets_table(checks),
         "",
+        *[f"- {note}" for note in report.bottlenecks(runs)],
+        "",
     ]
     if drawn:
         lines += ["![TTFT, tokens/s and requests/s per front end](latest.png)", ""]
