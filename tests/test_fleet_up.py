@@ -226,3 +226,22 @@ def test_a_second_signal_kills_engines_without_waiting_the_grace_period(
     assert fleet.stop(signal.SIGINT) == 0
     assert "SIGINT again: SIGKILL" in fleet.text()
     assert not any(pid_alive(pid) for pid in pids)
+
+
+def test_a_failed_engine_is_shown_with_the_tail_of_its_log(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    path = fake_fleet_file(
+        tmp_path,
+        {"gated": {"model": "org/gated", "args": ["--fail-start"]}},
+        engines={"max_restarts": 0},
+    )
+    fleet = FleetUp(path)
+    fleets.append(fleet)
+    wait_until(lambda: "every engine failed" in fleet.text(), what="the failure summary")
+    out = fleet.text()
+    assert "gated-0 failed: exited with status 1" in out
+    assert f"last lines of {tmp_path / 'logs' / 'gated-0.log'}" in out
+    assert "You are trying to access a gated repo" in out
+    assert fleet.stop() == 0
+    assert "Traceback" not in fleet.text()

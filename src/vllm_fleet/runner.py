@@ -26,7 +26,6 @@ from typing import Any
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.panel import Panel
 from rich.status import Status
 from rich.text import Text
 
@@ -96,10 +95,9 @@ class Progress:
             self.console.print(f"[bold red]✗ {name} failed:[/] {escape(event.message)}")
             if event.log_tail:
                 log_path = getattr(up.spec, "log_path", "")
-                tail = Text("\n".join(event.log_tail))
-                self.console.print(
-                    Panel(tail, title=f"last lines of {log_path}", title_align="left")
-                )
+                self.console.print(f"  last lines of {log_path}:", style="dim", highlight=False)
+                for line in event.log_tail:
+                    self.console.print(Text(f"  │ {line}"), highlight=False)
 
     def loading_line(self) -> str:
         managed = [u for u in self.registry.all() if u.managed]
