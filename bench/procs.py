@@ -134,7 +134,10 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float, log: Pat
 
 
 class Managed:
-    """A child process in its own process group, pinned to `cpus`, logging to a file."""
+    """A child process in its own process group, pinned to `cpus`, logging to a file.
+
+    It stays in our session, so with the kernel's autogroup scheduling it shares our
+    group and its priority (see bench.run.raise_priority)."""
 
     def __init__(
         self,
@@ -156,7 +159,7 @@ class Managed:
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=cwd,
-                start_new_session=True,
+                process_group=0,  # own group, same session: same scheduler autogroup as us
                 preexec_fn=lambda: os.sched_setaffinity(0, cpus),
             )
 

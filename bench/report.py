@@ -214,7 +214,8 @@ def error_count(runs: Runs) -> dict[str, float]:
 
 
 def chart(runs: Runs, path: Path, subtitle: str) -> bool:
-    """TTFT (b), tokens/s (b) and requests/s (c) per front; False without matplotlib."""
+    """TTFT and tokens/s (b), requests/s (c), proxy RSS (d) per front; False without
+    matplotlib."""
     try:
         import matplotlib
 
@@ -228,14 +229,17 @@ def chart(runs: Runs, path: Path, subtitle: str) -> bool:
         ("b", "ttft_p99_ms", "(b) TTFT p99 (ms)"),
         ("b", "tokens_per_s", "(b) tokens/s delivered"),
         ("c", "rps", "(c) requests/s"),
+        ("d", "rss_peak_mb", "(d) proxy peak RSS (MB)"),
     ]
     panels = [p for p in panels if p[0] in runs]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
     axes_list = list(axes) if len(panels) > 1 else [axes]
     for ax, (scenario, metric, title) in zip(axes_list, panels, strict=True):
         mids, lows, highs = [], [], []
         for front in FRONTS:
             found = values(runs, scenario, front, metric) or [math.nan]
+            if metric == "rss_peak_mb" and front == "direct":
+                found = [math.nan]  # no proxy, nothing to measure
             mid = statistics.median(found)
             mids.append(mid)
             lows.append(mid - min(found))
