@@ -123,8 +123,11 @@ def convert_gguf(gguf_dir: Path, target: Path) -> None:
                 "the engines' python (`make engines-env` installs torch, transformers, gguf "
                 "and accelerate into .venv-vllm)"
             )
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # type: ignore[import-not-found,unused-ignore]
+    from transformers import (  # type: ignore[import-not-found,unused-ignore]
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )
 
     say(f"dequantizing {gguf_file.name} -> {target} (about a minute on 2 cores)")
     started = time.monotonic()

@@ -1,0 +1,314 @@
+"""End to end on real vLLM: `fleet up examples/cpu-demo.yaml` with the CPU build of vLLM
+and two real models (SmolLM2-135M-Instruct for chat, all-MiniLM-L6-v2 for embeddings),
+talked to through the gateway with the official `openai` package.
+
+One fleet is started for the whole module (about a minute to ready on 2 cores) and
+stopped with SIGTERM at the end, which must leave no engine process behind. The restart
+test kills the chat engine, so it runs last.
+
+Needs `make engines-env models` (`make test` runs both first). Without them the tests
+skip and say why; with FLEET_E2E_REQUIRED=1 (set by .ci/run) they fail instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openai import AzureOpenAI, OpenAI
+
+from tests.conftest import free_port, free_ports, group_members, wait_until
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_FILE = REPO / "examples" / "cpu-demo.yaml"
+ENGINE_PYTHON = Path(os.environ.get("FLEET_ENGINE_PYTHON") or REPO / ".venv-vllm/bin/python")
+MODELS = Path(os.environ.get("FLEET_MODELS") or REPO / ".cache" / "models")
+# Written by scripts/prepare_demo_models.py into a folder once it is complete.
+PREPARED = ".fleet-prepared"
+READY_TIMEOUT = 480.0  # both engines load in about a minute here; slow CI gets room
+MESSAGES: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _missing_prerequisites() -> list[str]:
+    missing = []
+    if not ENGINE_PYTHON.is_file():
+        missing.append(f"no engines' python at {ENGINE_PYTHON} (run `make engines-env`)")
+    for folder in ("smollm2-135m-instruct", "all-minilm-l6-v2"):
+        if not (MODELS / folder / PREPARED).is_file():
+            missing.append(f"model folder {MODELS / folder} is not prepared (run `make models`)")
+    return missing
+
+
+def http(
+    method: str, url: str, body: dict[str, Any] | None = None, timeout: float = 60.0
+) -> tuple[int, dict[str, str], bytes]:
+    """One request with the standard library: status, headers, body (errors included)."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+@dataclass
+class Fleet:
+    base: str
+    proc: subprocess.Popen[bytes]
+    output: Path
+    engine_groups: set[int] = field(default_factory=set)
+
+    def status(self) -> dict[str, Any]:
+        code, _, body = http("GET", f"{self.base}/fleet/status", timeout=10)
+        assert code == 200, body
+        data: dict[str, Any] = json.loads(body)
+        for upstream in self.upstreams(data):
+            if upstream.get("pid"):
+                # Engines lead their own process group (pgid == pid): remember every one
+                # seen, so teardown can prove none of them outlived `fleet up`.
+                self.engine_groups.add(int(upstream["pid"]))
+        return data
+
+    @staticmethod
+    def upstreams(status: dict[str, Any]) -> list[dict[str, Any]]:
+        return [u for dep in status["deployments"].values() for u in dep["upstreams"]]
+
+    def upstream(self, dep_id: str) -> dict[str, Any]:
+        found: dict[str, Any] = self.status()["deployments"][dep_id]["upstreams"][0]
+        return found
+
+    def all_ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"`fleet up` exited with {self.proc.returncode}:\n{self.tail()}")
+        try:
+            ups = self.upstreams(self.status())
+        except (OSError, AssertionError):
+            return False  # the gateway is not listening yet
+        return bool(ups) and all(u["state"] == "ready" for u in ups)
+
+    def tail(self, chars: int = 4000) -> str:
+        text = self.output.read_text(errors="replace")[-chars:]
+        logs = sorted((DEMO_FILE.parent / ".fleet" / "logs").glob("*.log"))
+        for log in logs:
+            text += f"\n--- {log}\n" + log.read_text(errors="replace")[-chars:]
+        return text
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    missing = _missing_prerequisites()
+    if missing:
+        reason = "real-vLLM e2e needs the CPU build and the demo models: " + "; ".join(missing)
+        if os.environ.get("FLEET_E2E_REQUIRED") == "1":
+            pytest.fail(reason + " (FLEET_E2E_REQUIRED=1)")
+        pytest.skip(reason)
+    port = free_port()
+    env = os.environ | {
+        "FLEET_ENGINE_PYTHON": str(ENGINE_PYTHON),
+        "FLEET_MODELS": str(MODELS),
+        "FLEET_BASE_PORT": str(free_ports(2)),
+    }
+    output = tmp_path_factory.mktemp("fleet") / "fleet-up.out"
+    with output.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm_fleet.cli", "up", str(DEMO_FILE), "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    running = Fleet(base=f"http://127.0.0.1:{port}", proc=proc, output=output)
+    try:
+        try:
+            wait_until(running.all_ready, timeout=READY_TIMEOUT, interval=1.0, what="ready")
+        except TimeoutError:
+            pytest.fail(f"engines not ready within {READY_TIMEOUT:.0f}s:\n{running.tail()}")
+        yield running
+    finally:
+        _stop(running)
+
+
+def _stop(running: Fleet) -> None:
+    """SIGTERM `fleet up`; it must exit 0 and leave no engine process behind."""
+    proc = running.proc
+    if proc.poll() is None:
+        with contextlib.suppress(OSError, AssertionError):
+            running.status()  # a last look at the pids, for the orphan check below
+        proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=90)
+    except subprocess.TimeoutExpired as exc:
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pgid in running.engine_groups:
+            for pid in group_members(pgid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(
+            f"`fleet up` did not stop within 90s of SIGTERM:\n{running.tail()}"
+        ) from exc
+    left = {pgid: group_members(pgid) for pgid in running.engine_groups}
+    left = {pgid: pids for pgid, pids in left.items() if pids}
+    for pids in left.values():
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"engine processes outlived `fleet up` (group: pids): {left}"
+    assert code == 0, f"`fleet up` exited {code} after SIGTERM:\n{running.tail()}"
+
+
+def model_root(fleet: Fleet, dep_id: str) -> str:
+    """The model code (here a folder) the deployment's engine serves, from /v1/models."""
+    code, _, body = http("GET", f"{fleet.base}/v1/models")
+    assert code == 200, body
+    roots: dict[str, str] = {card["id"]: card["root"] for card in json.loads(body)["data"]}
+    return roots[dep_id]
+
+
+# ---------------------------------------------------------------- the tests
+
+
+def test_chat_with_a_wrong_model_via_the_path_route(fleet: Fleet) -> None:
+    client = OpenAI(base_url=f"{fleet.base}/chat/v1", api_key="unused")
+    reply = client.chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, max_tokens=40, temperature=0
+    )
+    # The converted SmolLM2 really answers (greedy decoding is deterministic).
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.model == model_root(fleet, "chat")
+
+
+def test_chat_via_the_azure_route(fleet: Fleet) -> None:
+    client = AzureOpenAI(
+        azure_endpoint=fleet.base,
+        azure_deployment="chat",
+        api_version="2024-06-01",
+        api_key="unused",
+    )
+    reply = client.chat.completions.create(
+        model="not-a-model-anyone-serves", messages=MESSAGES, max_tokens=40, temperature=0
+    )
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.model == model_root(fleet, "chat")
+
+
+def test_a_streamed_chat_arrives_in_chunks_and_ends_with_done(fleet: Fleet) -> None:
+    request = urllib.request.Request(
+        f"{fleet.base}/chat/v1/chat/completions",
+        data=json.dumps(
+            {"model": "x", "messages": MESSAGES, "max_tokens": 30, "stream": True}
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    events: list[str] = []
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        for raw in response:
+            line = raw.decode().strip()
+            if line.startswith("data: "):
+                events.append(line.removeprefix("data: "))
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert len(chunks) >= 3, chunks
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text.strip()
+
+
+def test_the_sdk_stream_yields_several_chunks(fleet: Fleet) -> None:
+    client = OpenAI(base_url=f"{fleet.base}/chat/v1", api_key="unused")
+    stream = client.chat.completions.create(
+        model="x", messages=MESSAGES, max_tokens=30, stream=True
+    )
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert len(pieces) >= 3
+    assert "".join(pieces).strip()
+
+
+def test_embeddings_have_384_dimensions_and_mean_something(fleet: Fleet) -> None:
+    client = OpenAI(base_url=f"{fleet.base}/embed/v1", api_key="unused")
+    result = client.embeddings.create(
+        model="whatever", input=["a small cat", "a little kitten", "the stock market fell"]
+    )
+    vectors = [item.embedding for item in result.data]
+    assert [len(v) for v in vectors] == [384, 384, 384]
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        dot = sum(x * y for x, y in zip(a, b, strict=True))
+        return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    # A real MiniLM puts the two cats closer together than a cat and the stock market.
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
+
+
+def test_v1_models_lists_both_deployments(fleet: Fleet) -> None:
+    ids = {model.id for model in OpenAI(base_url=f"{fleet.base}/v1", api_key="x").models.list()}
+    assert {"chat", "embed"} <= ids
+
+
+def test_plain_v1_with_model_chat_reaches_the_chat_engine(fleet: Fleet) -> None:
+    client = OpenAI(base_url=f"{fleet.base}/v1", api_key="unused")
+    reply = client.chat.completions.create(
+        model="chat", messages=MESSAGES, max_tokens=40, temperature=0
+    )
+    assert reply.model == model_root(fleet, "chat")
+    assert "Paris" in (reply.choices[0].message.content or "")
+    embedded = client.embeddings.create(model="embed", input="routed by the body's model")
+    assert len(embedded.data[0].embedding) == 384
+
+
+def test_a_killed_engine_is_restarted_and_503_until_ready(fleet: Fleet) -> None:
+    """Runs last: the chat engine is killed (its whole process group) and must come back."""
+    before = fleet.upstream("chat")
+    assert before["state"] == "ready"
+    os.killpg(before["pid"], signal.SIGKILL)
+
+    def restarting() -> dict[str, Any] | None:
+        now = fleet.upstream("chat")
+        return now if now["pid"] != before["pid"] and now["state"] != "ready" else None
+
+    wait_until(restarting, timeout=60, interval=0.2, what="the supervisor restarts chat-0")
+    url = f"{fleet.base}/chat/v1/chat/completions"
+    body = {"messages": MESSAGES, "max_tokens": 20, "temperature": 0}
+    code, headers, payload = http("POST", url, body)
+    assert code == 503, payload
+    assert int(headers["Retry-After"]) > 0
+    assert "chat" in json.loads(payload)["error"]["message"]
+
+    # The embedding engine was not touched and keeps answering meanwhile.
+    code, _, payload = http("POST", f"{fleet.base}/embed/v1/embeddings", {"input": "still up"})
+    assert code == 200, payload
+
+    seen_while_loading: set[int] = set()
+
+    def ready_again() -> dict[str, Any] | None:
+        now = fleet.upstream("chat")
+        if now["state"] == "ready":
+            return now
+        status, _, _ = http("POST", url, body)
+        seen_while_loading.add(status)
+        return None
+
+    after = wait_until(ready_again, timeout=READY_TIMEOUT, interval=2.0, what="chat-0 ready")
+    # 503 while loading; a 200 only when it became ready between the look and the request.
+    assert seen_while_loading <= {503, 200}, seen_while_loading
+    assert after["restarts"] >= before["restarts"] + 1
+    code, _, payload = http("POST", url, body)
+    assert code == 200, payload
+    assert "Paris" in json.loads(payload)["choices"][0]["message"]["content"]
