@@ -121,10 +121,12 @@ def start_nginx(workdir: Path, fleet_file: Path, cores: Cores) -> tuple[Managed,
     return nginx, port
 
 
-def start_gateway(workdir: Path, fleet_file: Path, port: int, cores: Cores) -> Managed:
-    gateway = Managed(
-        "gateway", [*fleet_command(), "up", str(fleet_file)], cores.proxy, workdir / "gateway.log"
-    )
+def start_gateway(
+    workdir: Path, fleet_file: Path, port: int, cores: Cores, fleet: list[str] | None = None
+) -> Managed:
+    """`fleet up bench-fleet.yaml`; `fleet` replaces the command (to compare a patched one)."""
+    argv = [*(fleet or fleet_command()), "up", str(fleet_file)]
+    gateway = Managed("gateway", argv, cores.proxy, workdir / "gateway.log")
     gateway.wait_port(port, timeout=60)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as answer:
         if answer.status != 200:

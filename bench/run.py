@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -224,7 +225,8 @@ def write_results(
 
 
 def argv_is_default(args: argparse.Namespace) -> bool:
-    return not (args.quick or args.repeats or args.profile) and args.scenarios == "a,b,c,d"
+    partial = args.quick or args.repeats or args.profile or args.fleet
+    return not partial and args.scenarios == "a,b,c,d"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         help="record the gateway with py-spy while the scenarios run (an .svg flame graph, "
         "or raw collapsed stacks for a .txt name)",
     )
+    parser.add_argument(
+        "--fleet",
+        default=None,
+        help="the command that runs `fleet` for the gateway (default: this environment's), "
+        "e.g. to measure a patched gateway: --fleet 'python my_fleet.py'",
+    )
     args = parser.parse_args(argv)
     settings = Settings.quick() if args.quick else Settings()
     if args.repeats:
@@ -250,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if not set(names) <= set(report.FRONTS) or not set(chosen) <= set("abcd"):
         parser.error("--fronts is a subset of direct,nginx,gateway; --scenarios of a,b,c,d")
     full = set(names) == set(report.FRONTS) and set(chosen) == set("abcd")
+    full = full and not (args.fleet or args.profile)
     out = args.out or (RESULTS if full else Path(tempfile.mkdtemp(prefix="fleet-bench-out-")))
 
     started = time.monotonic()
@@ -273,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             prefix = f"/{fronts.DEPLOYMENT}"
             targets.append(Target("nginx", nginx_port, prefix, nginx.pids, up_pids))
         if "gateway" in names:
-            gateway = fronts.start_gateway(workdir, fleet_file, gateway_port, cores)
+            fleet = shlex.split(args.fleet) if args.fleet else None
+            gateway = fronts.start_gateway(workdir, fleet_file, gateway_port, cores, fleet)
             managed.append(gateway)
             prefix = f"/{fronts.DEPLOYMENT}"
             targets.append(Target("gateway", gateway_port, prefix, gateway.pids, up_pids))
