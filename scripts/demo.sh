@@ -14,6 +14,10 @@ PORT="${DEMO_PORT:-8080}"
 BASE="http://127.0.0.1:${PORT}"
 export FLEET_ENGINE_PYTHON="${FLEET_ENGINE_PYTHON:-$PWD/.venv-vllm/bin/python}"
 export FLEET_MODELS="${FLEET_MODELS:-$PWD/.cache/models}"
+if [ "$(nproc 2>/dev/null || echo 1)" -lt 2 ]; then
+  # The demo file binds chat to CPU 0 and embed to CPU 1; one core: let vLLM choose.
+  export FLEET_CHAT_CPUS="${FLEET_CHAT_CPUS:-auto}" FLEET_EMBED_CPUS="${FLEET_EMBED_CPUS:-auto}"
+fi
 
 requests() {
   cat <<EOF

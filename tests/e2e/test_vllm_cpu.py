@@ -105,7 +105,7 @@ class Fleet:
 
     def tail(self, chars: int = 4000) -> str:
         text = self.output.read_text(errors="replace")[-chars:]
-        logs = sorted((DEMO_FILE.parent / ".fleet" / "logs").glob("*.log"))
+        logs = sorted((self.output.parent / "logs").glob("*.log"))
         for log in logs:
             text += f"\n--- {log}\n" + log.read_text(errors="replace")[-chars:]
         return text
@@ -119,13 +119,18 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         if os.environ.get("FLEET_E2E_REQUIRED") == "1":
             pytest.fail(reason + " (FLEET_E2E_REQUIRED=1)")
         pytest.skip(reason)
-    port = free_port()
+    engine_port = free_ports(2)
+    port = wait_until(lambda: (p := free_port()) not in (engine_port, engine_port + 1) and p)
+    workdir = tmp_path_factory.mktemp("fleet")
     env = os.environ | {
         "FLEET_ENGINE_PYTHON": str(ENGINE_PYTHON),
         "FLEET_MODELS": str(MODELS),
-        "FLEET_BASE_PORT": str(free_ports(2)),
+        "FLEET_BASE_PORT": str(engine_port),
+        "FLEET_LOG_DIR": str(workdir / "logs"),
     }
-    output = tmp_path_factory.mktemp("fleet") / "fleet-up.out"
+    if (os.cpu_count() or 1) < 2:  # the demo binds chat to CPU 0 and embed to CPU 1
+        env |= {"FLEET_CHAT_CPUS": "auto", "FLEET_EMBED_CPUS": "auto"}
+    output = workdir / "fleet-up.out"
     with output.open("wb") as sink:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vllm_fleet.cli", "up", str(DEMO_FILE), "--port", str(port)],
