@@ -90,10 +90,13 @@ async def measure(
     async def idle(target: Target, s: Settings) -> dict[str, float]:
         return await scenarios.idle_streams(target, s, upstream_stats)
 
+    async def rps(target: Target, s: Settings) -> dict[str, float]:
+        return await scenarios.requests_per_second(target, s, upstream_stats)
+
     plan: list[tuple[str, Scenario, int]] = [
         ("a", scenarios.single_client, settings.repeats),
         ("b", scenarios.streams, settings.repeats),
-        ("c", scenarios.requests_per_second, settings.repeats),
+        ("c", rps, settings.repeats),
         ("d", idle, settings.idle_repeats),
     ]
     plan = [p for p in plan if p[0] in chosen]

@@ -254,14 +254,24 @@ async def _closed_loop(
     return latencies, errors
 
 
-async def requests_per_second(target: Target, s: Settings) -> dict[str, float]:
+UpstreamStats = Callable[[bool], Awaitable[dict[str, int]]]
+
+
+async def requests_per_second(
+    target: Target, s: Settings, upstream_stats: UpstreamStats | None = None
+) -> dict[str, float]:
     clients = await open_clients(target, s.rps_clients)
     request = payload(target, chat_body(s.single_tokens, stream=False))
     await _closed_loop(target, clients, request, s.rps_warmup, s.timeout)
+    if upstream_stats is not None:
+        await upstream_stats(True)
     out: dict[str, float] = {}
     with measured(target, out):
         latencies, errors = await _closed_loop(target, clients, request, s.rps_seconds, s.timeout)
     close_all(clients)
+    if upstream_stats is not None:  # how many connections the proxy opened to the engine
+        opened = (await upstream_stats(False)).get("connections", 0)
+        out["upstream_connections"] = max(0, opened - 1)  # not the one asking for the stats
     rps = len(latencies) / out["wall_s"]
     out.update(
         requests=len(latencies),
@@ -278,7 +288,7 @@ async def requests_per_second(target: Target, s: Settings) -> dict[str, float]:
 
 
 async def idle_streams(
-    target: Target, s: Settings, upstream_stats: Callable[[bool], Awaitable[dict[str, int]]]
+    target: Target, s: Settings, upstream_stats: UpstreamStats
 ) -> dict[str, float]:
     pids = target.pids()
     base_rss = procs.rss_bytes(pids) if pids else 0

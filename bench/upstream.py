@@ -152,6 +152,7 @@ class Stats:
         self.active = 0
         self.peak_active = 0
         self.tokens = 0
+        self.connections = 0  # accepted (a proxy that keeps too few alive opens many)
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -262,6 +263,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.server.stats.connections += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
