@@ -46,12 +46,7 @@ ROWS = (
     Row("c", "proxy CPU s per 1,000 requests", "proxy_cpu_per_1k_req_s", "{:.3f}", proxy_only=True),
     Row("c", "proxy core busy (%)", "proxy_core_util", "{:.0%}", proxy_only=True),
     Row("c", "load generator + upstream CPU (% of a core)", "load_core_util", "{:.0%}"),
-    Row(
-        "c",
-        "connections opened to the engine (keep-alive misses)",
-        "upstream_connections",
-        "{:.0f}",
-    ),  # fmt: skip
+    Row("c", "new connections to the engine (keep-alive misses)", "upstream_connections", "{:.0f}"),
     Row("d", "proxy peak RSS (MB)", "rss_peak_mb", "{:.1f}", proxy_only=True),
     Row("d", "proxy RSS before (MB)", "rss_idle_mb", "{:.1f}", proxy_only=True),
     Row("d", "streams open at once (upstream's count)", "peak_concurrent", "{:.0f}"),
