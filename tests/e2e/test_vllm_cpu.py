@@ -16,7 +16,9 @@ import contextlib
 import json
 import math
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -29,7 +31,7 @@ from typing import Any
 import pytest
 from openai import AzureOpenAI, OpenAI
 
-from tests.conftest import free_port, free_ports, group_members, wait_until
+from tests.conftest import free_port, group_members, wait_until
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -66,6 +68,26 @@ def http(
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers), error.read()
+
+
+def two_server_ports() -> int:
+    """The first of two consecutive ports a server can listen on (the demo's engines take
+    FLEET_BASE_PORT and the next). Checked as servers bind (vLLM's uvicorn included), with
+    SO_REUSEADDR: after a busy test run thousands of loopback ports sit in TIME_WAIT, which
+    blocks a plain bind but not a server's."""
+    for _ in range(200):
+        first = random.randrange(20000, 32000)  # below Linux's ephemeral range (32768+)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in (first, first + 1):
+                    sock = stack.enter_context(socket.socket())
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind(("127.0.0.1", port))
+                    sock.listen()
+        except OSError:
+            continue
+        return first
+    raise RuntimeError("found no two consecutive free ports in 20000-32000")
 
 
 @dataclass
@@ -119,7 +141,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         if os.environ.get("FLEET_E2E_REQUIRED") == "1":
             pytest.fail(reason + " (FLEET_E2E_REQUIRED=1)")
         pytest.skip(reason)
-    engine_port = free_ports(2)
+    engine_port = two_server_ports()
     port = wait_until(lambda: (p := free_port()) not in (engine_port, engine_port + 1) and p)
     workdir = tmp_path_factory.mktemp("fleet")
     env = os.environ | {
