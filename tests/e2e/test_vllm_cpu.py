@@ -123,6 +123,9 @@ class Fleet:
             ups = self.upstreams(self.status())
         except (OSError, AssertionError):
             return False  # the gateway is not listening yet
+        failed = [u["name"] for u in ups if u["state"] == "failed"]
+        if failed:
+            raise AssertionError(f"engines failed to start: {failed}\n{self.tail()}")
         return bool(ups) and all(u["state"] == "ready" for u in ups)
 
     def tail(self, chars: int = 4000) -> str:
