@@ -48,6 +48,9 @@ def free_ports(count: int, host: str = "127.0.0.1") -> int:
             with contextlib.ExitStack() as stack:
                 for port in range(first, first + count):
                     sock = stack.enter_context(socket.socket())
+                    # As the engines' servers bind: ports held only by connections in
+                    # TIME_WAIT (plenty after a full run) are free to them.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     sock.bind((host, port))
         except OSError:
             continue

@@ -13,6 +13,7 @@ import pytest
 
 from vllm_fleet import config, config_checks
 from vllm_fleet.config import ConfigError, ConfigIssue, FleetConfig
+from vllm_fleet.plan import served_names
 
 
 def load(text: str, environ: dict[str, str] | None = None) -> FleetConfig:
@@ -521,7 +522,32 @@ def test_names_a_deployment_already_has_and_a_shared_model_code_are_fine() -> No
             args: [--enforce-eager]
         """
     )
-    assert cfg.deployments["a"].served_names() == ["m1", "a", "short"]
+    assert served_names("a", cfg.deployments["a"]) == ["m1", "a", "short"]
+
+
+def test_served_name_is_a_name_clients_use_and_may_not_clash() -> None:
+    cfg = load(
+        """
+        deployments:
+          a:
+            model: ./models/m1
+            served_name: org/m1
+        """
+    )
+    assert cfg.deployments["a"].served_as == "org/m1"
+    assert served_names("a", cfg.deployments["a"]) == ["org/m1", "./models/m1", "a"]
+    err = problems(
+        """
+        deployments:
+          a:
+            model: m1
+          b:
+            model: m2
+            served_name: a
+        """
+    )
+    issue = only_issue(err, "deployments.b.served_name", 7)
+    assert "served name `a` is already the id of deployment `a`" in issue.message
 
 
 # ---------------------------------------------------------------- flags the fleet owns

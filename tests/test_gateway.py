@@ -7,6 +7,7 @@ gateway answers itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -319,9 +320,10 @@ def test_failed_deployment_is_503_saying_why(gateway: GatewayThread) -> None:
         gateway.set_state("mistral-0", State.READY)
 
 
-def test_unreachable_engine_is_502(gateway: GatewayThread) -> None:
+def test_engine_that_refuses_connections_is_503_with_retry_after(gateway: GatewayThread) -> None:
     response = httpx.post(f"{gateway.url}/down/v1/completions", json={"prompt": "x"})
-    assert_gateway_error(response, 502, "down")
+    assert_gateway_error(response, 503, "down", "accepts connections")
+    assert int(response.headers["Retry-After"]) > 0
 
 
 @pytest.mark.parametrize(
@@ -403,3 +405,27 @@ def test_metrics_count_requests_by_deployment(gateway: GatewayThread) -> None:
     text = httpx.get(f"{gateway.url}/metrics").text
     assert 'fleet_requests_total{deployment="qwen",status="200",style="path"}' in text
     assert 'fleet_upstream_ready{deployment="rep",upstream="rep-0"} 1.0' in text
+
+
+def test_engine_dying_mid_stream_ends_the_stream_with_an_error_event() -> None:
+    with FakeEngine("org/m", ["org/m"], "--token-delay", "0.05") as engine:
+        gw = GatewayThread(
+            f"deployments:\n  m:\n    model: org/m\n    endpoints: ['{engine.url}']\n"
+        ).start()
+        try:
+            body = {"prompt": "x", "max_tokens": 200, "stream": True}
+            lines: list[str] = []
+            with httpx.stream("POST", f"{gw.url}/m/v1/completions", json=body) as response:
+                for line in response.iter_lines():
+                    if line:
+                        lines.append(line)
+                    if len(lines) == 3:  # mid-stream: the engine dies
+                        with contextlib.suppress(httpx.TransportError):
+                            httpx.post(f"{engine.url}/fake/crash?status=0")
+            assert response.status_code == 200
+            assert lines[-1] == "data: [DONE]"
+            error = json.loads(lines[-2].removeprefix("data: "))["error"]
+            assert error["code"] == "upstream_disconnected"
+            assert "m-0" in error["message"]
+        finally:
+            gw.stop()

@@ -18,6 +18,9 @@ deployments:
     model: Qwen/Qwen3-8B
   qwen-c:
     model: Qwen/Qwen3-8B
+  local:
+    model: /srv/models/llama-3.1-8b
+    served_name: meta-llama/Llama-3.1-8B-Instruct
 """
 
 
@@ -89,6 +92,8 @@ def test_prefix_of_an_id_is_not_that_deployment(names: Names) -> None:
         ("qwen2.5", "qwen"),
         ("mistral", "mistral"),
         ("qwen-b", "qwen-b"),
+        ("meta-llama/Llama-3.1-8B-Instruct", "local"),
+        ("/srv/models/llama-3.1-8b", "local"),
     ],
 )
 def test_body_model_resolves_by_id_model_code_or_alias(
@@ -118,5 +123,6 @@ def test_missing_or_non_string_model_is_400(names: Names, model: object) -> None
     assert error.status == 400
 
 
-def test_served_name_is_the_model_code(names: Names) -> None:
+def test_served_name_is_the_model_code_unless_the_file_names_one(names: Names) -> None:
     assert names.served["qwen"] == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert names.served["local"] == "meta-llama/Llama-3.1-8B-Instruct"

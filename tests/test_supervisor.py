@@ -91,6 +91,37 @@ def test_engine_becomes_ready_and_sees_its_gpus(tmp_path: Path) -> None:
     assert "serving" in log  # the engine's own output went to its log file
 
 
+def test_engine_starts_in_the_fleet_files_directory_with_its_served_name(
+    tmp_path: Path,
+) -> None:
+    # A relative command path (and so a relative local model folder) is relative to the
+    # fleet file, whatever directory the fleet runs from.
+    (tmp_path / "engine.py").write_text(
+        "import runpy, sys\n"
+        "sys.argv[0] = 'fake_vllm'\n"
+        "runpy.run_module('vllm_fleet.testing.fake_vllm', run_name='__main__')\n"
+    )
+    path = fake_fleet_file(
+        tmp_path,
+        {"local": {"model": "./models/m1", "served_name": "org/m1"}},
+        engine_command=["{python}", "./engine.py", "{model}"],
+    )
+    sup, registry, _ = make_supervisor(path)
+
+    async def body() -> None:
+        await sup.start()
+        try:
+            up = only(registry)
+            await until(lambda: up.state is State.READY, what="engine ready")
+            env = await get_json(f"{up.url}/fake/env")
+            assert env["served_names"] == ["org/m1", "./models/m1", "local"]
+        finally:
+            await sup.stop()
+
+    assert Path.cwd() != tmp_path
+    run(body)
+
+
 def test_engine_that_exits_is_restarted_whatever_its_status(tmp_path: Path) -> None:
     path = fake_fleet_file(tmp_path, {"m": {"model": "org/m"}})
     sup, registry, _ = make_supervisor(path)

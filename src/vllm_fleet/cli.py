@@ -55,6 +55,12 @@ def check(fleet_file: FleetFile) -> None:
     console.print(f"[bold green]ok[/] {fleet_file}: {len(config.deployments)} deployment(s)")
     console.print(f"gateway: http://{config.gateway.host}:{config.gateway.port}")
     console.print(f"GPUs: {_describe_inventory(plan.inventory)}")
+    if plan.engines:
+        console.print(
+            f"engines start in {plan.engines[0].cwd} (relative paths in the file are "
+            "relative to it)",
+            highlight=False,
+        )
     for engine in plan.engines:
         gpus = ",".join(map(str, engine.gpus)) if engine.gpus is not None else "not pinned"
         console.print(

@@ -131,6 +131,9 @@ class Deployment(_Strict):
     port: Port | None = None
     replicas: Annotated[int, Field(ge=1, le=64)] = 1
     aliases: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    # The name responses carry (vLLM's first --served-model-name); default: `model`.
+    # Useful when `model` is a local path.
+    served_name: Annotated[str, Field(min_length=1)] | None = None
     command: list[str] | None = None
     endpoints: list[str] = Field(default_factory=list)
     start_timeout: Annotated[float, Field(gt=0)] | None = None
@@ -156,9 +159,10 @@ class Deployment(_Strict):
     def remote(self) -> bool:
         return bool(self.endpoints)
 
-    def served_names(self) -> list[str]:
-        """Names the engine answers to: the model code first (what responses say)."""
-        return _dedupe([self.model, *self.aliases])
+    @property
+    def served_as(self) -> str:
+        """The name the engine answers with, and the gateway rewrites `model` to."""
+        return self.served_name or self.model
 
     def per_replica_gpus(self) -> int | None:
         if self.gpus is None:
@@ -189,13 +193,6 @@ class FleetConfig(_Strict):
     def log_dir(self) -> Path:
         path = Path(self.engines.log_dir).expanduser()
         return path if path.is_absolute() else Path(self.base_dir) / path
-
-
-def _dedupe(items: list[str]) -> list[str]:
-    seen: dict[str, None] = {}
-    for item in items:
-        seen.setdefault(item, None)
-    return list(seen)
 
 
 # ---------------------------------------------------------------- loading

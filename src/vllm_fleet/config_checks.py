@@ -240,7 +240,12 @@ def _check_names(config: FleetConfig) -> list[ConfigIssue]:
                     f"`{other[0]}`; rename that id",
                 )
             )
-        for index, alias in enumerate(dep.aliases):
+        names: list[tuple[Loc, str, str]] = [
+            (("aliases", index), alias, "alias") for index, alias in enumerate(dep.aliases)
+        ]
+        if dep.served_name is not None:
+            names.insert(0, (("served_name",), dep.served_name, "served name"))
+        for where, alias, kind in names:
             if alias in (dep_id, dep.model):
                 continue
             other = owners.get(alias)
@@ -248,9 +253,9 @@ def _check_names(config: FleetConfig) -> list[ConfigIssue]:
                 what = "model code" if other[1] == "model" else other[1]
                 issues.append(
                     ConfigIssue(
-                        loc=("deployments", dep_id, "aliases", index),
-                        message=f"alias `{alias}` is already the {what} of deployment "
-                        f"`{other[0]}`; clients could not tell them apart, pick another alias",
+                        loc=("deployments", dep_id, *where),
+                        message=f"{kind} `{alias}` is already the {what} of deployment "
+                        f"`{other[0]}`; clients could not tell them apart, pick another {kind}",
                     )
                 )
             else:

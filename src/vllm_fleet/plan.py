@@ -31,6 +31,9 @@ class EngineSpec:
     gpus: tuple[int, ...] | None
     log_path: Path
     start_timeout: float
+    # Engines start in the fleet file's directory: relative paths in the file (a local
+    # model folder, the command) are relative to the file, wherever `fleet up` runs.
+    cwd: Path
     served_names: tuple[str, ...]
 
     @property
@@ -97,6 +100,7 @@ def build_plan(config: FleetConfig, inventory: Inventory, python: str) -> Plan:
                     port=port,
                     gpus=gpus,
                     log_path=log_dir / f"{dep_id}-{replica}.log",
+                    cwd=Path(config.base_dir),
                     start_timeout=dep.start_timeout or config.engines.start_timeout,
                     served_names=tuple(served_names(dep_id, dep)),
                 )
@@ -115,9 +119,10 @@ def build_plan(config: FleetConfig, inventory: Inventory, python: str) -> Plan:
 
 
 def served_names(dep_id: str, dep: Deployment) -> list[str]:
-    """`--served-model-name` values: the model code first (responses carry it), then the
-    id and aliases, so the engine accepts every name a client may use."""
-    names = [dep.model, dep_id, *dep.aliases]
+    """`--served-model-name` values: `served_name` (default: the model code) first, as
+    responses carry it, then the model code, id and aliases, so the engine accepts every
+    name a client may use."""
+    names = [dep.served_as, dep.model, dep_id, *dep.aliases]
     return list(dict.fromkeys(names))
 
 

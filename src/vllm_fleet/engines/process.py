@@ -203,6 +203,7 @@ class EngineProcess:
                 self.proc = await asyncio.create_subprocess_exec(
                     *spec.argv,
                     env=os.environ | dict(spec.env),
+                    cwd=spec.cwd,
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=logf,
                     stderr=logf,

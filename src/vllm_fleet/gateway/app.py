@@ -139,9 +139,11 @@ class Gateway:
             upstream = self.pick(dep_id, tried)
             if upstream is None:
                 if tried:
+                    # Down, not broken mid-request: an engine that just died (the
+                    # supervisor restarts it) or a remote endpoint that is not up.
                     return error_response(
-                        502,
-                        f"could not connect to any engine of deployment `{dep_id}` "
+                        503,
+                        f"no engine of deployment `{dep_id}` accepts connections "
                         f"({last_error}); it may be restarting, retry shortly",
                         "upstream_unreachable",
                         headers={"Retry-After": RETRY_AFTER_LOADING},

@@ -54,7 +54,7 @@ class Names:
 
     def __init__(self, config: FleetConfig) -> None:
         self.ids = list(config.deployments)
-        self.served: dict[str, str] = {i: d.model for i, d in config.deployments.items()}
+        self.served: dict[str, str] = {i: d.served_as for i, d in config.deployments.items()}
         self._by_name: dict[str, str] = {}
         self.ambiguous: dict[str, list[str]] = {}
         by_code: dict[str, list[str]] = {}
@@ -66,7 +66,8 @@ class Names:
             else:
                 self.ambiguous[code] = ids
         for dep_id, dep in config.deployments.items():
-            for alias in dep.aliases:
+            served = [dep.served_name] if dep.served_name else []
+            for alias in [*dep.aliases, *served]:
                 self._by_name[alias] = dep_id
             self._by_name[dep_id] = dep_id
 
