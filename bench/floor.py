@@ -2,7 +2,8 @@
 
 Runs scenarios (b) and (c) of the benchmark against nginx, three reference proxies
 (bench/floor_servers.py: aiohttp's server alone, a bare aiohttp server + client relay,
-and aiohttp's server + the prototype raw-protocol client) and the gateway (`fleet up`),
+aiohttp's server + the prototype raw-protocol client, and a relay with no web framework
+at all, bench/raw_relay.py) and the gateway (`fleet up`),
 each alone on the proxy core, and prints the proxy's CPU per 1,000 requests and per
 1,000 relayed tokens (the numbers that noise from other processes moves least), with
 requests/s and TTFT for context. Medians of --repeats runs, order rotating each time.
@@ -22,7 +23,7 @@ from bench.procs import Cores, Managed
 from bench.run import raise_priority, run_loop
 from bench.scenarios import Settings, Target
 
-KINDS = ("aiohttp-server", "aiohttp-relay", "lean-relay")
+KINDS = ("aiohttp-server", "aiohttp-relay", "lean-relay", "raw-relay")
 Metrics = dict[str, dict[str, list[float]]]
 
 
@@ -53,6 +54,7 @@ def row(name: str, m: dict[str, list[float]]) -> str:
         med("rps", "{:.0f}"),
         med("proxy_core_util", "{:.0%}"),
         med("ttft_p50_ms", "{:.1f}"),
+        f"{sum(m.get('errors', [])):.0f}",
     ]
     return f"| {name} | {' | '.join(cells)} |"
 
@@ -60,7 +62,9 @@ def row(name: str, m: dict[str, list[float]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default="", help="comma-separated subset of the proxies")
     args = parser.parse_args(argv)
+    only = set(filter(None, args.only.split(",")))
     settings = Settings(repeats=args.repeats)
     cores = Cores.plan()
     os.sched_setaffinity(0, cores.loadgen)
@@ -87,16 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         gateway = fronts.start_gateway(workdir, fleet_file, gateway_port, cores)
         managed.append(gateway)
         targets.append(Target("gateway", gateway_port, "/bench", gateway.pids, up_pids))
+        targets = [t for t in targets if not only or t.name in only]
         found = run_loop(measure(targets, settings))
     finally:
         for proc in reversed(managed):
             proc.stop()
     head = (
         "| proxy | CPU s / 1,000 requests (c) | CPU s / 1,000 tokens (b) | requests/s (c) "
-        "| proxy core busy (c) | TTFT p50 ms (b) |"
+        "| proxy core busy (c) | TTFT p50 ms (b) | errors (b + c) |"
     )
     print(head)
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for target in targets:
         print(row(target.name, found[target.name]))
     return 0

@@ -7,6 +7,7 @@
 - `aiohttp-relay`: aiohttp server + aiohttp ClientSession relaying to the upstream, with
   nothing else (no routing, body rewrite, metrics): the floor of the gateway's design.
 - `lean-relay`: aiohttp server + the prototype raw-protocol client in bench/lean_client.py.
+- `raw-relay`: no web framework at all, bench/raw_relay.py (protocols on both sides).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from bench import lean_client
+from bench import lean_client, raw_relay
 from bench.upstream import Chunks
 
 UPSTREAM = web.AppKey("upstream", int)
@@ -106,7 +107,10 @@ def main() -> None:
     kind, port, upstream = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     import uvloop
 
-    uvloop.run(serve(kind, port, upstream))
+    if kind == "raw-relay":
+        uvloop.run(raw_relay.serve(port, upstream))
+    else:
+        uvloop.run(serve(kind, port, upstream))
 
 
 if __name__ == "__main__":
