@@ -91,7 +91,7 @@ def start_nginx(workdir: Path, fleet_file: Path, cores: Cores) -> tuple[Managed,
     (prefix / "temp").mkdir(parents=True)
     (prefix / "logs").mkdir()
     prefix.chmod(0o755)  # run as root, nginx's worker becomes `nobody`
-    subprocess.run(
+    rendered = subprocess.run(
         [
             *fleet_command(),
             "nginx",
@@ -101,10 +101,12 @@ def start_nginx(workdir: Path, fleet_file: Path, cores: Cores) -> tuple[Managed,
             "-o",
             str(prefix / "vhost.conf"),
         ],
-        check=True,
         capture_output=True,
+        text=True,
         timeout=60,
     )
+    if rendered.returncode != 0:
+        raise RuntimeError(f"`fleet nginx` failed:\n{rendered.stdout}{rendered.stderr}")
     temp_paths = "\n".join(
         f"    {name}_temp_path {prefix}/temp/{name};"
         for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
