@@ -17,7 +17,11 @@ from vllm_fleet.config import FleetConfig
 from vllm_fleet.plan import EngineSpec, Plan, RemoteSpec
 
 READ_TIMEOUT = "3600s"
-KEEPALIVE = 32
+# Idle keep-alive connections kept per worker for each deployment: enough for many
+# concurrent clients without reconnecting; closed before vLLM's (uvicorn's) own 5 s idle
+# timeout, so nginx never sends a request on a connection the engine is closing.
+KEEPALIVE = 256
+KEEPALIVE_TIMEOUT = "4s"
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _HOST = re.compile(r"^(?:[A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])$")
@@ -153,7 +157,12 @@ def render(config: FleetConfig, plan: Plan, listen: str = "80", server_name: str
     for group in groups:
         out += [f"upstream {group.name} {{"]
         out += [f"    server {server} max_fails=1 fail_timeout=5s;" for server in group.servers]
-        out += [f"    keepalive {KEEPALIVE};", "}", ""]
+        out += [
+            f"    keepalive {KEEPALIVE};",
+            f"    keepalive_timeout {KEEPALIVE_TIMEOUT};",
+            "}",
+            "",
+        ]
     out += [
         "server {",
         f"    listen {listen};",
