@@ -186,7 +186,8 @@ def test_rendered_text_has_exactly_the_expected_directives() -> None:
         "deployments:\n  a-b.c_d:\n    model: 'org/m;x{y}'\n    aliases: ['n;}server{']\n"
     )
     allowed = {
-        "map", "default", "upstream", "server", "keepalive", "keepalive_timeout", "listen", "server_name",
+        "map", "default", "upstream", "server", "keepalive", "keepalive_timeout",
+        "listen", "server_name",
         "client_max_body_size", "proxy_http_version", "proxy_buffering",
         "proxy_request_buffering", "proxy_cache", "gzip", "proxy_read_timeout",
         "proxy_send_timeout", "error_page", "location", "proxy_pass", "proxy_set_header",
