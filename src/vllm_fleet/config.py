@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -98,6 +98,8 @@ class GatewayConfig(_Strict):
     # Start engines so they accept any `model` (for a front end that cannot rewrite bodies).
     accept_any_model: bool = False
     connect_timeout: Annotated[float, Field(gt=0)] = 10.0
+    # The HTTP server: `aiohttp` (the framework), or `fast` (the protocol-level relay).
+    server: Literal["aiohttp", "fast"] = "aiohttp"
 
     _host = field_validator("host")(lambda v: _check_host(v))
 

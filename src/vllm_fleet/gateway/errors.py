@@ -2,14 +2,14 @@
 
 `{"error": {"message", "type", "param", "code"}}`. Errors the gateway makes itself carry
 the header `X-Fleet-Error: gateway` so a client can tell them from an engine's own.
+Answers are transport-free `Reply` values; each server turns them into its own responses.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-
-from aiohttp import web
+from dataclasses import dataclass
 
 _TYPES = {
     400: "invalid_request_error",
@@ -18,11 +18,24 @@ _TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    414: "invalid_request_error",
+    417: "invalid_request_error",
+    431: "invalid_request_error",
     500: "internal_error",
     502: "bad_gateway_error",
     503: "service_unavailable_error",
     504: "timeout_error",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An answer the gateway makes itself: status, extra headers, and the whole body."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 def envelope(status: int, message: str, code: str, param: str | None = None) -> bytes:
@@ -35,22 +48,15 @@ def envelope(status: int, message: str, code: str, param: str | None = None) -> 
     return json.dumps({"error": error}).encode()
 
 
-def error_response(
+def error_reply(
     status: int,
     message: str,
     code: str,
     param: str | None = None,
     headers: Mapping[str, str] | None = None,
-) -> web.Response:
-    response = web.Response(
-        status=status,
-        body=envelope(status, message, code, param),
-        content_type="application/json",
-    )
-    response.headers["X-Fleet-Error"] = "gateway"
-    if headers:
-        response.headers.update(headers)
-    return response
+) -> Reply:
+    extra = [("X-Fleet-Error", "gateway"), *(headers or {}).items()]
+    return Reply(status, envelope(status, message, code, param), headers=tuple(extra))
 
 
 def sse_error_event(message: str, code: str, status: int = 502) -> bytes:

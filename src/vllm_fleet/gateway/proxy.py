@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from vllm_fleet.gateway.errors import error_response, sse_error_event
+from vllm_fleet.gateway.errors import Reply, sse_error_event
 from vllm_fleet.registry import Upstream
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,25 @@ _REQUEST_DROP = _HOP_BY_HOP | {"api-key", "expect"}
 _RESPONSE_DROP = _HOP_BY_HOP | {"date", "server"}
 
 
+def to_response(reply: Reply) -> web.Response:
+    """The aiohttp response for a reply the gateway makes itself."""
+    response = web.Response(status=reply.status, body=reply.body)
+    response.headers["Content-Type"] = reply.content_type
+    for name, value in reply.headers:
+        response.headers[name] = value
+    return response
+
+
 class UpstreamUnreachable(Exception):
     """The engine could not be connected to; nothing was sent, so another may be tried."""
+
+
+class UpstreamFailed(Exception):
+    """The engine took the request but broke before answering (the gateway says 502)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def upstream_headers(request: web.Request) -> CIMultiDict[str]:
@@ -90,12 +107,7 @@ async def relay(
         # (e.g. it restarted); nothing was answered, so trying again is safe.
         raise UpstreamUnreachable(str(exc)) from exc
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return error_response(
-            502,
-            f"engine {upstream.name} ({upstream.url}) failed before answering: "
-            f"{type(exc).__name__}: {exc}",
-            "upstream_error",
-        )
+        raise UpstreamFailed(exc) from exc
     try:
         response = web.StreamResponse(
             status=upstream_response.status, reason=upstream_response.reason

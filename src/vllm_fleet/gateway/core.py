@@ -1,0 +1,350 @@
+"""What the gateway decides, apart from how bytes reach it: shared by both servers.
+
+Authentication, routing a request to a deployment, the body checks and the `model`
+rewrite, the replica pick, the 503/404 answers, and the gateway's own endpoints. Every
+function takes plain values (method, path, header values, body bytes) and returns a
+`Forward` (where to send what) or a `Reply` (the answer to give); none does I/O. The
+aiohttp server (`app.py`) and the protocol-level relay (`relay/`) sit on top.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from vllm_fleet.config import FleetConfig
+from vllm_fleet.gateway.errors import Reply, error_reply
+from vllm_fleet.gateway.metrics import GatewayMetrics
+from vllm_fleet.gateway.routing import ByModel, Names, RouteError, Style, match
+from vllm_fleet.registry import Registry, State, Upstream
+
+RETRY_AFTER_LOADING = "10"
+RETRY_AFTER_FAILED = "30"
+
+# The gateway's own endpoints (GET and HEAD); every other request is proxied.
+OWN_ENDPOINTS = frozenset({"/health", "/fleet/status", "/metrics", "/v1/models"})
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Send `body` to a replica of `deployment` at `path_qs`."""
+
+    deployment: str
+    style: Style
+    path_qs: str
+    body: bytes
+
+
+def json_reply(data: Any, status: int = 200) -> Reply:
+    return Reply(status, json.dumps(data).encode())
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether a body with this Content-Type header (None: absent) is JSON to the gateway."""
+    if content_type is None:
+        return True  # clients that send JSON without saying so
+    mime = mime_type(content_type)
+    return mime == "application/json" or mime.endswith("+json")
+
+
+def mime_type(content_type: str) -> str:
+    return content_type.partition(";")[0].strip().lower()
+
+
+class Core:
+    """The request-handling state of one gateway: names, keys, metrics, tie rotation."""
+
+    def __init__(self, config: FleetConfig, registry: Registry) -> None:
+        self.config = config
+        self.registry = registry
+        self.names = Names(config)
+        self.metrics = GatewayMetrics(registry)
+        self.keys = [k.encode() for k in config.gateway.api_keys]
+        self.max_body = config.gateway.max_body_bytes
+        self.started = time.time()
+        self._tie = itertools.count()
+        self._counters: dict[tuple[str, str, int], Counter] = {}
+        self._gauges: dict[str, Gauge] = {}
+
+    # ------------------------------------------------------------ auth
+
+    def authorize(self, api_key: str | None, authorization: str | None) -> Reply | None:
+        """None when the request may pass; the 401 otherwise."""
+        if not self.keys:
+            return None
+        presented = api_key or ""
+        auth = authorization or ""
+        if auth[:7].lower() == "bearer ":
+            presented = auth[7:].strip()
+        candidate = presented.encode()
+        if any(hmac.compare_digest(candidate, key) for key in self.keys):
+            return None
+        return error_reply(
+            401,
+            "missing or wrong API key; send `Authorization: Bearer <key>` (or Azure's "
+            "`api-key: <key>`) with one of the keys in gateway.api_keys",
+            "invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    # ------------------------------------------------------------ own endpoints
+
+    def endpoint(
+        self, path: str, query: str, api_key: str | None, authorization: str | None
+    ) -> Reply:
+        """The answer of one of OWN_ENDPOINTS to GET."""
+        if path == "/health":
+            return self.health(_has_param(query, "ready"))
+        if path == "/metrics":
+            return self.metrics_reply()
+        if (denied := self.authorize(api_key, authorization)) is not None:
+            return denied
+        if path == "/fleet/status":
+            return self.status()
+        return self.models()
+
+    def health(self, ready_query: bool) -> Reply:
+        deployments = {
+            dep_id: {
+                "ready": sum(1 for u in ups if u.state is State.READY),
+                "replicas": len(ups),
+            }
+            for dep_id, ups in self.registry.by_deployment.items()
+        }
+        all_ready = all(d["ready"] > 0 for d in deployments.values())
+        # `?ready=1` is for load balancers: 503 until every deployment can answer.
+        status = 503 if ready_query and not all_ready else 200
+        body = {"status": "ok" if all_ready else "loading", "deployments": deployments}
+        return json_reply(body, status)
+
+    def status(self) -> Reply:
+        snapshot = self.registry.snapshot()
+        snapshot["gateway"] = {
+            "host": self.config.gateway.host,
+            "port": self.config.gateway.port,
+            "server": self.config.gateway.server,
+            "started": round(self.started, 3),
+        }
+        return json_reply(snapshot)
+
+    def metrics_reply(self) -> Reply:
+        return Reply(200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def models(self) -> Reply:
+        data = []
+        for dep_id, dep in self.config.deployments.items():
+            ups = self.registry.upstreams(dep_id)
+            data.append(
+                {
+                    "id": dep_id,
+                    "object": "model",
+                    "created": int(self.started),
+                    "owned_by": "vllm-fleet",
+                    "root": dep.model,
+                    "parent": None,
+                    "aliases": list(dep.aliases),
+                    "ready": any(u.state is State.READY for u in ups),
+                }
+            )
+        return json_reply({"object": "list", "data": data})
+
+    # ------------------------------------------------------------ proxied requests
+
+    def route(
+        self, method: str, path: str, query: str, content_type: str | None, body: bytes
+    ) -> Forward | Reply:
+        """Where a proxied request goes, with its body rewritten; or the error to answer.
+
+        `content_type` is the request's Content-Type header (None when absent)."""
+        route = match(path, self.names)
+        if isinstance(route, RouteError):
+            return self.route_error(route)
+        if isinstance(route, ByModel):
+            target = self._by_model(method, path, route, content_type, body)
+            if isinstance(target, Reply):
+                return target
+            dep_id, body = target
+            style, upstream_path = Style.OPENAI, route.upstream_path
+        else:
+            dep_id, style, upstream_path = route.deployment, route.style, route.upstream_path
+            if body and is_json(content_type):
+                # Routes that name the deployment set `model` to what its engine serves;
+                # multipart uploads and bodiless requests pass through untouched.
+                parsed = _parse_object(body)
+                if isinstance(parsed, Reply):
+                    return parsed
+                body = _with_model(parsed, body, self.names.served[dep_id])
+        if style is Style.AZURE and query:
+            query = "&".join(p for p in query.split("&") if p and not p.startswith("api-version="))
+        path_qs = f"{upstream_path}?{query}" if query else upstream_path
+        return Forward(dep_id, style, path_qs, body)
+
+    def _by_model(
+        self, method: str, path: str, route: ByModel, content_type: str | None, body: bytes
+    ) -> tuple[str, bytes] | Reply:
+        if not body:
+            return error_reply(
+                400 if method == "POST" else 404,
+                f"{method} {path} needs a deployment: send a JSON body with "
+                f"`model`, or use /<deployment>{route.upstream_path}; deployments: "
+                f"{self.names.listing()}",
+                "model_required",
+                "model",
+            )
+        if not is_json(content_type):
+            shown = mime_type(content_type or "")
+            return error_reply(
+                400,
+                f"{path} routes by the JSON body's `model`; for uploads "
+                f"({shown}) use /<deployment>{route.upstream_path}; "
+                f"deployments: {self.names.listing()}",
+                "unsupported_content_type",
+            )
+        parsed = _parse_object(body)
+        if isinstance(parsed, Reply):
+            return parsed
+        dep_id = self.names.resolve(parsed.get("model"))
+        if isinstance(dep_id, RouteError):
+            return self.route_error(dep_id)
+        return dep_id, _with_model(parsed, body, self.names.served[dep_id])
+
+    def route_error(self, error: RouteError) -> Reply:
+        return error_reply(error.status, error.message, error.code, error.param)
+
+    def too_large(self, length: int | None) -> Reply:
+        limit_mb = self.config.gateway.max_body_mb
+        size = f" ({length} bytes)" if length is not None else ""
+        return error_reply(
+            413,
+            f"the request body{size} is over the gateway's limit of {limit_mb:g} MB; "
+            "send less, or raise gateway.max_body_mb in the fleet file",
+            "request_too_large",
+        )
+
+    # ------------------------------------------------------------ replicas
+
+    def pick(self, dep_id: str, exclude: set[Upstream]) -> Upstream | None:
+        """The ready replica with the fewest outstanding requests (ties rotate)."""
+        candidates = self.registry.upstreams(dep_id)
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            only = candidates[0]
+            return only if only.state is State.READY and only not in exclude else None
+        best: Upstream | None = None
+        start = next(self._tie) % len(candidates)
+        for up in candidates[start:] + candidates[:start]:
+            if up.state is not State.READY or up in exclude:
+                continue
+            if best is None or up.outstanding < best.outstanding:
+                best = up
+        return best
+
+    def unreachable(self, dep_id: str, last_error: str) -> Reply:
+        """Every replica tried refused the connection: down, not broken mid-request (an
+        engine that just died and is restarting, or a remote endpoint that is not up)."""
+        return error_reply(
+            503,
+            f"no engine of deployment `{dep_id}` accepts connections "
+            f"({last_error}); it may be restarting, retry shortly",
+            "upstream_unreachable",
+            headers={"Retry-After": RETRY_AFTER_LOADING},
+        )
+
+    def unavailable(self, dep_id: str) -> Reply:
+        """No replica of `dep_id` is ready: say whether it loads, failed, or stops."""
+        ups = self.registry.upstreams(dep_id)
+        now = time.time()
+        loading = [u for u in ups if u.state in (State.STARTING, State.STOPPED)]
+        if loading:
+            detail = ", ".join(
+                f"{u.name} {u.state.value} for {now - u.since:.0f} s" for u in loading
+            )
+            return error_reply(
+                503,
+                f"deployment `{dep_id}` is still loading ({detail}); retry shortly",
+                "deployment_loading",
+                headers={"Retry-After": RETRY_AFTER_LOADING},
+            )
+        failed = [u for u in ups if u.state is State.FAILED]
+        if failed:
+            why = "; ".join(f"{u.name}: {u.message or 'failed'}" for u in failed)
+            return error_reply(
+                503,
+                f"every engine of deployment `{dep_id}` has failed ({why}); "
+                "see `fleet status` and the engine logs",
+                "deployment_failed",
+                headers={"Retry-After": RETRY_AFTER_FAILED},
+            )
+        return error_reply(
+            503,
+            f"deployment `{dep_id}` has no ready engine (stopping); retry shortly",
+            "deployment_unavailable",
+            headers={"Retry-After": RETRY_AFTER_LOADING},
+        )
+
+    def upstream_failed(self, upstream: Upstream, exc: BaseException) -> Reply:
+        """The engine accepted the request but broke before answering."""
+        return error_reply(
+            502,
+            f"engine {upstream.name} ({upstream.url}) failed before answering: "
+            f"{type(exc).__name__}: {exc}",
+            "upstream_error",
+        )
+
+    # ------------------------------------------------------------ metrics (cached children)
+
+    def counted(self, dep_id: str, style: Style, status: int) -> None:
+        key = (dep_id, style.value, status)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self.metrics.requests.labels(
+                dep_id, style.value, str(status)
+            )
+        counter.inc()
+
+    def in_flight(self, dep_id: str) -> Gauge:
+        gauge = self._gauges.get(dep_id)
+        if gauge is None:
+            gauge = self._gauges[dep_id] = self.metrics.in_flight.labels(dep_id)
+        return gauge
+
+
+def _has_param(query: str, name: str) -> bool:
+    """Whether the query string sets `name` to something non-empty (`?ready=1`)."""
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if key == name and value:
+            return True
+    return False
+
+
+def _parse_object(body: bytes) -> dict[str, Any] | Reply:
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        return error_reply(
+            400,
+            f"the request body is not valid JSON ({exc}); send a JSON object",
+            "invalid_json",
+        )
+    if not isinstance(parsed, dict):
+        return error_reply(
+            400,
+            f"the request body must be a JSON object, not {type(parsed).__name__}",
+            "invalid_json",
+        )
+    return parsed
+
+
+def _with_model(parsed: dict[str, Any], body: bytes, served: str) -> bytes:
+    if parsed.get("model") == served:
+        return body  # already right: forward the client's bytes as they are
+    parsed["model"] = served
+    return json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
