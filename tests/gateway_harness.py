@@ -2,7 +2,9 @@
 
 The deployments point at the engines with `endpoints:` (the fleet's remote form), so the
 gateway's own behaviour is tested without the supervisor; tests that need an engine to be
-loading or failed set its state through `set_state`, as the supervisor would.
+loading or failed set its state through `set_state`, as the supervisor would. `server`
+picks the HTTP server (`gateway.server`: aiohttp or fast); the loop is uvloop, as
+`fleet up` runs it.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
+import uvloop
+import yaml
 
 from vllm_fleet.config import FleetConfig, loads
-from vllm_fleet.gateway.app import create_app
-from vllm_fleet.gateway.server import start_gateway
+from vllm_fleet.gateway.server import RunningGateway, serve
 from vllm_fleet.gpus import Inventory
 from vllm_fleet.plan import build_plan
 from vllm_fleet.registry import Registry, State
@@ -24,15 +26,17 @@ from vllm_fleet.testing.harness import free_port
 
 
 class GatewayThread:
-    def __init__(self, fleet_yaml: str) -> None:
-        self.config: FleetConfig = loads(fleet_yaml)
+    def __init__(self, fleet_yaml: str, server: str = "aiohttp") -> None:
+        data = yaml.safe_load(fleet_yaml)
+        data.setdefault("gateway", {})["server"] = server
+        self.config: FleetConfig = loads(yaml.safe_dump(data))
         self.registry = Registry(
             self.config, build_plan(self.config, Inventory(None, "test"), "python")
         )
         self.port = free_port()
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
+        self._gateway: RunningGateway | None = None
 
     @property
     def url(self) -> str:
@@ -52,14 +56,13 @@ class GatewayThread:
 
     def start(self) -> GatewayThread:
         self._thread.start()
-        app = create_app(self.config, self.registry)
-        self._runner = asyncio.run_coroutine_threadsafe(
-            start_gateway(app, "127.0.0.1", self.port), self.loop
+        self._gateway = asyncio.run_coroutine_threadsafe(
+            serve(self.config, self.registry, "127.0.0.1", self.port), self.loop
         ).result(10)
         return self
 
     def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(10)
+        if self._gateway is not None:
+            asyncio.run_coroutine_threadsafe(self._gateway.close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)

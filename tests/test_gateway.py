@@ -41,8 +41,15 @@ def engines() -> Iterator[dict[str, FakeEngine]]:
         engine.stop()
 
 
+@pytest.fixture(scope="module", params=["aiohttp", "fast"])
+def server(request: pytest.FixtureRequest) -> str:
+    """Every gateway test runs against both HTTP servers (`gateway.server`)."""
+    name: str = request.param
+    return name
+
+
 @pytest.fixture(scope="module")
-def gateway(engines: dict[str, FakeEngine]) -> Iterator[GatewayThread]:
+def gateway(engines: dict[str, FakeEngine], server: str) -> Iterator[GatewayThread]:
     dead = free_port()  # nothing listens here
     fleet = f"""
 gateway:
@@ -62,7 +69,7 @@ deployments:
     model: org/down
     endpoints: ["http://127.0.0.1:{dead}"]
 """
-    gw = GatewayThread(fleet).start()
+    gw = GatewayThread(fleet, server).start()
     yield gw
     gw.stop()
 
@@ -407,10 +414,10 @@ def test_metrics_count_requests_by_deployment(gateway: GatewayThread) -> None:
     assert 'fleet_upstream_ready{deployment="rep",upstream="rep-0"} 1.0' in text
 
 
-def test_engine_dying_mid_stream_ends_the_stream_with_an_error_event() -> None:
+def test_engine_dying_mid_stream_ends_the_stream_with_an_error_event(server: str) -> None:
     with FakeEngine("org/m", ["org/m"], "--token-delay", "0.05") as engine:
         gw = GatewayThread(
-            f"deployments:\n  m:\n    model: org/m\n    endpoints: ['{engine.url}']\n"
+            f"deployments:\n  m:\n    model: org/m\n    endpoints: ['{engine.url}']\n", server
         ).start()
         try:
             body = {"prompt": "x", "max_tokens": 200, "stream": True}

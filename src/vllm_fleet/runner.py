@@ -31,8 +31,7 @@ from rich.text import Text
 
 from vllm_fleet.config import FleetConfig
 from vllm_fleet.engines import EngineEvent, Supervisor
-from vllm_fleet.gateway.app import create_app
-from vllm_fleet.gateway.server import start_gateway
+from vllm_fleet.gateway.server import serve
 from vllm_fleet.plan import Plan
 from vllm_fleet.registry import Registry, State
 
@@ -219,7 +218,7 @@ async def _run(config: FleetConfig, plan: Plan, console: Console) -> int:
 
     host, port = config.gateway.host, config.gateway.port
     try:
-        runner = await start_gateway(create_app(config, registry), host, port)
+        gateway = await serve(config, registry, host, port)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             console.print(
@@ -245,10 +244,9 @@ async def _run(config: FleetConfig, plan: Plan, console: Console) -> int:
             progress.print_ready(config)
         await stop.wait()
     finally:
-        for site in list(runner.sites):
-            await site.stop()  # stop accepting; in-flight requests end with their engines
+        await gateway.stop_accepting()  # in-flight requests end with their engines
         await supervisor.stop()
-        await runner.cleanup()
+        await gateway.close()
     left = [u.name for u in registry.all() if u.managed and u.pid is not None]
     if left:  # pragma: no cover (stop() reaps every engine)
         log.error("engines may still be running: %s", ", ".join(left))

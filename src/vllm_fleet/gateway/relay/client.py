@@ -1,0 +1,395 @@
+"""One client connection of the fast server: llhttp parses, requests answer in order.
+
+httptools.HttpRequestParser turns the bytes into requests (keep-alive, pipelining,
+chunked bodies, HTTP/1.0). Requests queue in arrival order and are answered one at a
+time; a request is handled once its whole body is in (the `model` rewrite needs it).
+`Expect: 100-continue` is answered when its request is next. Limits: the URL, the head
+and the body (`gateway.max_body_mb`); a request over one, a malformed request or an
+Upgrade gets its error after the answers before it, and the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, cast
+from urllib.parse import quote, unquote
+
+import httptools
+
+from vllm_fleet.gateway.core import OWN_ENDPOINTS, Forward
+from vllm_fleet.gateway.errors import Reply, error_reply
+from vllm_fleet.gateway.relay import wire
+from vllm_fleet.gateway.relay.exchange import Exchange
+
+if TYPE_CHECKING:
+    from vllm_fleet.gateway.relay.server import FastServer
+
+log = logging.getLogger(__name__)
+
+MAX_URL = 8192  # bytes of request target (aiohttp's and nginx's order of size)
+MAX_HEAD = 32768  # bytes of header names and values in one request
+MAX_QUEUED = 8  # pipelined requests held before the connection stops reading
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_SAFE_PATH = "/:@!$&'()*+,;=-._~"
+
+
+class Reject(Exception):
+    """A request the server answers with `reply` and then closes the connection."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.status)
+        self.reply = reply
+
+
+class Request:
+    __slots__ = (
+        "body",
+        "complete",
+        "continued",
+        "error",
+        "expect_continue",
+        "head_size",
+        "headers",
+        "headers_done",
+        "http11",
+        "keep_alive",
+        "method",
+        "url",
+    )
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = bytearray()
+        self.method = "GET"
+        self.http11 = True
+        self.keep_alive = True
+        self.complete = False
+        self.expect_continue = False
+        self.continued = False
+        self.error: Reply | None = None  # answer this, then close
+        self.head_size = 0
+        self.headers_done = False
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, server: FastServer) -> None:
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.queue: deque[Request] = deque()
+        self.exchange: Exchange | None = None
+        self.busy = False  # the request at the head of the queue is being answered
+        self.closed = False
+        self.write_paused = False
+        self.read_paused = False
+        self.broken = False  # the parser stopped: answer what is queued, then close
+        self.last_active = time.monotonic()
+        self._advancing = False
+
+    # ------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) else ""
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            exchange.client_gone()
+        self.queue.clear()
+        self.server.check_drained()
+
+    def data_received(self, data: bytes) -> None:
+        if self.broken:
+            return
+        self.last_active = time.monotonic()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The Upgrade request carries its error (on_headers_complete); what follows it
+            # is another protocol's bytes: stop reading.
+            self.broken = True
+            if self.queue:
+                self.queue[-1].complete = True
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, Reject):
+                self._break(cause.reply)
+            else:
+                log.error("unexpected error parsing a request", exc_info=cause or exc)
+                self._break(_internal_error())
+        except httptools.HttpParserError as exc:
+            self._break(
+                error_reply(
+                    400, f"malformed HTTP request ({exc}); send HTTP/1.1", "invalid_request"
+                )
+            )
+        self._advance()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.exchange is not None:
+            self.exchange.pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.exchange is not None:
+            self.exchange.resume()
+
+    # ------------------------------------------------------------ httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.queue.append(Request())
+
+    def on_url(self, url: bytes) -> None:
+        request = self.queue[-1]
+        request.url += url
+        if len(request.url) > MAX_URL:
+            raise Reject(error_reply(414, f"the URL is over {MAX_URL} bytes", "url_too_long"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self.queue[-1]
+        if request.headers_done:
+            return  # trailers of a chunked body: not forwarded
+        request.headers.append((name, value))
+        request.head_size += len(name) + len(value)
+        if request.head_size > MAX_HEAD:
+            raise Reject(
+                error_reply(
+                    431, f"the request headers are over {MAX_HEAD} bytes", "headers_too_large"
+                )
+            )
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        request = self.queue[-1]
+        request.headers_done = True
+        request.method = parser.get_method().decode("ascii", "replace")
+        request.http11 = parser.get_http_version() == "1.1"
+        request.keep_alive = parser.should_keep_alive()
+        if parser.should_upgrade():
+            # feed_data raises HttpParserUpgrade once this message is complete.
+            request.error = error_reply(
+                400,
+                "the gateway does not upgrade connections (Upgrade / CONNECT); "
+                "send plain HTTP/1.1 requests",
+                "upgrade_not_supported",
+            )
+            request.keep_alive = False
+            return
+        for name, value in request.headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                length = int(value)
+                if length > self.server.core.max_body:
+                    raise Reject(self.server.core.too_large(length))
+            elif lname == b"expect":
+                if value.strip().lower() != b"100-continue":
+                    raise Reject(
+                        error_reply(417, "only `Expect: 100-continue` is supported", "expect")
+                    )
+                request.expect_continue = True
+        if request.expect_continue and request is self.queue[0] and not self.busy:
+            self._send_continue(request)
+
+    def on_body(self, body: bytes) -> None:
+        request = self.queue[-1]
+        request.body += body
+        if len(request.body) > self.server.core.max_body:
+            raise Reject(self.server.core.too_large(None))
+
+    def on_message_complete(self) -> None:
+        self.queue[-1].complete = True
+        if len(self.queue) > MAX_QUEUED and self.transport is not None and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    # ------------------------------------------------------------ answering, in order
+
+    def _break(self, reply: Reply) -> None:
+        """The parser stopped: answer `reply` after what came before, then close."""
+        self.broken = True
+        queue = self.queue
+        request = queue[-1] if queue and not queue[-1].complete else Request()
+        if request not in queue:
+            queue.append(request)
+        request.error = reply
+        request.complete = True
+        request.keep_alive = False
+
+    def _send_continue(self, request: Request) -> None:
+        request.continued = True
+        if self.transport is not None and not self.closed:
+            self.transport.write(wire.CONTINUE)
+
+    def _advance(self) -> None:
+        if self._advancing:
+            return
+        self._advancing = True
+        try:
+            while self.queue and not self.busy and not self.closed:
+                request = self.queue[0]
+                if not request.complete:
+                    if request.expect_continue and not request.continued:
+                        self._send_continue(request)
+                    break
+                self.busy = True
+                self._handle(request)
+        finally:
+            self._advancing = False
+        if self.read_paused and len(self.queue) <= MAX_QUEUED // 2 and not self.closed:
+            self.read_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+
+    def _handle(self, request: Request) -> None:
+        if request.error is not None:
+            self.reply(request.error)
+            return
+        try:
+            self._dispatch(request)
+        except Exception:
+            log.exception("unexpected error handling %s", request.method)
+            if self.exchange is not None:
+                self.exchange.client_gone()
+                self.exchange = None
+            request.keep_alive = False
+            if self.busy and self.queue and self.queue[0] is request:
+                self.reply(_internal_error())
+
+    def _dispatch(self, request: Request) -> None:
+        core = self.server.core
+        try:
+            url = httptools.parse_url(request.url)
+        except httptools.HttpParserInvalidURLError:
+            self.reply(error_reply(400, "the request target is not a valid URL", "invalid_url"))
+            return
+        raw_path = url.path or b"/"
+        path = raw_path.decode("latin-1")
+        if "%" in path:
+            path = unquote(raw_path.decode("utf-8", "replace"))
+        query = url.query.decode("latin-1") if url.query else ""
+        content_type = api_key = authorization = None
+        for name, value in request.headers:
+            lname = name.lower()
+            if lname == b"content-type":
+                content_type = value.decode("latin-1")
+            elif lname == b"authorization":
+                authorization = value.decode("latin-1")
+            elif lname == b"api-key":
+                api_key = value.decode("latin-1")
+        method = request.method
+        if path in OWN_ENDPOINTS and method in ("GET", "HEAD"):
+            self.reply(core.endpoint(path, query, api_key, authorization))
+            return
+        denied = core.authorize(api_key, authorization)
+        if denied is not None:
+            self.reply(denied)
+            return
+        decided = core.route(method, path, query, content_type, bytes(request.body))
+        if isinstance(decided, Reply):
+            self.reply(decided)
+            return
+        if "%" in decided.path_qs or any(c <= " " for c in decided.path_qs):
+            decided = Forward(
+                decided.deployment,
+                decided.style,
+                quote(decided.path_qs, safe=_SAFE_PATH + "?%"),
+                decided.body,
+            )
+        headers = self._engine_headers(request, decided, api_key, authorization)
+        self.exchange = Exchange(self, request, decided, headers)
+        self.exchange.start()
+
+    def _engine_headers(
+        self,
+        request: Request,
+        forward: Forward,
+        api_key: str | None,
+        authorization: str | None,
+    ) -> bytes:
+        drop = wire.REQUEST_DROP
+        out: list[bytes] = []
+        host = b""
+        prior: bytes | None = None
+        listed: set[bytes] = set()
+        for name, value in request.headers:
+            lname = name.lower()
+            if lname in drop:
+                if lname == b"host":
+                    host = value
+                elif lname == b"connection":
+                    listed = wire.connection_tokens(value)
+                continue
+            if lname == b"x-forwarded-for":
+                prior = value
+            elif lname not in (b"x-forwarded-proto", b"x-forwarded-host"):
+                out.append(b"%s: %s\r\n" % (name, value))
+        if listed:  # headers the client's `Connection` names are for this hop only
+            out = [line for line in out if line.split(b":", 1)[0].lower() not in listed]
+        if api_key and authorization is None:
+            # Azure clients send their key as `api-key`; engines started with --api-key
+            # expect a bearer token.
+            out.append(b"Authorization: Bearer %s\r\n" % api_key.encode("latin-1"))
+        peer = self.peer.encode()
+        out.append(b"X-Forwarded-For: %s\r\n" % (prior + b", " + peer if prior else peer))
+        out.append(b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n" % host)
+        if forward.body or request.method in _BODY_METHODS:
+            out.append(b"Content-Length: %d\r\n" % len(forward.body))
+        out.append(b"\r\n")
+        return b"".join(out)
+
+    # ------------------------------------------------------------ output
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def reply(self, reply: Reply) -> None:
+        """Answer the request at the head of the queue with a reply of the gateway's own."""
+        request = self.queue[0]
+        keep_alive = request.keep_alive and not self.server.closing
+        if not keep_alive:
+            connection = b"Connection: close\r\n"
+        else:
+            connection = b"" if request.http11 else b"Connection: keep-alive\r\n"
+        self.write(
+            wire.reply_bytes(reply, head_only=request.method == "HEAD", connection=connection)
+        )
+        self.finish(keep_alive)
+
+    def finish(self, keep_alive: bool) -> None:
+        """The answer to the head of the queue is complete."""
+        self.exchange = None
+        if self.queue:
+            self.queue.popleft()
+        self.busy = False
+        self.last_active = time.monotonic()
+        if not keep_alive or self.server.closing:
+            self.close()
+            self.server.check_drained()
+            return
+        self._advance()
+
+    def close(self) -> None:
+        """Close once what is written has gone out."""
+        self.broken = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def idle(self) -> bool:
+        return not self.busy and not self.queue
+
+
+def _internal_error() -> Reply:
+    return error_reply(500, "internal gateway error; see the gateway log", "internal_error")

@@ -1,0 +1,262 @@
+"""One proxied request: pick a replica, send, relay the answer's bytes to the client.
+
+The exchange is the engine connection's `Sink`. Response bytes go to the client as they
+arrive, coalesced per read of the engine's socket into one write; a chunked answer is
+re-framed chunk by chunk, nothing else is looked at. Failures map as the aiohttp server
+maps them: nobody accepts the connection -> the next replica, then 503; a reused
+connection closed before any byte -> one retry on a fresh one; broken before the head
+-> 502; broken mid-SSE -> an error event and [DONE]; broken mid-body -> the client's
+connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from prometheus_client import Gauge
+
+from vllm_fleet.gateway.core import Forward
+from vllm_fleet.gateway.errors import sse_error_event
+from vllm_fleet.gateway.relay import wire
+from vllm_fleet.gateway.relay.upstream import EngineConnection, Framing
+from vllm_fleet.registry import Upstream
+
+if TYPE_CHECKING:
+    from vllm_fleet.gateway.relay.client import ClientConnection, Request
+
+log = logging.getLogger(__name__)
+
+
+class Exchange:
+    def __init__(
+        self, client: ClientConnection, request: Request, forward: Forward, headers: bytes
+    ) -> None:
+        self.client = client
+        self.request = request
+        self.forward = forward
+        self.headers = headers  # the request's header lines for the engine, less Host
+        self.upstream: Upstream | None = None
+        self.engine: EngineConnection | None = None
+        self.tried: set[Upstream] = set()
+        self.last_error = ""
+        self.retried = False
+        self.responded = False  # the response head went to the client
+        self.chunked = False  # re-framing the body as chunked to the client
+        self.close_after = False
+        self.is_sse = False
+        self.done = False
+        self._gauge: Gauge | None = None
+        self._out: list[bytes] = []
+
+    # ------------------------------------------------------------ sending
+
+    def start(self) -> None:
+        core = self.client.server.core
+        dep_id = self.forward.deployment
+        upstream = core.pick(dep_id, self.tried)
+        if upstream is None:
+            if self.tried:
+                reply = core.unreachable(dep_id, self.last_error)
+            else:
+                reply = core.unavailable(dep_id)
+            self.done = True
+            core.counted(dep_id, self.forward.style, reply.status)
+            self.client.reply(reply)
+            return
+        self.tried.add(upstream)
+        self.upstream = upstream
+        self.retried = False
+        upstream.outstanding += 1
+        self._gauge = core.in_flight(dep_id)
+        self._gauge.inc()
+        pool = self.client.server.pools.get(upstream.url)
+        conn = pool.take_idle()
+        if conn is not None:
+            self._send(conn)
+        else:
+            self._connect_later()
+
+    def _connect_later(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._connect())
+        self.client.server.tasks.add(task)
+        task.add_done_callback(self.client.server.tasks.discard)
+
+    async def _connect(self) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        pool = self.client.server.pools.get(upstream.url)
+        try:
+            conn = await pool.connect()
+        except (OSError, TimeoutError) as exc:
+            if self.done:
+                return
+            reason = str(exc) or type(exc).__name__
+            log.info("engine %s unreachable, trying another: %s", upstream.name, reason)
+            self._next_replica(f"{upstream.name}: {reason}")
+            return
+        if self.done:  # the client left while we connected
+            if conn.transport is not None:
+                conn.transport.close()
+            return
+        self._send(conn)
+
+    def _send(self, conn: EngineConnection) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        pool = conn.pool
+        self.engine = conn
+        method = self.request.method
+        head = b"%s %s%s HTTP/1.1\r\nHost: %s\r\n" % (
+            method.encode(),
+            pool.base_path.encode(),
+            self.forward.path_qs.encode(),
+            pool.host_header,
+        )
+        conn.send(self, head + self.headers + self.forward.body, method == "HEAD")
+        if self.client.write_paused:
+            conn.pause()
+
+    def _next_replica(self, error: str) -> None:
+        self.last_error = error
+        self._release()
+        self.engine = None
+        self.start()
+
+    def _release(self) -> None:
+        """Give back the upstream's outstanding count and the in-flight gauge."""
+        if self.upstream is not None:
+            self.upstream.outstanding -= 1
+            self.upstream = None
+        if self._gauge is not None:
+            self._gauge.dec()
+            self._gauge = None
+
+    # ------------------------------------------------------------ Sink (engine side)
+
+    def on_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: Framing
+    ) -> None:
+        request = self.request
+        client = self.client
+        out = [wire.status_line(status, reason)]
+        drop = wire.RESPONSE_DROP
+        for name, value in headers:
+            lname = name.lower()
+            if lname in drop:
+                continue
+            if lname == b"content-type":
+                self.is_sse = value.startswith(b"text/event-stream")
+            out.append(b"%s: %s\r\n" % (name, value))
+        keep_alive = request.keep_alive and not client.server.closing
+        if request.method == "HEAD" or status in (204, 304):
+            if framing.length is not None:
+                out.append(b"Content-Length: %d\r\n" % framing.length)
+        elif framing.length is not None and not framing.chunked:
+            out.append(b"Content-Length: %d\r\n" % framing.length)
+        elif request.http11:
+            out.append(b"Transfer-Encoding: chunked\r\n")
+            self.chunked = True
+        else:
+            keep_alive = False  # HTTP/1.0 client: the body ends with the connection
+        self.close_after = not keep_alive
+        if not keep_alive:
+            out.append(b"Connection: close\r\n")
+        elif not request.http11:
+            out.append(b"Connection: keep-alive\r\n")
+        upstream_name = self.upstream.name if self.upstream is not None else "?"
+        out.append(wire.RELAY_HEADERS)
+        out.append(b"X-Fleet-Upstream: %s\r\n\r\n" % upstream_name.encode())
+        self._out.append(b"".join(out))
+        self.responded = True
+        client.server.core.counted(self.forward.deployment, self.forward.style, status)
+
+    def on_body(self, data: bytes) -> None:
+        if self.chunked:
+            self._out.append(b"%x\r\n" % len(data))
+            self._out.append(data)
+            self._out.append(b"\r\n")
+        else:
+            self._out.append(data)
+
+    def on_flush(self) -> None:
+        if self._out:
+            out = self._out
+            self._out = []
+            self.client.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def on_end(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.engine = None
+        self._release()
+        if self.chunked:
+            self.client.write(wire.LAST_CHUNK)
+        self.client.finish(keep_alive=not self.close_after)
+
+    def on_fail(self, exc: BaseException | None, retry: bool) -> None:
+        if self.done:
+            return
+        self.engine = None
+        upstream = self.upstream
+        name = upstream.name if upstream is not None else "?"
+        if not self.responded:
+            if retry and not self.retried:
+                # A pooled connection the engine had closed: once more on a fresh one.
+                self.retried = True
+                log.debug("engine %s closed a pooled connection; retrying fresh", name)
+                self._connect_later()
+                return
+            if isinstance(exc, ConnectionError):
+                # Taken and dropped before any byte: down, as a refused connection is.
+                log.info("engine %s closed the connection unanswered: %s", name, exc)
+                self._next_replica(f"{name}: {exc}")
+                return
+            self.done = True
+            core = self.client.server.core
+            reply = core.upstream_failed(upstream, exc or ConnectionError()) if upstream else None
+            self._release()
+            if reply is not None:
+                core.counted(self.forward.deployment, self.forward.style, reply.status)
+                self.client.reply(reply)
+            return
+        self.done = True
+        self._release()
+        log.warning("engine %s broke off mid-response: %s", name, exc)
+        if self.is_sse and (self.chunked or self.close_after):
+            event = sse_error_event(
+                f"engine {name} broke off the stream: {type(exc).__name__}",
+                "upstream_disconnected",
+            )
+            if self.chunked:
+                self.client.write(wire.chunk(event) + wire.LAST_CHUNK)
+                self.client.finish(keep_alive=not self.close_after)
+            else:  # a body delimited by the close (HTTP/1.0 client)
+                self.client.write(event)
+                self.client.finish(keep_alive=False)
+        else:
+            # The status line is gone already; dropping the connection is the only
+            # honest signal left for a non-streamed body.
+            self.client.finish(keep_alive=False)
+
+    # ------------------------------------------------------------ client side
+
+    def client_gone(self) -> None:
+        """The client disconnected: drop the engine's connection (vLLM aborts)."""
+        if self.done:
+            return
+        self.done = True
+        if self.engine is not None:
+            self.engine.abort()
+            self.engine = None
+        self._release()
+
+    def pause(self) -> None:
+        if self.engine is not None:
+            self.engine.pause()
+
+    def resume(self) -> None:
+        if self.engine is not None:
+            self.engine.resume()
