@@ -157,7 +157,7 @@ class Progress:
         else:
             self.console.print(f"[bold green]ready:[/] {url}  ({summary})", highlight=False)
         example = next(iter(config.deployments))
-        model = config.deployments[example].model
+        model = config.deployments[example].served_as
         lines = [
             f"  path:   {url}/{example}/v1   (OpenAI SDK base_url; any `model` works)",
             f'  azure:  AzureOpenAI(azure_endpoint="{url}", azure_deployment="{example}", '
