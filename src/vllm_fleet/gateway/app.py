@@ -90,8 +90,6 @@ class Gateway:
                 return to_response(core.unavailable(dep_id))
             tried.add(upstream)
             upstream.outstanding += 1
-            in_flight = core.in_flight(dep_id)
-            in_flight.inc()
             try:
                 return await proxy.relay(
                     request, session, upstream, forward.path_qs, forward.body, headers, self.timeout
@@ -103,7 +101,6 @@ class Gateway:
                 return to_response(core.upstream_failed(upstream, exc.cause))
             finally:
                 upstream.outstanding -= 1
-                in_flight.dec()
 
 
 @web.middleware

@@ -16,22 +16,22 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import Counter, Gauge
-
 from vllm_fleet.config import FleetConfig
 from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.metrics import GatewayMetrics
-from vllm_fleet.gateway.routing import ByModel, Names, RouteError, Style, match
+from vllm_fleet.gateway.routing import ByModel, Names, RouteError, Style, Target, match
 from vllm_fleet.registry import Registry, State, Upstream
 
 RETRY_AFTER_LOADING = "10"
 RETRY_AFTER_FAILED = "30"
 
+_ROUTE_CACHE = 1024  # paths whose match() is remembered (the names never change)
+
 # The gateway's own endpoints (GET and HEAD); every other request is proxied.
 OWN_ENDPOINTS = frozenset({"/health", "/fleet/status", "/metrics", "/v1/models"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Forward:
     """Send `body` to a replica of `deployment` at `path_qs`."""
 
@@ -69,8 +69,8 @@ class Core:
         self.max_body = config.gateway.max_body_bytes
         self.started = time.time()
         self._tie = itertools.count()
-        self._counters: dict[tuple[str, str, int], Counter] = {}
-        self._gauges: dict[str, Gauge] = {}
+        self._counts = self.metrics.requests
+        self._routes: dict[str, Target | ByModel | RouteError] = {}  # path -> match()
 
     # ------------------------------------------------------------ auth
 
@@ -162,7 +162,13 @@ class Core:
         """Where a proxied request goes, with its body rewritten; or the error to answer.
 
         `content_type` is the request's Content-Type header (None when absent)."""
-        route = match(path, self.names)
+        route = self._routes.get(path)
+        if route is None:
+            route = match(path, self.names)
+            if len(path) <= 256:
+                if len(self._routes) >= _ROUTE_CACHE:
+                    self._routes.clear()
+                self._routes[path] = route
         if isinstance(route, RouteError):
             return self.route_error(route)
         if isinstance(route, ByModel):
@@ -298,22 +304,13 @@ class Core:
             "upstream_error",
         )
 
-    # ------------------------------------------------------------ metrics (cached children)
+    # ------------------------------------------------------------ metrics
 
     def counted(self, dep_id: str, style: Style, status: int) -> None:
+        """One more request answered (in flight is the upstreams' `outstanding`)."""
         key = (dep_id, style.value, status)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters[key] = self.metrics.requests.labels(
-                dep_id, style.value, str(status)
-            )
-        counter.inc()
-
-    def in_flight(self, dep_id: str) -> Gauge:
-        gauge = self._gauges.get(dep_id)
-        if gauge is None:
-            gauge = self._gauges[dep_id] = self.metrics.in_flight.labels(dep_id)
-        return gauge
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1
 
 
 def _has_param(query: str, name: str) -> bool:
@@ -325,9 +322,16 @@ def _has_param(query: str, name: str) -> bool:
     return False
 
 
+_decode = json.JSONDecoder().decode
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _parse_object(body: bytes) -> dict[str, Any] | Reply:
     try:
-        parsed = json.loads(body)
+        try:
+            parsed = _decode(body.decode())
+        except UnicodeDecodeError:
+            parsed = json.loads(body)  # UTF-16/32 or a BOM, as json.loads detects them
     except (ValueError, RecursionError) as exc:
         return error_reply(
             400,
@@ -347,4 +351,4 @@ def _with_model(parsed: dict[str, Any], body: bytes, served: str) -> bytes:
     if parsed.get("model") == served:
         return body  # already right: forward the client's bytes as they are
     parsed["model"] = served
-    return json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
+    return _encode(parsed).encode()

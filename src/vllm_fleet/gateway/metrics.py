@@ -1,11 +1,16 @@
-"""Prometheus metrics of one gateway, in a registry of its own (no module globals)."""
+"""Prometheus metrics of one gateway, in a registry of its own (no module globals).
+
+Nothing on the request path touches prometheus_client: requests are counted in a plain
+dict and in-flight requests are the upstreams' outstanding counts, both read at scrape
+time by collectors.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from vllm_fleet.registry import Registry, State
@@ -49,21 +54,36 @@ class _UpstreamCollector(Collector):
         yield restarts
 
 
+class _RequestCollector(Collector):
+    """Requests answered (by deployment, URL style, status) and requests in flight."""
+
+    def __init__(self, registry: Registry, counts: dict[tuple[str, str, int], int]) -> None:
+        self.registry = registry
+        self.counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        requests = CounterMetricFamily(
+            "fleet_requests",
+            "requests answered by the gateway",
+            labels=["deployment", "style", "status"],
+        )
+        for (dep_id, style, status), count in sorted(self.counts.items()):
+            requests.add_metric([dep_id, style, str(status)], float(count))
+        in_flight = GaugeMetricFamily(
+            "fleet_requests_in_flight", "requests being proxied", labels=["deployment"]
+        )
+        for dep_id, ups in self.registry.by_deployment.items():
+            in_flight.add_metric([dep_id], float(sum(u.outstanding for u in ups)))
+        yield requests
+        yield in_flight
+
+
 class GatewayMetrics:
     def __init__(self, registry: Registry) -> None:
         self.prometheus = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "fleet_requests",
-            "requests answered by the gateway",
-            ["deployment", "style", "status"],
-            registry=self.prometheus,
-        )
-        self.in_flight = Gauge(
-            "fleet_requests_in_flight",
-            "requests being proxied",
-            ["deployment"],
-            registry=self.prometheus,
-        )
+        # (deployment, style, status) -> requests answered; the request path adds to it.
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.prometheus.register(_RequestCollector(registry, self.requests))
         self.prometheus.register(_UpstreamCollector(registry))
 
     def render(self) -> bytes:

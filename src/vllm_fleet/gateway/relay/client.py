@@ -45,34 +45,72 @@ class Reject(Exception):
 
 
 class Request:
+    """One request as parsed: what the gateway decides on, and the header lines it
+    forwards (built as the headers arrive, hop-by-hop ones left out)."""
+
     __slots__ = (
+        "api_key",
+        "authorization",
         "body",
         "complete",
+        "connection",
+        "content_type",
         "continued",
         "error",
-        "expect_continue",
+        "expect",
+        "forwarded_for",
         "head_size",
-        "headers",
         "headers_done",
+        "host",
         "http11",
         "keep_alive",
+        "length",
+        "lines",
         "method",
         "url",
     )
 
     def __init__(self) -> None:
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.lines: list[bytes] = []  # "Name: value\r\n" to forward to the engine
         self.body = bytearray()
         self.method = "GET"
         self.http11 = True
         self.keep_alive = True
         self.complete = False
-        self.expect_continue = False
+        self.headers_done = False
+        self.head_size = 0
+        self.content_type: str | None = None
+        self.authorization: str | None = None
+        self.api_key: str | None = None
+        self.host = b""
+        self.forwarded_for: bytes | None = None
+        self.connection: bytes | None = None
+        self.length: bytes | None = None
+        self.expect: bytes | None = None
         self.continued = False
         self.error: Reply | None = None  # answer this, then close
-        self.head_size = 0
-        self.headers_done = False
+
+    @property
+    def expect_continue(self) -> bool:
+        return self.expect is not None
+
+
+# Request headers the relay looks at (lower-case name -> what it is); all others are
+# forwarded as they came.
+_HOST, _LENGTH, _CONNECTION, _EXPECT, _API_KEY, _XFF, _CTYPE, _AUTH, _DROP = range(9)
+_SPECIAL = {name: _DROP for name in wire.REQUEST_DROP} | {
+    b"host": _HOST,
+    b"content-length": _LENGTH,
+    b"connection": _CONNECTION,
+    b"expect": _EXPECT,
+    b"api-key": _API_KEY,
+    b"x-forwarded-for": _XFF,
+    b"x-forwarded-proto": _DROP,
+    b"x-forwarded-host": _DROP,
+    b"content-type": _CTYPE,
+    b"authorization": _AUTH,
+}
 
 
 class ClientConnection(asyncio.Protocol):
@@ -80,7 +118,7 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        self.peer = ""
+        self.peer_bytes = b""
         self.queue: deque[Request] = deque()
         self.exchange: Exchange | None = None
         self.busy = False  # the request at the head of the queue is being answered
@@ -96,7 +134,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if isinstance(peer, tuple) else ""
+        self.peer_bytes = str(peer[0]).encode() if isinstance(peer, tuple) else b""
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -161,7 +199,6 @@ class ClientConnection(asyncio.Protocol):
         request = self.queue[-1]
         if request.headers_done:
             return  # trailers of a chunked body: not forwarded
-        request.headers.append((name, value))
         request.head_size += len(name) + len(value)
         if request.head_size > MAX_HEAD:
             raise Reject(
@@ -169,6 +206,27 @@ class ClientConnection(asyncio.Protocol):
                     431, f"the request headers are over {MAX_HEAD} bytes", "headers_too_large"
                 )
             )
+        kind = _SPECIAL.get(name.lower())
+        if kind is None:
+            request.lines.append(b"%s: %s\r\n" % (name, value))
+        elif kind == _CTYPE:
+            request.content_type = value.decode("latin-1")
+            request.lines.append(b"%s: %s\r\n" % (name, value))
+        elif kind == _HOST:
+            request.host = value
+        elif kind == _LENGTH:
+            request.length = value
+        elif kind == _AUTH:
+            request.authorization = value.decode("latin-1")
+            request.lines.append(b"%s: %s\r\n" % (name, value))
+        elif kind == _API_KEY:
+            request.api_key = value.decode("latin-1")
+        elif kind == _XFF:
+            request.forwarded_for = value
+        elif kind == _CONNECTION:
+            request.connection = value
+        elif kind == _EXPECT:
+            request.expect = value
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -187,20 +245,15 @@ class ClientConnection(asyncio.Protocol):
             )
             request.keep_alive = False
             return
-        for name, value in request.headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                length = int(value)
-                if length > self.server.core.max_body:
-                    raise Reject(self.server.core.too_large(length))
-            elif lname == b"expect":
-                if value.strip().lower() != b"100-continue":
-                    raise Reject(
-                        error_reply(417, "only `Expect: 100-continue` is supported", "expect")
-                    )
-                request.expect_continue = True
-        if request.expect_continue and request is self.queue[0] and not self.busy:
-            self._send_continue(request)
+        if request.length is not None:
+            length = int(request.length)  # llhttp checked it is a number
+            if length > self.server.core.max_body:
+                raise Reject(self.server.core.too_large(length))
+        if request.expect is not None:
+            if request.expect.strip().lower() != b"100-continue":
+                raise Reject(error_reply(417, "only `Expect: 100-continue` is supported", "expect"))
+            if request is self.queue[0] and not self.busy:
+                self._send_continue(request)
 
     def on_body(self, body: bytes) -> None:
         request = self.queue[-1]
@@ -269,85 +322,62 @@ class ClientConnection(asyncio.Protocol):
 
     def _dispatch(self, request: Request) -> None:
         core = self.server.core
-        try:
-            url = httptools.parse_url(request.url)
-        except httptools.HttpParserInvalidURLError:
-            self.reply(error_reply(400, "the request target is not a valid URL", "invalid_url"))
-            return
-        raw_path = url.path or b"/"
+        target = request.url
+        if target[:1] == b"/":  # origin form, as clients send it
+            raw_path, _, raw_query = target.partition(b"?")
+            raw_path, _, _ = raw_path.partition(b"#")
+        else:  # absolute form (http://host/path), or garbage
+            try:
+                url = httptools.parse_url(target)
+            except httptools.HttpParserInvalidURLError:
+                self.reply(error_reply(400, "the request target is not a valid URL", "invalid_url"))
+                return
+            raw_path, raw_query = url.path or b"/", url.query or b""
         path = raw_path.decode("latin-1")
-        if "%" in path:
+        decoded = "%" in path
+        if decoded:
             path = unquote(raw_path.decode("utf-8", "replace"))
-        query = url.query.decode("latin-1") if url.query else ""
-        content_type = api_key = authorization = None
-        for name, value in request.headers:
-            lname = name.lower()
-            if lname == b"content-type":
-                content_type = value.decode("latin-1")
-            elif lname == b"authorization":
-                authorization = value.decode("latin-1")
-            elif lname == b"api-key":
-                api_key = value.decode("latin-1")
+        query = raw_query.decode("latin-1")
         method = request.method
         if path in OWN_ENDPOINTS and method in ("GET", "HEAD"):
-            self.reply(core.endpoint(path, query, api_key, authorization))
+            self.reply(core.endpoint(path, query, request.api_key, request.authorization))
             return
-        denied = core.authorize(api_key, authorization)
+        denied = core.authorize(request.api_key, request.authorization)
         if denied is not None:
             self.reply(denied)
             return
-        decided = core.route(method, path, query, content_type, bytes(request.body))
+        decided = core.route(method, path, query, request.content_type, bytes(request.body))
         if isinstance(decided, Reply):
             self.reply(decided)
             return
-        if "%" in decided.path_qs or any(c <= " " for c in decided.path_qs):
-            decided = Forward(
-                decided.deployment,
-                decided.style,
-                quote(decided.path_qs, safe=_SAFE_PATH + "?%"),
-                decided.body,
-            )
-        headers = self._engine_headers(request, decided, api_key, authorization)
-        self.exchange = Exchange(self, request, decided, headers)
+        if decoded:  # the engine gets the path encoded again
+            decided.path_qs = quote(decided.path_qs, safe=_SAFE_PATH + "?%")
+        self.exchange = Exchange(self, request, decided, self._engine_headers(request, decided))
         self.exchange.start()
 
-    def _engine_headers(
-        self,
-        request: Request,
-        forward: Forward,
-        api_key: str | None,
-        authorization: str | None,
-    ) -> bytes:
-        drop = wire.REQUEST_DROP
-        out: list[bytes] = []
-        host = b""
-        prior: bytes | None = None
-        listed: set[bytes] = set()
-        for name, value in request.headers:
-            lname = name.lower()
-            if lname in drop:
-                if lname == b"host":
-                    host = value
-                elif lname == b"connection":
-                    listed = wire.connection_tokens(value)
-                continue
-            if lname == b"x-forwarded-for":
-                prior = value
-            elif lname not in (b"x-forwarded-proto", b"x-forwarded-host"):
-                out.append(b"%s: %s\r\n" % (name, value))
-        if listed:  # headers the client's `Connection` names are for this hop only
-            out = [line for line in out if line.split(b":", 1)[0].lower() not in listed]
-        if api_key and authorization is None:
+    def _engine_headers(self, request: Request, forward: Forward) -> bytes:
+        """The header lines for the engine (less Host, which depends on the engine)."""
+        lines = request.lines
+        if request.connection is not None:
+            # Headers the client's `Connection` names are for this hop only.
+            listed = wire.connection_tokens(request.connection)
+            if listed:
+                lines = [ln for ln in lines if ln.split(b":", 1)[0].lower() not in listed]
+        if request.api_key and request.authorization is None:
             # Azure clients send their key as `api-key`; engines started with --api-key
             # expect a bearer token.
-            out.append(b"Authorization: Bearer %s\r\n" % api_key.encode("latin-1"))
-        peer = self.peer.encode()
-        out.append(b"X-Forwarded-For: %s\r\n" % (prior + b", " + peer if prior else peer))
-        out.append(b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n" % host)
+            lines.append(b"Authorization: Bearer %s\r\n" % request.api_key.encode("latin-1"))
+        peer = self.peer_bytes
+        prior = request.forwarded_for
+        lines.append(
+            b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n"
+            % (prior + b", " + peer if prior else peer, request.host)
+        )
         if forward.body or request.method in _BODY_METHODS:
-            out.append(b"Content-Length: %d\r\n" % len(forward.body))
-        out.append(b"\r\n")
-        return b"".join(out)
+            lines.append(b"Content-Length: %d\r\n\r\n" % len(forward.body))
+        else:
+            lines.append(b"\r\n")
+        return b"".join(lines)
 
     # ------------------------------------------------------------ output
 

@@ -11,11 +11,9 @@ connection is closed.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 from typing import TYPE_CHECKING
-
-from prometheus_client import Gauge
 
 from vllm_fleet.gateway.core import Forward
 from vllm_fleet.gateway.errors import sse_error_event
@@ -27,6 +25,13 @@ if TYPE_CHECKING:
     from vllm_fleet.gateway.relay.client import ClientConnection, Request
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=256)
+def upstream_headers(name: str) -> bytes:
+    """The headers the relay adds to every answer from upstream `name`, and the blank
+    line that ends the head."""
+    return wire.RELAY_HEADERS + b"X-Fleet-Upstream: %s\r\n\r\n" % name.encode()
 
 
 class Exchange:
@@ -47,8 +52,8 @@ class Exchange:
         self.close_after = False
         self.is_sse = False
         self.done = False
-        self._gauge: Gauge | None = None
         self._out: list[bytes] = []
+        self.relay_headers = b""
 
     # ------------------------------------------------------------ sending
 
@@ -67,10 +72,9 @@ class Exchange:
             return
         self.tried.add(upstream)
         self.upstream = upstream
+        self.relay_headers = upstream_headers(upstream.name)
         self.retried = False
         upstream.outstanding += 1
-        self._gauge = core.in_flight(dep_id)
-        self._gauge.inc()
         pool = self.client.server.pools.get(upstream.url)
         conn = pool.take_idle()
         if conn is not None:
@@ -79,28 +83,26 @@ class Exchange:
             self._connect_later()
 
     def _connect_later(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._connect())
-        self.client.server.tasks.add(task)
-        task.add_done_callback(self.client.server.tasks.discard)
+        assert self.upstream is not None
+        self.client.server.pools.get(self.upstream.url).connect(self._connected)
 
-    async def _connect(self) -> None:
-        upstream = self.upstream
-        assert upstream is not None
-        pool = self.client.server.pools.get(upstream.url)
-        try:
-            conn = await pool.connect()
-        except (OSError, TimeoutError) as exc:
-            if self.done:
+    def _connected(self, result: EngineConnection | BaseException) -> None:
+        if isinstance(result, EngineConnection):
+            if self.done:  # the client left while we connected
+                if result.transport is not None:
+                    result.transport.close()
                 return
-            reason = str(exc) or type(exc).__name__
-            log.info("engine %s unreachable, trying another: %s", upstream.name, reason)
-            self._next_replica(f"{upstream.name}: {reason}")
+            self._send(result)
             return
-        if self.done:  # the client left while we connected
-            if conn.transport is not None:
-                conn.transport.close()
+        if self.done:
             return
-        self._send(conn)
+        if not isinstance(result, OSError | TimeoutError):
+            log.error("unexpected error connecting to an engine", exc_info=result)
+        upstream = self.upstream
+        name = upstream.name if upstream is not None else "?"
+        reason = str(result) or type(result).__name__
+        log.info("engine %s unreachable, trying another: %s", name, reason)
+        self._next_replica(f"{name}: {reason}")
 
     def _send(self, conn: EngineConnection) -> None:
         upstream = self.upstream
@@ -125,50 +127,35 @@ class Exchange:
         self.start()
 
     def _release(self) -> None:
-        """Give back the upstream's outstanding count and the in-flight gauge."""
+        """Give back the upstream's outstanding count (the in-flight metric)."""
         if self.upstream is not None:
             self.upstream.outstanding -= 1
             self.upstream = None
-        if self._gauge is not None:
-            self._gauge.dec()
-            self._gauge = None
 
     # ------------------------------------------------------------ Sink (engine side)
 
-    def on_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: Framing
-    ) -> None:
+    def on_head(self, status: int, lines: list[bytes], framing: Framing) -> None:
         request = self.request
         client = self.client
-        out = [wire.status_line(status, reason)]
-        drop = wire.RESPONSE_DROP
-        for name, value in headers:
-            lname = name.lower()
-            if lname in drop:
-                continue
-            if lname == b"content-type":
-                self.is_sse = value.startswith(b"text/event-stream")
-            out.append(b"%s: %s\r\n" % (name, value))
+        self.is_sse = framing.sse
         keep_alive = request.keep_alive and not client.server.closing
         if request.method == "HEAD" or status in (204, 304):
             if framing.length is not None:
-                out.append(b"Content-Length: %d\r\n" % framing.length)
+                lines.append(b"Content-Length: %d\r\n" % framing.length)
         elif framing.length is not None and not framing.chunked:
-            out.append(b"Content-Length: %d\r\n" % framing.length)
+            lines.append(b"Content-Length: %d\r\n" % framing.length)
         elif request.http11:
-            out.append(b"Transfer-Encoding: chunked\r\n")
+            lines.append(b"Transfer-Encoding: chunked\r\n")
             self.chunked = True
         else:
             keep_alive = False  # HTTP/1.0 client: the body ends with the connection
         self.close_after = not keep_alive
         if not keep_alive:
-            out.append(b"Connection: close\r\n")
+            lines.append(b"Connection: close\r\n")
         elif not request.http11:
-            out.append(b"Connection: keep-alive\r\n")
-        upstream_name = self.upstream.name if self.upstream is not None else "?"
-        out.append(wire.RELAY_HEADERS)
-        out.append(b"X-Fleet-Upstream: %s\r\n\r\n" % upstream_name.encode())
-        self._out.append(b"".join(out))
+            lines.append(b"Connection: keep-alive\r\n")
+        lines.append(self.relay_headers)
+        self._out.append(wire.status_line(status) + b"".join(lines))
         self.responded = True
         client.server.core.counted(self.forward.deployment, self.forward.style, status)
 

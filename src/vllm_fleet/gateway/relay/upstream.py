@@ -15,10 +15,13 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
+
+from vllm_fleet.gateway.relay.wire import RESPONSE_DROP
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +31,7 @@ IDLE_CLOSE = 4.0  # seconds an idle engine connection is kept (uvicorn closes at
 class Sink(Protocol):
     """Where an engine connection delivers one response (the relay's exchange)."""
 
-    def on_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: Framing
-    ) -> None: ...
+    def on_head(self, status: int, lines: list[bytes], framing: Framing) -> None: ...
     def on_body(self, data: bytes) -> None: ...
     def on_flush(self) -> None: ...
     def on_end(self) -> None: ...
@@ -38,14 +39,15 @@ class Sink(Protocol):
 
 
 class Framing:
-    """How the engine delimits the body of its response."""
+    """How the engine delimits the body of its response (and whether it is SSE)."""
 
-    __slots__ = ("chunked", "length", "until_close")
+    __slots__ = ("chunked", "length", "sse", "until_close")
 
-    def __init__(self, chunked: bool, length: int | None, until_close: bool) -> None:
+    def __init__(self, chunked: bool, length: int | None, until_close: bool, sse: bool) -> None:
         self.chunked = chunked
         self.length = length
         self.until_close = until_close
+        self.sse = sse  # text/event-stream
 
 
 class UpstreamClosed(ConnectionError):
@@ -63,9 +65,11 @@ class EngineConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.head_only = False
         self._got_bytes = False
-        self._in_head = False
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._reason = b""
+        self._in_head = True
+        self._lines: list[bytes] = []  # response header lines to relay
+        self._length: int | None = None
+        self._chunked = False
+        self._sse = False
         self._interim = False
         self._framing: Framing | None = None
 
@@ -76,6 +80,7 @@ class EngineConnection(asyncio.Protocol):
         self.head_only = head_only
         self._got_bytes = False
         self._framing = None
+        self._reset_head()
         assert self.transport is not None
         self.transport.write(data)
 
@@ -134,43 +139,46 @@ class EngineConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------ httptools callbacks
 
-    def on_message_begin(self) -> None:
-        self._in_head = True
-        self._headers = []
-        self._reason = b""
-
-    def on_status(self, status: bytes) -> None:
-        self._reason += status
-
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_head:  # not trailers
-            self._headers.append((name, value))
+        if not self._in_head:
+            return  # trailers: not relayed
+        lname = name.lower()
+        if lname in RESPONSE_DROP:
+            if lname == b"content-length":
+                self._length = int(value)
+            elif lname == b"transfer-encoding":
+                self._chunked = b"chunked" in value.lower()
+            return
+        if lname == b"content-type":
+            self._sse = value.startswith(b"text/event-stream")
+        self._lines.append(b"%s: %s\r\n" % (name, value))
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
         status = self.parser.get_status_code()
         if 100 <= status < 200:
             self._interim = True  # 1xx (e.g. 103 Early Hints): not relayed
+            self._reset_head()
             return
+        self._in_head = False
         self._interim = False
-        chunked = False
-        length: int | None = None
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                length = int(value)
-            elif lname == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
+        chunked, length = self._chunked, self._length
         no_body = self.head_only or status in (204, 304)
         until_close = not (chunked or no_body) and length is None
-        framing = self._framing = Framing(chunked, length, until_close)
+        framing = self._framing = Framing(chunked, length, until_close, self._sse)
         sink = self.sink
         if sink is not None:
-            sink.on_head(status, self._reason, self._headers, framing)
+            sink.on_head(status, self._lines, framing)
         if self.head_only:
             # llhttp cannot be told the request was HEAD: take the head alone, and do not
             # reuse the connection (its parser would wait for the announced body).
             self._finish(reusable=False)
+
+    def _reset_head(self) -> None:
+        self._in_head = True
+        self._lines = []
+        self._length = None
+        self._chunked = False
+        self._sse = False
 
     def on_body(self, body: bytes) -> None:
         sink = self.sink
@@ -242,21 +250,35 @@ class EnginePool:
             return conn
         return None
 
-    async def connect(self) -> EngineConnection:
-        """A fresh connection; raises OSError or TimeoutError when the engine is not there."""
+    def connect(self, done: Callable[[EngineConnection | BaseException], None]) -> None:
+        """Open a fresh connection; `done` gets it, or the OSError / TimeoutError when
+        the engine is not there. One task, and a timer for the connect timeout."""
         loop = asyncio.get_running_loop()
-        _, conn = await asyncio.wait_for(
+        task = loop.create_task(
             loop.create_connection(
                 lambda: EngineConnection(self),
                 self.host,
                 self.port,
                 ssl=self.ssl,
                 server_hostname=self.host if self.ssl is not None else None,
-            ),
-            self.connect_timeout,
+            )
         )
-        conn.reused = False
-        return conn
+        timer = loop.call_later(self.connect_timeout, task.cancel)
+
+        def finished(task: asyncio.Task[tuple[asyncio.BaseTransport, EngineConnection]]) -> None:
+            timer.cancel()
+            if task.cancelled():
+                done(TimeoutError(f"no connection within {self.connect_timeout:g} s"))
+                return
+            exc = task.exception()
+            if exc is not None:
+                done(exc)
+                return
+            conn = task.result()[1]
+            conn.reused = False
+            done(conn)
+
+        task.add_done_callback(finished)
 
     def release(self, conn: EngineConnection) -> None:
         conn.idle_since = time.monotonic()

@@ -38,14 +38,16 @@ LAST_CHUNK = b"0\r\n\r\n"
 RELAY_HEADERS = b"X-Accel-Buffering: no\r\n"
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()}
 _date_second = 0
 _date_line = b""
 
 
-def status_line(status: int, reason: bytes | None = None) -> bytes:
-    if not reason:
-        reason = _REASONS.get(status, b"Unknown")
-    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+def status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
+    return line
 
 
 def date_line() -> bytes:
