@@ -5,7 +5,9 @@
   a main config sized for the benchmark (one worker process, as many connections as the
   scenarios open, no access log), run unprivileged on its own prefix;
 - gateway: `fleet up bench-fleet.yaml`, whose one deployment has `endpoints:` pointing at
-  the upstream (routed to, never started).
+  the upstream (routed to, never started); `gateway.server` as the fleet's default unless
+  the benchmark names one (`--gateway-server`), and `aiohttp` for the optional
+  `gateway-aiohttp` front end.
 
 Every process is pinned to its cores from the moment it forks.
 """
@@ -28,7 +30,7 @@ gateway:
   host: 127.0.0.1
   port: {gateway_port}
   accept_any_model: true
-engines:
+{server_line}engines:
   log_dir: logs
 deployments:
   {deployment}:
@@ -60,11 +62,21 @@ def fleet_command() -> list[str]:
     return python_module("vllm_fleet.cli")
 
 
-def write_fleet_file(workdir: Path, gateway_port: int, upstream_port: int) -> Path:
-    path = workdir / "bench-fleet.yaml"
+def write_fleet_file(
+    workdir: Path,
+    gateway_port: int,
+    upstream_port: int,
+    server: str | None = None,
+    name: str = "bench-fleet.yaml",
+) -> Path:
+    """The benchmark's fleet file; `server` sets gateway.server (else the default)."""
+    path = workdir / name
     path.write_text(
         FLEET_FILE.format(
-            gateway_port=gateway_port, upstream_port=upstream_port, deployment=DEPLOYMENT
+            gateway_port=gateway_port,
+            upstream_port=upstream_port,
+            deployment=DEPLOYMENT,
+            server_line=f"  server: {server}\n" if server else "",
         )
     )
     return path
@@ -124,11 +136,16 @@ def start_nginx(workdir: Path, fleet_file: Path, cores: Cores) -> tuple[Managed,
 
 
 def start_gateway(
-    workdir: Path, fleet_file: Path, port: int, cores: Cores, fleet: list[str] | None = None
+    workdir: Path,
+    fleet_file: Path,
+    port: int,
+    cores: Cores,
+    fleet: list[str] | None = None,
+    name: str = "gateway",
 ) -> Managed:
     """`fleet up bench-fleet.yaml`; `fleet` replaces the command (to compare a patched one)."""
     argv = [*(fleet or fleet_command()), "up", str(fleet_file)]
-    gateway = Managed("gateway", argv, cores.proxy, workdir / "gateway.log")
+    gateway = Managed(name, argv, cores.proxy, workdir / f"{name}.log")
     gateway.wait_port(port, timeout=60)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as answer:
         if answer.status != 200:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FRONTS = ("direct", "nginx", "gateway")
+# Measured only when asked for (--fronts): the gateway on its other server, for comparison.
+OPTIONAL_FRONTS = ("gateway-aiohttp",)
+ALL_FRONTS = FRONTS + OPTIONAL_FRONTS
 # scenario -> front -> one metrics dict per repetition
 Runs = dict[str, dict[str, list[dict[str, float]]]]
 
@@ -94,22 +97,29 @@ def _ratio(runs: Runs, row: Row, other: str) -> str:
     return f"{mine / theirs:.2f}×"
 
 
+def fronts_of(runs: Runs) -> tuple[str, ...]:
+    """The table's columns: the three front ends, and the optional ones measured."""
+    measured = {f for fronts in runs.values() for f in fronts}
+    return FRONTS + tuple(f for f in OPTIONAL_FRONTS if f in measured)
+
+
 def table(runs: Runs, titles: dict[str, str], hwm_mb: dict[str, float]) -> str:
-    head = "| scenario | metric | direct | nginx | gateway | gateway÷direct | gateway÷nginx |"
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
+    fronts = fronts_of(runs)
+    head = f"| scenario | metric | {' | '.join(fronts)} | gateway÷direct | gateway÷nginx |"
+    lines = [head, "|---|---|" + "---:|" * (len(fronts) + 2)]
     for row in sorted(ROWS, key=lambda r: r.scenario):
         if row.scenario not in runs:
             continue
-        cells = [_cell(runs, row, f) for f in FRONTS]
+        cells = [_cell(runs, row, f) for f in fronts]
         ratios = [_ratio(runs, row, "direct"), _ratio(runs, row, "nginx")]
         lines.append(f"| {titles[row.scenario]} | {row.label} | {' | '.join(cells + ratios)} |")
         if row.metric == "lat_p50_ms" and row.scenario == "a":
-            added = [f"{added_latency(runs, f):.3f}" for f in ("nginx", "gateway")]
+            added = [f"{added_latency(runs, f):.3f}" for f in fronts[1:]]
             lines.append(
-                f"| {titles['a']} | added latency p50 vs direct (ms) | — | {added[0]} | "
-                f"{added[1]} |  |  |"
+                f"| {titles['a']} | added latency p50 vs direct (ms) | — | "
+                f"{' | '.join(added)} |  |  |"
             )
-    hwm = [f"{hwm_mb[f]:.1f}" if f in hwm_mb else "—" for f in FRONTS]
+    hwm = [f"{hwm_mb[f]:.1f}" if f in hwm_mb else "—" for f in fronts]
     ratio = (
         f"{hwm_mb['gateway'] / hwm_mb['nginx']:.2f}×"
         if hwm_mb.get("nginx") and "gateway" in hwm_mb
@@ -187,7 +197,7 @@ def targets_table(checks: Sequence[Check]) -> str:
 def bottlenecks(runs: Runs) -> list[str]:
     """Plain-language notes on which core limited each proxy in (c)."""
     notes = []
-    for front in ("nginx", "gateway"):
+    for front in fronts_of(runs)[1:]:
         proxy = median(runs, "c", front, "proxy_core_util")
         load = median(runs, "c", front, "load_core_util")
         if math.isnan(proxy):
@@ -211,7 +221,7 @@ def bottlenecks(runs: Runs) -> list[str]:
 
 def error_count(runs: Runs) -> dict[str, float]:
     """Errors per front, over every scenario and repetition."""
-    return {f: sum(total(runs, s, f, "errors") for s in runs) for f in FRONTS}
+    return {f: sum(total(runs, s, f, "errors") for s in runs) for f in fronts_of(runs)}
 
 
 def chart(runs: Runs, path: Path, subtitle: str) -> bool:
@@ -224,7 +234,13 @@ def chart(runs: Runs, path: Path, subtitle: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    colors = {"direct": "#888888", "nginx": "#2b8a3e", "gateway": "#1c7ed6"}
+    colors = {
+        "direct": "#888888",
+        "nginx": "#2b8a3e",
+        "gateway": "#1c7ed6",
+        "gateway-aiohttp": "#a5d8ff",
+    }
+    fronts = fronts_of(runs)
     panels = [
         ("b", "ttft_p50_ms", "(b) TTFT p50 (ms)"),
         ("b", "ttft_p99_ms", "(b) TTFT p99 (ms)"),
@@ -237,7 +253,7 @@ def chart(runs: Runs, path: Path, subtitle: str) -> bool:
     axes_list = list(axes) if len(panels) > 1 else [axes]
     for ax, (scenario, metric, title) in zip(axes_list, panels, strict=True):
         mids, lows, highs = [], [], []
-        for front in FRONTS:
+        for front in fronts:
             found = values(runs, scenario, front, metric) or [math.nan]
             if metric == "rss_peak_mb" and front == "direct":
                 found = [math.nan]  # no proxy, nothing to measure
@@ -245,7 +261,7 @@ def chart(runs: Runs, path: Path, subtitle: str) -> bool:
             mids.append(mid)
             lows.append(mid - min(found))
             highs.append(max(found) - mid)
-        ax.bar(FRONTS, mids, color=[colors[f] for f in FRONTS], yerr=[lows, highs], capsize=4)
+        ax.bar(fronts, mids, color=[colors[f] for f in fronts], yerr=[lows, highs], capsize=4)
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=9)
         for index, mid in enumerate(mids):

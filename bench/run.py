@@ -134,8 +134,9 @@ def machine() -> str:
     )
 
 
-def versions() -> str:
+def versions(server: str) -> str:
     import aiohttp
+    import httptools
 
     try:
         import uvloop
@@ -147,7 +148,10 @@ def versions() -> str:
         [find_nginx(), "-v"], capture_output=True, text=True, timeout=10, check=False
     )
     nginx = done.stderr.strip().replace("nginx version: ", "")
-    return f"{nginx}; gateway on aiohttp {aiohttp.__version__}, {loop}"
+    return (
+        f"{nginx}; gateway server `{server}` (aiohttp {aiohttp.__version__}, "
+        f"httptools {httptools.__version__}), {loop}"
+    )
 
 
 def describe(settings: Settings) -> dict[str, str]:
@@ -199,7 +203,7 @@ def write_results(
         f"Run `{command}` on {when}, {elapsed:.0f} s in all.",
         "",
         f"- Machine: {machine()}",
-        f"- Software: {versions()}",
+        f"- Software: {versions(gateway_server(args))}",
         f"- Cores: {cores.describe()}; every benchmark process at nice "
         f"{os.getpriority(os.PRIO_PROCESS, 0)} (ahead of other work on the machine)",
         "- Upstream: `bench/upstream.py`, a raw asyncio vLLM look-alike (SSE in vLLM's "
@@ -228,8 +232,17 @@ def write_results(
     return text
 
 
+def gateway_server(args: argparse.Namespace) -> str:
+    """The server the `gateway` front end runs: --gateway-server, else the fleet default."""
+    if args.gateway_server:
+        return str(args.gateway_server)
+    from vllm_fleet.config import GatewayConfig
+
+    return str(GatewayConfig().server)
+
+
 def argv_is_default(args: argparse.Namespace) -> bool:
-    partial = args.quick or args.repeats or args.profile or args.fleet
+    partial = args.quick or args.repeats or args.profile or args.fleet or args.gateway_server
     return not partial and args.scenarios == "a,b,c,d"
 
 
@@ -238,7 +251,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI smoke: small, < 60 s")
     parser.add_argument("--repeats", type=int, default=None, help="repetitions per scenario")
     parser.add_argument("--out", type=Path, default=None, help="results folder")
-    parser.add_argument("--fronts", default=",".join(report.FRONTS), help="e.g. gateway")
+    parser.add_argument(
+        "--fronts",
+        default=",".join(report.FRONTS),
+        help="e.g. gateway; add gateway-aiohttp to measure the aiohttp server beside it",
+    )
+    parser.add_argument(
+        "--gateway-server",
+        choices=("aiohttp", "fast"),
+        default=None,
+        help="gateway.server for the `gateway` front end (default: the fleet file default)",
+    )
     parser.add_argument("--scenarios", default="a,b,c,d", help="e.g. b,c")
     parser.add_argument(
         "--profile",
@@ -259,10 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**{**vars(settings), "repeats": args.repeats})
     names = [n for n in args.fronts.split(",") if n]
     chosen = [n for n in args.scenarios.split(",") if n]
-    if not set(names) <= set(report.FRONTS) or not set(chosen) <= set("abcd"):
-        parser.error("--fronts is a subset of direct,nginx,gateway; --scenarios of a,b,c,d")
-    full = set(names) == set(report.FRONTS) and set(chosen) == set("abcd")
-    full = full and not (args.fleet or args.profile)
+    if not set(names) <= set(report.ALL_FRONTS) or not set(chosen) <= set("abcd"):
+        parser.error(
+            f"--fronts is a subset of {','.join(report.ALL_FRONTS)}; --scenarios of a,b,c,d"
+        )
+    full = set(report.FRONTS) <= set(names) and set(chosen) == set("abcd")
+    full = full and not (args.fleet or args.profile or args.gateway_server)
     out = args.out or (RESULTS if full else Path(tempfile.mkdtemp(prefix="fleet-bench-out-")))
 
     started = time.monotonic()
@@ -282,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         up_pids = upstream.pids()
         targets = [Target("direct", upstream_port, "", list, up_pids)]
         gateway_port = procs.free_port()
-        fleet_file = fronts.write_fleet_file(workdir, gateway_port, upstream_port)
+        fleet_file = fronts.write_fleet_file(
+            workdir, gateway_port, upstream_port, args.gateway_server
+        )
         if "nginx" in names:
             nginx, nginx_port = fronts.start_nginx(workdir, fleet_file, cores)
             managed.append(nginx)
@@ -296,6 +323,15 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(Target("gateway", gateway_port, prefix, gateway.pids, up_pids))
             if args.profile is not None:
                 profiler = start_profiler(gateway.pid, args.profile, workdir)
+        if "gateway-aiohttp" in names:
+            alt_port = procs.free_port()
+            alt_file = fronts.write_fleet_file(
+                workdir, alt_port, upstream_port, "aiohttp", "bench-fleet-aiohttp.yaml"
+            )
+            alt = fronts.start_gateway(workdir, alt_file, alt_port, cores, None, "gateway-aiohttp")
+            managed.append(alt)
+            prefix = f"/{fronts.DEPLOYMENT}"
+            targets.append(Target("gateway-aiohttp", alt_port, prefix, alt.pids, up_pids))
         targets = [t for t in targets if t.name in names]
         log(f"bench: {', '.join(f'{t.name} :{t.port}' for t in targets)}; work dir {workdir}")
         runs = run_loop(measure(targets, chosen, settings, upstream_port))
