@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -234,6 +235,37 @@ def test_body_over_the_limit_in_chunks_is_413(gateway: GatewayThread) -> None:
             pass  # the server may answer and close before the rest is sent
         answers = reader.read()
     assert answers and answers[0].status == 413
+
+
+def test_an_answer_bigger_than_every_buffer_reaches_a_slow_client_whole(
+    server: str,
+) -> None:
+    """The client's socket takes little at a time, so the gateway's send buffer fills and
+    it must stop reading the engine (flow control), then go on when the client reads."""
+    tokens = 400_000  # about 3 MB of text, more than the kernel and transport buffers
+    with FakeEngine("org/big", ["org/big"], "--max-model-len", str(tokens)) as big:
+        gw = GatewayThread(
+            f"deployments:\n  big:\n    model: org/big\n    endpoints: ['{big.url}']\n", server
+        ).start()
+        try:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", gw.port))
+            sock.settimeout(30)
+            with sock:
+                sock.sendall(post("/big/v1/completions", {"prompt": "x", "max_tokens": tokens}))
+                time.sleep(1.0)  # not reading: the buffers between engine and client fill
+                reader = Reader(sock)
+                (answer,) = reader.read()
+                sock.sendall(b"GET /big/health HTTP/1.1\r\nHost: t\r\n\r\n")
+                (after,) = reader.read()  # the same connection still works
+        finally:
+            gw.stop()
+    assert answer.status == 200
+    assert len(answer.body) == int(answer.headers["content-length"])
+    text = json.loads(answer.body)["choices"][0]["text"]
+    assert text.endswith(f"tok{tokens - 1}") or text.endswith(f"tok{tokens - 1} ")
+    assert after.status == 200
 
 
 # ---------------------------------------------------------------- the fast server only

@@ -20,7 +20,7 @@ from vllm_fleet.registry import Registry
 
 log = logging.getLogger(__name__)
 
-KEEPALIVE_TIMEOUT = 75.0  # seconds an idle client connection is kept open
+KEEPALIVE_TIMEOUT = 75.0  # seconds a client connection may be idle (or stall mid-request)
 _SWEEP_EVERY = 5.0
 
 
@@ -52,7 +52,8 @@ class FastServer:
     def _sweep(self) -> None:
         limit = time.monotonic() - KEEPALIVE_TIMEOUT
         for conn in list(self.connections):
-            if conn.idle() and conn.last_active < limit:
+            # Idle between requests, or stalled inside one before it could be answered.
+            if not conn.busy and conn.last_active < limit:
                 conn.close()
         self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_EVERY, self._sweep)
 

@@ -62,6 +62,7 @@ class EngineConnection(asyncio.Protocol):
         self.sink: Sink | None = None
         self.closed = False
         self.reused = False
+        self.paused = False  # reading paused: the client cannot take more yet
         self.idle_since = 0.0
         self.head_only = False
         self._got_bytes = False
@@ -91,11 +92,13 @@ class EngineConnection(asyncio.Protocol):
             self.transport.abort()
 
     def pause(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self.paused:
+            self.paused = True
             self.transport.pause_reading()
 
     def resume(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and self.paused:
+            self.paused = False
             self.transport.resume_reading()
 
     # ------------------------------------------------------------ asyncio.Protocol
@@ -127,6 +130,11 @@ class EngineConnection(asyncio.Protocol):
         self._got_bytes = True
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            # Our own code failed in a callback: say so, then fail the exchange.
+            log.error("unexpected error relaying a response", exc_info=exc.__context__ or exc)
+            self._broken(exc)
+            return
         except httptools.HttpParserError as exc:
             self._broken(exc)
             return
@@ -199,12 +207,13 @@ class EngineConnection(asyncio.Protocol):
         sink = self.sink
         self.sink = None
         self._framing = None
+        if sink is not None:
+            sink.on_flush()  # before the release: a full client pauses this connection
         if reusable and not self.closed:
-            self.pool.release(self)
+            self.pool.release(self)  # (which reads again)
         elif self.transport is not None:
             self.transport.close()
         if sink is not None:
-            sink.on_flush()
             sink.on_end()
 
     def _broken(self, exc: BaseException) -> None:
@@ -281,6 +290,7 @@ class EnginePool:
         task.add_done_callback(finished)
 
     def release(self, conn: EngineConnection) -> None:
+        conn.resume()  # paused for a slow client as its answer ended: read again
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
         if self._sweeper is None:
