@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from vllm_fleet.config import loads
-from vllm_fleet.gateway.routing import ByModel, Names, RouteError, Style, Target, match
+from vllm_fleet.gateway.routing import (
+    ByModel,
+    Names,
+    RouteError,
+    Style,
+    Target,
+    match,
+    remove_dot_segments,
+)
 
 FLEET = """
 deployments:
@@ -126,3 +134,18 @@ def test_missing_or_non_string_model_is_400(names: Names, model: object) -> None
 def test_served_name_is_the_model_code_unless_the_file_names_one(names: Names) -> None:
     assert names.served["qwen"] == "Qwen/Qwen2.5-1.5B-Instruct"
     assert names.served["local"] == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+@pytest.mark.parametrize(
+    ("path", "normal"),
+    [
+        ("/qwen/v1/models", "/qwen/v1/models"),
+        ("/based/../other/v1/models", "/other/v1/models"),
+        ("/a/./b/.", "/a/b/"),
+        ("/a/b/..", "/a/"),
+        ("/../../v1/models", "/v1/models"),  # `..` stops at the root
+        ("/a/.hidden/b", "/a/.hidden/b"),
+    ],
+)
+def test_dot_segments_are_resolved_before_routing(path: str, normal: str) -> None:
+    assert remove_dot_segments(path) == normal

@@ -15,6 +15,7 @@ import json
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from vllm_fleet.config import FleetConfig
 from vllm_fleet.gateway.errors import Reply, error_reply
@@ -25,6 +26,9 @@ from vllm_fleet.registry import Registry, State, Upstream
 RETRY_AFTER_LOADING = "10"
 RETRY_AFTER_FAILED = "30"
 
+# Characters a path segment may hold unencoded (RFC 3986 pchar, and `/`); `%`, `?` and `#`
+# are encoded.
+PATH_SAFE = "/:@!$&'()*+,;=-._~"
 _ROUTE_CACHE = 1024  # paths whose match() is remembered (the names never change)
 
 # The gateway's own endpoints (GET and HEAD); every other request is proxied.
@@ -157,11 +161,19 @@ class Core:
     # ------------------------------------------------------------ proxied requests
 
     def route(
-        self, method: str, path: str, query: str, content_type: str | None, body: bytes
+        self,
+        method: str,
+        path: str,
+        query: str,
+        content_type: str | None,
+        body: bytes,
+        quote_path: bool = False,
     ) -> Forward | Reply:
         """Where a proxied request goes, with its body rewritten; or the error to answer.
 
-        `content_type` is the request's Content-Type header (None when absent)."""
+        `path` is decoded; `content_type` is the request's Content-Type header (None when
+        absent); `quote_path`: percent-encode the engine's path again (a server that
+        decoded the client's path), so what was `%3F` or `%25` stays data."""
         route = self._routes.get(path)
         if route is None:
             route = match(path, self.names)
@@ -188,6 +200,8 @@ class Core:
                 body = _with_model(parsed, body, self.names.served[dep_id])
         if style is Style.AZURE and query:
             query = "&".join(p for p in query.split("&") if p and not p.startswith("api-version="))
+        if quote_path:
+            upstream_path = quote(upstream_path, safe=PATH_SAFE)
         path_qs = f"{upstream_path}?{query}" if query else upstream_path
         return Forward(dep_id, style, path_qs, body)
 

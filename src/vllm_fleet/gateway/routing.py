@@ -106,6 +106,25 @@ class Names:
         return ", ".join(f"{i} ({self.served[i]})" for i in self.ids) or "none"
 
 
+def remove_dot_segments(path: str) -> str:
+    """`path` with its `.` and `..` segments resolved (RFC 3986 §5.2.4), so a path never
+    routes one way and means another to the server behind; `..` stops at the root."""
+    if "/." not in path:
+        return path
+    segments = path.split("/")[1:]
+    out: list[str] = []
+    last = len(segments) - 1
+    for index, segment in enumerate(segments):
+        if segment in (".", ".."):
+            if segment == ".." and out:
+                out.pop()
+            if index == last:
+                out.append("")  # `/a/b/..` is `/a/`
+            continue
+        out.append(segment)
+    return "/" + "/".join(out)
+
+
 def match(path: str, names: Names) -> Target | ByModel | RouteError:
     """Route a request path that is not one of the gateway's own endpoints."""
     if path == "/v1" or path.startswith("/v1/"):

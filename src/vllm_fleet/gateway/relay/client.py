@@ -15,7 +15,7 @@ import logging
 import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import httptools
 
@@ -23,6 +23,7 @@ from vllm_fleet.gateway.core import OWN_ENDPOINTS, Forward
 from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.relay import wire
 from vllm_fleet.gateway.relay.exchange import Exchange
+from vllm_fleet.gateway.routing import remove_dot_segments
 
 if TYPE_CHECKING:
     from vllm_fleet.gateway.relay.server import FastServer
@@ -31,9 +32,9 @@ log = logging.getLogger(__name__)
 
 MAX_URL = 8192  # bytes of request target (aiohttp's and nginx's order of size)
 MAX_HEAD = 32768  # bytes of header names and values in one request
+MAX_HEADERS = 128  # header lines in one request
 MAX_QUEUED = 8  # pipelined requests held before the connection stops reading
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-_SAFE_PATH = "/:@!$&'()*+,;=-._~"
 
 
 class Reject(Exception):
@@ -60,8 +61,10 @@ class Request:
         "expect",
         "forwarded_for",
         "head_size",
+        "header_count",
         "headers_done",
         "host",
+        "hosts",
         "http11",
         "keep_alive",
         "length",
@@ -80,6 +83,8 @@ class Request:
         self.complete = False
         self.headers_done = False
         self.head_size = 0
+        self.header_count = 0
+        self.hosts = 0
         self.content_type: str | None = None
         self.authorization: str | None = None
         self.api_key: str | None = None
@@ -107,6 +112,7 @@ _SPECIAL = {name: _DROP for name in wire.REQUEST_DROP} | {
     b"api-key": _API_KEY,
     b"x-forwarded-for": _XFF,
     b"x-forwarded-proto": _DROP,
+    b"x-real-ip": _DROP,
     b"x-forwarded-host": _DROP,
     b"content-type": _CTYPE,
     b"authorization": _AUTH,
@@ -127,6 +133,7 @@ class ClientConnection(asyncio.Protocol):
         self.read_paused = False
         self.broken = False  # the parser stopped: answer what is queued, then close
         self.last_active = time.monotonic()
+        self.pending_head = 0  # bytes read while a request head stays unfinished
         self._advancing = False
 
     # ------------------------------------------------------------ asyncio.Protocol
@@ -153,6 +160,20 @@ class ClientConnection(asyncio.Protocol):
         self.last_active = time.monotonic()
         try:
             self.parser.feed_data(data)
+            if self.queue and not self.queue[-1].headers_done:
+                # A head still incomplete after this read: llhttp keeps the unfinished
+                # line, which on_header cannot see yet; bound what such reads add up to.
+                self.pending_head += len(data)
+                if self.pending_head > MAX_URL + MAX_HEAD:
+                    raise Reject(
+                        error_reply(
+                            431, f"the request head is over {MAX_HEAD} bytes", "headers_too_large"
+                        )
+                    )
+            else:
+                self.pending_head = 0
+        except Reject as exc:
+            self._break(exc.reply)
         except httptools.HttpParserUpgrade:
             # The Upgrade request carries its error (on_headers_complete); what follows it
             # is another protocol's bytes: stop reading.
@@ -199,11 +220,14 @@ class ClientConnection(asyncio.Protocol):
         request = self.queue[-1]
         if request.headers_done:
             return  # trailers of a chunked body: not forwarded
-        request.head_size += len(name) + len(value)
-        if request.head_size > MAX_HEAD:
+        request.head_size += len(name) + len(value) + 4
+        request.header_count += 1
+        if request.head_size > MAX_HEAD or request.header_count > MAX_HEADERS:
             raise Reject(
                 error_reply(
-                    431, f"the request headers are over {MAX_HEAD} bytes", "headers_too_large"
+                    431,
+                    f"the request headers are over {MAX_HEAD} bytes or {MAX_HEADERS} lines",
+                    "headers_too_large",
                 )
             )
         kind = _SPECIAL.get(name.lower())
@@ -214,6 +238,7 @@ class ClientConnection(asyncio.Protocol):
             request.lines.append(b"%s: %s\r\n" % (name, value))
         elif kind == _HOST:
             request.host = value
+            request.hosts += 1
         elif kind == _LENGTH:
             request.length = value
         elif kind == _AUTH:
@@ -222,7 +247,8 @@ class ClientConnection(asyncio.Protocol):
         elif kind == _API_KEY:
             request.api_key = value.decode("latin-1")
         elif kind == _XFF:
-            request.forwarded_for = value
+            prior = request.forwarded_for
+            request.forwarded_for = prior + b", " + value if prior else value
         elif kind == _CONNECTION:
             request.connection = value
         elif kind == _EXPECT:
@@ -245,6 +271,12 @@ class ClientConnection(asyncio.Protocol):
             )
             request.keep_alive = False
             return
+        if request.http11 and request.hosts != 1:
+            raise Reject(
+                error_reply(
+                    400, "an HTTP/1.1 request needs exactly one Host header", "invalid_request"
+                )
+            )
         if request.length is not None:
             length = int(request.length)  # llhttp checked it is a number
             if length > self.server.core.max_body:
@@ -334,9 +366,14 @@ class ClientConnection(asyncio.Protocol):
                 return
             raw_path, raw_query = url.path or b"/", url.query or b""
         path = raw_path.decode("latin-1")
-        decoded = "%" in path
-        if decoded:
+        requote = False
+        if "%" in path:
             path = unquote(raw_path.decode("utf-8", "replace"))
+            requote = True
+        if "/." in path:
+            normal = remove_dot_segments(path)
+            requote = requote or normal != path
+            path = normal
         query = raw_query.decode("latin-1")
         method = request.method
         if path in OWN_ENDPOINTS and method in ("GET", "HEAD"):
@@ -346,12 +383,12 @@ class ClientConnection(asyncio.Protocol):
         if denied is not None:
             self.reply(denied)
             return
-        decided = core.route(method, path, query, request.content_type, bytes(request.body))
+        decided = core.route(
+            method, path, query, request.content_type, bytes(request.body), requote
+        )
         if isinstance(decided, Reply):
             self.reply(decided)
             return
-        if decoded:  # the engine gets the path encoded again
-            decided.path_qs = quote(decided.path_qs, safe=_SAFE_PATH + "?%")
         self.exchange = Exchange(self, request, decided, self._engine_headers(request, decided))
         self.exchange.start()
 
@@ -371,7 +408,7 @@ class ClientConnection(asyncio.Protocol):
         prior = request.forwarded_for
         lines.append(
             b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n"
-            % (prior + b", " + peer if prior else peer, request.host)
+            b"X-Real-IP: %s\r\n" % (prior + b", " + peer if prior else peer, request.host, peer)
         )
         if forward.body or request.method in _BODY_METHODS:
             lines.append(b"Content-Length: %d\r\n\r\n" % len(forward.body))

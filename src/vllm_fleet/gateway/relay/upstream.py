@@ -63,6 +63,7 @@ class EngineConnection(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.paused = False  # reading paused: the client cannot take more yet
+        self._reusable = False  # the answer ended; back to the pool after this read
         self.idle_since = 0.0
         self.head_only = False
         self._got_bytes = False
@@ -131,12 +132,21 @@ class EngineConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, UpstreamClosed):
+                self._stray()
+                return
             # Our own code failed in a callback: say so, then fail the exchange.
-            log.error("unexpected error relaying a response", exc_info=exc.__context__ or exc)
+            log.error("unexpected error relaying a response", exc_info=cause or exc)
             self._broken(exc)
             return
         except httptools.HttpParserError as exc:
             self._broken(exc)
+            return
+        if self._reusable:
+            self._reusable = False
+            if not self.closed:
+                self.pool.release(self)  # (which reads again if a slow client paused it)
             return
         sink = self.sink
         if sink is not None:
@@ -146,6 +156,12 @@ class EngineConnection(asyncio.Protocol):
         return None  # close the transport; connection_lost ends or fails the exchange
 
     # ------------------------------------------------------------ httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.sink is None:
+            # An answer nobody asked for (bytes behind a bodiless answer, in the same
+            # read): the connection's framing cannot be trusted any more.
+            raise UpstreamClosed("the engine sent an answer to no request")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
@@ -210,11 +226,25 @@ class EngineConnection(asyncio.Protocol):
         if sink is not None:
             sink.on_flush()  # before the release: a full client pauses this connection
         if reusable and not self.closed:
-            self.pool.release(self)  # (which reads again)
+            # Back to the pool once llhttp has seen the whole read: bytes behind the
+            # answer would be an answer to no request, and close the connection instead.
+            self._reusable = True
         elif self.transport is not None:
             self.transport.close()
         if sink is not None:
             sink.on_end()
+
+    def _stray(self) -> None:
+        """Close a connection that sent more than its answer."""
+        self._reusable = False
+        self.pool.forget(self)
+        if self.transport is not None:
+            self.transport.abort()
+        sink = self.sink
+        self.sink = None
+        if sink is not None:
+            sink.on_flush()
+            sink.on_fail(UpstreamClosed("the engine sent more than its answer"), False)
 
     def _broken(self, exc: BaseException) -> None:
         sink = self.sink
