@@ -99,7 +99,7 @@ class GatewayConfig(_Strict):
     accept_any_model: bool = False
     connect_timeout: Annotated[float, Field(gt=0)] = 10.0
     # The HTTP server: `aiohttp` (the framework), or `fast` (the protocol-level relay).
-    server: Literal["aiohttp", "fast"] = "aiohttp"
+    server: Literal["aiohttp", "fast"] = "fast"
 
     _host = field_validator("host")(lambda v: _check_host(v))
 

@@ -120,6 +120,23 @@ _SPECIAL = {name: _DROP for name in wire.REQUEST_DROP} | {
 
 
 class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "_advancing",
+        "broken",
+        "busy",
+        "closed",
+        "exchange",
+        "last_active",
+        "parser",
+        "peer_bytes",
+        "pending_head",
+        "queue",
+        "read_paused",
+        "server",
+        "transport",
+        "write_paused",
+    )
+
     def __init__(self, server: FastServer) -> None:
         self.server = server
         self.parser = httptools.HttpRequestParser(self)

@@ -35,6 +35,25 @@ def upstream_headers(name: str) -> bytes:
 
 
 class Exchange:
+    __slots__ = (
+        "_out",
+        "chunked",
+        "client",
+        "close_after",
+        "done",
+        "engine",
+        "forward",
+        "headers",
+        "is_sse",
+        "last_error",
+        "relay_headers",
+        "request",
+        "responded",
+        "retried",
+        "tried",
+        "upstream",
+    )
+
     def __init__(
         self, client: ClientConnection, request: Request, forward: Forward, headers: bytes
     ) -> None:

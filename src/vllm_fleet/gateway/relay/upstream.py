@@ -55,6 +55,27 @@ class UpstreamClosed(ConnectionError):
 
 
 class EngineConnection(asyncio.Protocol):
+    __slots__ = (
+        "_chunked",
+        "_framing",
+        "_got_bytes",
+        "_in_head",
+        "_interim",
+        "_length",
+        "_lines",
+        "_reusable",
+        "_sse",
+        "closed",
+        "head_only",
+        "idle_since",
+        "parser",
+        "paused",
+        "pool",
+        "reused",
+        "sink",
+        "transport",
+    )
+
     def __init__(self, pool: EnginePool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
