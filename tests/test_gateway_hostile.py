@@ -54,20 +54,6 @@ BUGS = {
         "the decoded path is sent on as a URL string: /raw/a%3Fb%2541 reaches the engine as "
         "/a?bA (a query that was not one; %25 decoded twice)"
     ),
-    ("test_a_long_pipelined_burst_is_answered_in_full", "fast", ""): (
-        "ClientConnection.pending_head adds up every read that ends inside a head, across "
-        "pipelined requests: 1000 small GETs (460 KB) in one go pass MAX_URL + MAX_HEAD, get "
-        "a false 431, and the close with unread input resets the connection"
-    ),
-    (
-        "test_a_header_or_trailer_line_past_the_limit_is_refused_not_buffered",
-        "fast",
-        "1MB-trailer",
-    ): (
-        "on_header returns before the MAX_HEAD check once headers_done, and pending_head counts "
-        "heads only: a trailer line of any size is buffered by httptools (re-concatenated per "
-        "read: memory and O(n^2) CPU; 50 MB took 8 s and +50 MB RSS in a probe), then dropped"
-    ),
     ("test_a_malformed_request_gets_an_openai_envelope", "aiohttp", ""): (
         "parse errors are answered by aiohttp's own handler, before any middleware: "
         "`HTTP/1.0 400` text/plain echoing the offending bytes, no envelope, no X-Fleet-Error"

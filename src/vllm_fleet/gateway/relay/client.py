@@ -129,10 +129,11 @@ class ClientConnection(asyncio.Protocol):
         "last_active",
         "parser",
         "peer_bytes",
-        "pending_head",
+        "progress",
         "queue",
         "read_paused",
         "server",
+        "stalled",
         "transport",
         "write_paused",
     )
@@ -150,7 +151,8 @@ class ClientConnection(asyncio.Protocol):
         self.read_paused = False
         self.broken = False  # the parser stopped: answer what is queued, then close
         self.last_active = time.monotonic()
-        self.pending_head = 0  # bytes read while a request head stays unfinished
+        self.progress = False  # this read began a request, ended a head, a body or a chunk
+        self.stalled = 0  # bytes of reads since, that ended inside a request
         self._advancing = False
 
     # ------------------------------------------------------------ asyncio.Protocol
@@ -175,20 +177,24 @@ class ClientConnection(asyncio.Protocol):
         if self.broken:
             return
         self.last_active = time.monotonic()
+        self.progress = False
         try:
             self.parser.feed_data(data)
-            if self.queue and not self.queue[-1].headers_done:
-                # A head still incomplete after this read: llhttp keeps the unfinished
-                # line, which on_header cannot see yet; bound what such reads add up to.
-                self.pending_head += len(data)
-                if self.pending_head > MAX_URL + MAX_HEAD:
+            if not self.queue or self.queue[-1].complete or self.progress:
+                self.stalled = 0
+            else:
+                # A read that ended inside a request and moved no part of it along: an
+                # unfinished header or trailer line, which llhttp keeps (and on_header
+                # cannot see yet). Bound what such reads add up to.
+                self.stalled += len(data)
+                if self.stalled > MAX_URL + MAX_HEAD:
                     raise Reject(
                         error_reply(
-                            431, f"the request head is over {MAX_HEAD} bytes", "headers_too_large"
+                            431,
+                            f"the request has a header or trailer line over {MAX_HEAD} bytes",
+                            "headers_too_large",
                         )
                     )
-            else:
-                self.pending_head = 0
         except Reject as exc:
             self._break(exc.reply)
         except httptools.HttpParserUpgrade:
@@ -225,6 +231,7 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------ httptools callbacks
 
     def on_message_begin(self) -> None:
+        self.progress = True
         self.queue.append(Request())
 
     def on_url(self, url: bytes) -> None:
@@ -272,6 +279,7 @@ class ClientConnection(asyncio.Protocol):
             request.expect = value
 
     def on_headers_complete(self) -> None:
+        self.progress = True
         parser = self.parser
         request = self.queue[-1]
         request.headers_done = True
@@ -305,6 +313,7 @@ class ClientConnection(asyncio.Protocol):
                 self._send_continue(request)
 
     def on_body(self, body: bytes) -> None:
+        self.progress = True
         request = self.queue[-1]
         request.body += body
         if len(request.body) > self.server.core.max_body:
