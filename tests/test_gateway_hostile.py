@@ -50,7 +50,11 @@ BUGS = {
     ("test_dot_segments_never_take_a_request_to_another_deployment", "aiohttp", "based-pct"): (
         "/based/%2e%2e/other/x routes to `based`, then reaches /other/x (yarl normalizes)"
     ),
-    ("test_percent_encoding_is_decoded_once_and_never_becomes_a_query", "aiohttp", ""): (
+    (
+        "test_percent_encoding_is_decoded_once_and_never_becomes_a_query",
+        "aiohttp",
+        "query-and-percent",
+    ): (
         "the decoded path is sent on as a URL string: /raw/a%3Fb%2541 reaches the engine as "
         "/a?bA (a query that was not one; %25 decoded twice)"
     ),
@@ -71,6 +75,23 @@ BUGS = {
         "aiohttp refuses the trailer (LineTooLong) but, as in "
         "test_a_malformed_chunked_body_after_the_head_gets_a_prompt_400, never answers"
     ),
+    ("test_the_engine_never_sees_client_controlled_hop_headers", "aiohttp", "h2c-upgrade"): (
+        "`HTTP2-Settings`, named in `Connection: Upgrade, HTTP2-Settings`, reaches the engine"
+    ),
+    ("test_the_engine_never_sees_client_controlled_hop_headers", "fast", "h2c-upgrade"): (
+        "an `Upgrade: h2c` offer is refused with 400 upgrade_not_supported instead of being "
+        "ignored (RFC 9110 7.8): `curl --http2 http://gateway/...` fails on the default server"
+    ),
+    ("test_percent_encoding_is_decoded_once_and_never_becomes_a_query", "fast", "not-utf8"): (
+        "unquote(errors='replace') then quote(): /raw/a%FFb reaches the engine as "
+        "/a%EF%BF%BDb (a percent-escape that is not UTF-8 becomes U+FFFD)"
+    ),
+    **{
+        ("test_headers_the_engine_names_in_connection_do_not_reach_the_client", s, ""): (
+            "response headers named in the engine's `Connection: Foo` are relayed to the client"
+        )
+        for s in ("aiohttp", "fast")
+    },
     ("test_a_malformed_request_gets_an_openai_envelope", "aiohttp", ""): (
         "parse errors are answered by aiohttp's own handler, before any middleware: "
         "`HTTP/1.0 400` text/plain echoing the offending bytes, no envelope, no X-Fleet-Error"
@@ -125,6 +146,7 @@ ANSWERS = {
     b"clte": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     b"twocl": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
     b"short": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+    b"hop": b"HTTP/1.1 200 OK\r\nConnection: Foo\r\nFoo: engine\r\nContent-Length: 2\r\n\r\nok",
 }
 CLOSING = {b"close", b"eof", b"short"}
 
@@ -553,10 +575,12 @@ def test_a_long_pipelined_burst_is_answered_in_full(
         (b"Connection: keep-alive\r\nKeep-Alive: timeout=1\r\n", b"keep-alive", []),
         (b"TE: trailers\r\n", b"te", []),
         (b"Proxy-Connection: keep-alive\r\n", b"proxy-connection", []),
+        (b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMA\r\n",
+         b"http2-settings", []),  # what `curl --http2 http://...` sends
     ],
     ids=[
         "host", "xff", "two-xff", "proto", "x-real-ip", "proxy-auth", "connection-foo",
-        "keep-alive", "te", "proxy-conn",
+        "keep-alive", "te", "proxy-conn", "h2c-upgrade",
     ],
 )  # fmt: skip
 def test_the_engine_never_sees_client_controlled_hop_headers(
@@ -650,6 +674,14 @@ def test_engine_answers_keep_one_answer_per_request(
             assert (after.status, after.body) == (200, b"%d" % len(engine.seen))
 
 
+def test_headers_the_engine_names_in_connection_do_not_reach_the_client(
+    gateway: GatewayThread, engine: RawEngine
+) -> None:
+    answer = one_request(gateway, req("GET", "/raw/hop"))
+    assert (answer.status, answer.body) == (200, b"ok")
+    assert "foo" not in answer.headers
+
+
 @pytest.mark.parametrize("mode", ["clte", "twocl", "short"])
 def test_broken_engine_framing_is_a_502_or_a_closed_connection_never_a_desync(
     gateway: GatewayThread, engine: RawEngine, mode: str
@@ -691,11 +723,16 @@ def test_dot_segments_never_take_a_request_to_another_deployment(
     assert path.startswith(base[answer.headers["x-fleet-upstream"]])
 
 
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [("/raw/a%3Fb%2541", b"/A%3FB%2541"), ("/raw/a%FFb", b"/A%FFB")],
+    ids=["query-and-percent", "not-utf8"],
+)
 def test_percent_encoding_is_decoded_once_and_never_becomes_a_query(
-    gateway: GatewayThread, engine: RawEngine
+    gateway: GatewayThread, engine: RawEngine, target: str, expected: bytes
 ) -> None:
-    _, seen = forwarded(gateway, engine, req("GET", "/raw/a%3Fb%2541"))
-    assert seen.target.upper() == b"/A%3FB%2541"
+    _, seen = forwarded(gateway, engine, req("GET", target))
+    assert seen.target.upper() == expected
 
 
 def test_encoded_slashes_double_slashes_and_absolute_form_route_predictably(
