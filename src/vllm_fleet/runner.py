@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import signal
 import time
@@ -235,6 +236,10 @@ async def _run(config: FleetConfig, plan: Plan, console: Console) -> int:
             )
         return 1
 
+    # Everything loaded so far (config, modules) lives as long as the process: keep it out
+    # of the cyclic collector's scans, which otherwise walk it all on every full pass.
+    gc.collect()
+    gc.freeze()
     try:
         _print_plan(console, config, registry)
         if not stop.is_set():
