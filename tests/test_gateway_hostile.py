@@ -10,6 +10,7 @@ request must still succeed. Bugs found are strict xfails, listed in BUGS.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import socket
 import threading
@@ -27,72 +28,58 @@ from vllm_fleet.testing.harness import FakeEngine
 
 MODEL = "org/hostile"
 
-# (test, server, parameter id or "" for all) -> the bug; each is a strict xfail.
+# Known bugs, as strict xfails: a pattern of test names (`test_...[server-parameter]`, with
+# fnmatch wildcards) -> what is wrong.
 BUGS = {
-    ("test_the_engine_never_sees_client_controlled_hop_headers", "aiohttp", "connection-foo"): (
+    "*client_controlled_hop_headers[aiohttp-connection-foo]": (
         "proxy.upstream_headers drops a fixed hop-by-hop list only: `Foo` named in "
         "`Connection: keep-alive, Foo` reaches the engine"
     ),
-    ("test_the_engine_never_sees_client_controlled_hop_headers", "aiohttp", "proxy-conn"): (
-        "`Proxy-Connection` is not in proxy._HOP_BY_HOP: it reaches the engine"
-    ),
-    ("test_the_engine_never_sees_client_controlled_hop_headers", "aiohttp", "x-real-ip"): (
-        "a client's `X-Real-IP: 6.6.6.6` reaches the engine verbatim (the `fleet nginx` vhost "
-        "and the fast server set it to the peer): a spoofable client address"
-    ),
-    ("test_the_engine_never_sees_client_controlled_hop_headers", "aiohttp", "two-xff"): (
-        "of two X-Forwarded-For lines only the first is kept (headers.get): a hop is lost"
-    ),
-    ("test_dot_segments_never_take_a_request_to_another_deployment", "aiohttp", "based-dotdot"): (
-        "routes on the raw path (`based`), then yarl normalizes http://engine/based + "
-        "/../other/v1/models: a request routed to `based` reaches /other/v1/models"
-    ),
-    ("test_dot_segments_never_take_a_request_to_another_deployment", "aiohttp", "based-pct"): (
-        "/based/%2e%2e/other/x routes to `based`, then reaches /other/x (yarl normalizes)"
-    ),
-    (
-        "test_percent_encoding_is_decoded_once_and_never_becomes_a_query",
-        "aiohttp",
-        "query-and-percent",
-    ): (
-        "the decoded path is sent on as a URL string: /raw/a%3Fb%2541 reaches the engine as "
-        "/a?bA (a query that was not one; %25 decoded twice)"
-    ),
-    ("test_a_body_over_max_body_mb_is_413_and_nothing_is_forwarded", "aiohttp", "expect-100"): (
-        "aiohttp answers `Expect: 100-continue` before the handler sees Content-Length: 100 "
-        "Continue, then the 413, so the client uploads a body that is refused"
-    ),
-    ("test_a_malformed_chunked_body_after_the_head_gets_a_prompt_400", "aiohttp", ""): (
-        "a parse error in a chunked body once the handler awaits it is queued behind that "
-        "handler, whose payload never ends: no answer and no close, for as long as the "
-        "client holds the connection"
-    ),
-    (
-        "test_a_header_or_trailer_line_past_the_limit_is_refused_not_buffered",
-        "aiohttp",
-        "1MB-trailer",
-    ): (
-        "aiohttp refuses the trailer (LineTooLong) but, as in "
-        "test_a_malformed_chunked_body_after_the_head_gets_a_prompt_400, never answers"
-    ),
-    ("test_the_engine_never_sees_client_controlled_hop_headers", "aiohttp", "h2c-upgrade"): (
+    "*client_controlled_hop_headers[aiohttp-h2c-upgrade]": (
         "`HTTP2-Settings`, named in `Connection: Upgrade, HTTP2-Settings`, reaches the engine"
     ),
-    ("test_the_engine_never_sees_client_controlled_hop_headers", "fast", "h2c-upgrade"): (
+    "*client_controlled_hop_headers[aiohttp-proxy-conn]": (
+        "`Proxy-Connection` is not in proxy._HOP_BY_HOP: it reaches the engine"
+    ),
+    "*client_controlled_hop_headers[aiohttp-x-real-ip]": (
+        "a client's `X-Real-IP: 6.6.6.6` reaches the engine verbatim (`fleet nginx` and the "
+        "fast server set it to the peer): a spoofable client address"
+    ),
+    "*client_controlled_hop_headers[aiohttp-two-xff]": (
+        "of two X-Forwarded-For lines only the first is kept (headers.get): a hop is lost"
+    ),
+    "*client_controlled_hop_headers[fast-h2c-upgrade]": (
         "an `Upgrade: h2c` offer is refused with 400 upgrade_not_supported instead of being "
         "ignored (RFC 9110 7.8): `curl --http2 http://gateway/...` fails on the default server"
     ),
-    ("test_percent_encoding_is_decoded_once_and_never_becomes_a_query", "fast", "not-utf8"): (
+    "*dot_segments*[aiohttp-based-*]": (
+        "routes on the raw path (`based`), then yarl normalizes http://engine/based + "
+        "/../other/...: a request routed to `based` reaches /other/..."
+    ),
+    "*decoded_once*[aiohttp-query-and-percent]": (
+        "the decoded path is sent on as a URL string: /raw/a%3Fb%2541 reaches the engine as "
+        "/a?bA (a query that was not one; %25 decoded twice)"
+    ),
+    "*decoded_once*[fast-not-utf8]": (
         "unquote(errors='replace') then quote(): /raw/a%FFb reaches the engine as "
         "/a%EF%BF%BDb (a percent-escape that is not UTF-8 becomes U+FFFD)"
     ),
-    **{
-        ("test_headers_the_engine_names_in_connection_do_not_reach_the_client", s, ""): (
-            "response headers named in the engine's `Connection: Foo` are relayed to the client"
-        )
-        for s in ("aiohttp", "fast")
-    },
-    ("test_a_malformed_request_gets_an_openai_envelope", "aiohttp", ""): (
+    "*max_body_mb*[aiohttp-expect-100]": (
+        "`Expect: 100-continue` is answered before the handler sees Content-Length: 100 "
+        "Continue, then the 413, so the client uploads a body that is refused"
+    ),
+    "*chunked_body_after_the_head*[aiohttp-*]": (
+        "a parse error in a chunked body once the handler awaits it is queued behind that "
+        "handler, whose payload never ends: no answer and no close while the client waits"
+    ),
+    "*past_the_limit*[aiohttp-1MB-trailer]": (
+        "the trailer is refused (LineTooLong) but, as in "
+        "test_a_malformed_chunked_body_after_the_head_gets_a_prompt_400, never answered"
+    ),
+    "*engine_names_in_connection*": (
+        "response headers named in the engine's `Connection: Foo` are relayed to the client"
+    ),
+    "*openai_envelope[aiohttp-*]": (
         "parse errors are answered by aiohttp's own handler, before any middleware: "
         "`HTTP/1.0 400` text/plain echoing the offending bytes, no envelope, no X-Fleet-Error"
     ),
@@ -101,17 +88,9 @@ BUGS = {
 
 @pytest.fixture(autouse=True)
 def known_bugs(request: pytest.FixtureRequest) -> None:
-    """Mark this test a strict xfail where BUGS lists it for this server (and parameter)."""
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is None:
-        return
-    server = callspec.params.get("server", "")
-    param = "-".join(part for part in callspec.id.split("-") if part != server)
-    for key in (
-        (request.node.originalname, server, ""),
-        (request.node.originalname, server, param),
-    ):
-        if reason := BUGS.get(key):
+    """Mark this test a strict xfail where BUGS names it."""
+    for pattern, reason in BUGS.items():
+        if fnmatch.fnmatchcase(request.node.name, pattern.replace("[", "[[]")):
             request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
 
 
