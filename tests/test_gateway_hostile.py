@@ -56,13 +56,21 @@ BUGS = {
         "routes on the raw path (`based`), then yarl normalizes http://engine/based + "
         "/../other/...: a request routed to `based` reaches /other/..."
     ),
-    "*decoded_once*[aiohttp-query-and-percent]": (
+    "*as_sent[aiohttp-query-and-percent]": (
         "the decoded path is sent on as a URL string: /raw/a%3Fb%2541 reaches the engine as "
         "/a?bA (a query that was not one; %25 decoded twice)"
     ),
-    "*decoded_once*[fast-not-utf8]": (
+    "*as_sent[fast-not-utf8]": (
         "unquote(errors='replace') then quote(): /raw/a%FFb reaches the engine as "
         "/a%EF%BF%BDb (a percent-escape that is not UTF-8 becomes U+FFFD)"
+    ),
+    "*as_sent[aiohttp-query-data]": (
+        "yarl re-quotes the query of the upstream URL: ?q=%0d%0a&r=%2F reaches the engine as "
+        "?q=&r=/ (encoded CR LF dropped, %2F decoded)"
+    ),
+    "*as_sent[fast-fragment]": (
+        "the fragment is cut from the path only: /raw/a?x=1#frag reaches the engine as "
+        "/a?x=1#frag (a fragment in a request-target, inside the query)"
     ),
     "*max_body_mb*[aiohttp-expect-100]": (
         "`Expect: 100-continue` is answered before the handler sees Content-Length: 100 "
@@ -125,6 +133,7 @@ ANSWERS = {
     b"clte": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     b"twocl": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
     b"short": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+    b"big": b"HTTP/1.1 200 OK\r\nContent-Length: 4000000\r\n\r\n" + b"x" * 4_000_000,
     b"hop": b"HTTP/1.1 200 OK\r\nConnection: Foo\r\nFoo: engine\r\nContent-Length: 2\r\n\r\nok",
 }
 CLOSING = {b"close", b"eof", b"short"}
@@ -653,6 +662,17 @@ def test_engine_answers_keep_one_answer_per_request(
             assert (after.status, after.body) == (200, b"%d" % len(engine.seen))
 
 
+def test_a_client_that_leaves_mid_answer_never_leaves_its_bytes_for_the_next_request(
+    gateway: GatewayThread, engine: RawEngine
+) -> None:
+    for _ in range(3):
+        with Client(gateway.port) as client:
+            client.send(req("GET", "/raw/big"))
+            client.more()  # the head and some of the 4 MB body, then away
+        answer = one_request(gateway, req("GET", "/raw/after"))
+        assert (answer.status, answer.body) == (200, b"%d" % len(engine.seen))
+
+
 def test_headers_the_engine_names_in_connection_do_not_reach_the_client(
     gateway: GatewayThread, engine: RawEngine
 ) -> None:
@@ -704,12 +724,18 @@ def test_dot_segments_never_take_a_request_to_another_deployment(
 
 @pytest.mark.parametrize(
     ("target", "expected"),
-    [("/raw/a%3Fb%2541", b"/A%3FB%2541"), ("/raw/a%FFb", b"/A%FFB")],
-    ids=["query-and-percent", "not-utf8"],
+    [
+        ("/raw/a%3Fb%2541", b"/A%3FB%2541"),
+        ("/raw/a%FFb", b"/A%FFB"),
+        ("/raw/a?q=%0d%0a&r=%2F", b"/A?Q=%0D%0A&R=%2F"),
+        ("/raw/a?x=1#frag", b"/A?X=1"),
+    ],
+    ids=["query-and-percent", "not-utf8", "query-data", "fragment"],
 )
-def test_percent_encoding_is_decoded_once_and_never_becomes_a_query(
+def test_percent_encoding_and_query_reach_the_engine_as_sent(
     gateway: GatewayThread, engine: RawEngine, target: str, expected: bytes
 ) -> None:
+    """Decoded once to route, never twice; a `%3F` never becomes a query; no fragment."""
     _, seen = forwarded(gateway, engine, req("GET", target))
     assert seen.target.upper() == expected
 
