@@ -84,6 +84,10 @@ BUGS = {
         "the trailer is refused (LineTooLong) but, as in "
         "test_a_malformed_chunked_body_after_the_head_gets_a_prompt_400, never answered"
     ),
+    "*http_1_0_client_never_gets_a_1xx[fast]": (
+        "`Expect: 100-continue` from an HTTP/1.0 client is answered with `100 Continue`, "
+        "which RFC 9110 10.1.1 says to ignore there: a 1.0 client takes it for the answer"
+    ),
     "*engine_names_in_connection*": (
         "response headers named in the engine's `Connection: Foo` are relayed to the client"
     ),
@@ -671,6 +675,16 @@ def test_a_client_that_leaves_mid_answer_never_leaves_its_bytes_for_the_next_req
             client.more()  # the head and some of the 4 MB body, then away
         answer = one_request(gateway, req("GET", "/raw/after"))
         assert (answer.status, answer.body) == (200, b"%d" % len(engine.seen))
+
+
+def test_an_http_1_0_client_never_gets_a_1xx(gateway: GatewayThread, engine: RawEngine) -> None:
+    with Client(gateway.port) as client:
+        client.send(
+            b"POST /raw/103 HTTP/1.0\r\nContent-Type: text/plain\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 5\r\n\r\nhello"
+        )
+        answer = client.read()
+    assert (answer.status, answer.interim, answer.body) == (200, [], b"final")
 
 
 def test_headers_the_engine_names_in_connection_do_not_reach_the_client(
