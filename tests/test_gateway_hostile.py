@@ -814,10 +814,16 @@ def test_odd_request_targets_get_an_envelope_and_reach_no_engine(
 
 @pytest.mark.parametrize(
     "wire",
-    [b"GET / HTTP/1.1 extra\r\nHost: t\r\n\r\n", POST + b"Content-Length: 5\r\n" * 2 + b"\r\n"],
-    ids=["bad-request-line", "two-cl"],
+    [
+        b"GET / HTTP/1.1 extra\r\nHost: t\r\n\r\n",
+        POST + b"Content-Length: 5\r\n" * 2 + b"\r\n",
+        CHUNKED + b"ffffffffffffffffff5\r\nhello\r\n0\r\n\r\n",
+        GET + b"X-Big: %s\r\n\r\n" % (b"a" * 100_000),
+        b"GET /raw/%s HTTP/1.1\r\nHost: t\r\n\r\n" % (b"a" * 9000),
+    ],
+    ids=["bad-request-line", "two-cl", "chunk-overflow", "100KB-header", "9KB-url"],
 )
 def test_a_malformed_request_gets_an_openai_envelope(
     gateway: GatewayThread, engine: RawEngine, wire: bytes
 ) -> None:
-    gateway_error(one_request(gateway, wire), 400)
+    gateway_error(one_request(gateway, wire), 400, 414, 431)
