@@ -23,6 +23,22 @@ from vllm_fleet.gateway.core import OWN_ENDPOINTS, Forward
 from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.relay import wire
 from vllm_fleet.gateway.relay.exchange import Exchange
+from vllm_fleet.gateway.relay.request import (
+    API_KEY,
+    AUTH,
+    CONNECTION,
+    CTYPE,
+    EXPECT,
+    HEADER_KIND,
+    HOST,
+    LENGTH,
+    MAX_HEAD,
+    MAX_HEADERS,
+    MAX_URL,
+    XFF,
+    Reject,
+    Request,
+)
 from vllm_fleet.gateway.routing import remove_dot_segments
 
 if TYPE_CHECKING:
@@ -30,93 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_URL = 8192  # bytes of request target (aiohttp's and nginx's order of size)
-MAX_HEAD = 32768  # bytes of header names and values in one request
-MAX_HEADERS = 128  # header lines in one request
 MAX_QUEUED = 8  # pipelined requests held before the connection stops reading
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-
-
-class Reject(Exception):
-    """A request the server answers with `reply` and then closes the connection."""
-
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(reply.status)
-        self.reply = reply
-
-
-class Request:
-    """One request as parsed: what the gateway decides on, and the header lines it
-    forwards (built as the headers arrive, hop-by-hop ones left out)."""
-
-    __slots__ = (
-        "api_key",
-        "authorization",
-        "body",
-        "complete",
-        "connection",
-        "content_type",
-        "continued",
-        "error",
-        "expect",
-        "forwarded_for",
-        "head_size",
-        "header_count",
-        "headers_done",
-        "host",
-        "hosts",
-        "http11",
-        "keep_alive",
-        "length",
-        "lines",
-        "method",
-        "url",
-    )
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.lines: list[bytes] = []  # "Name: value\r\n" to forward to the engine
-        self.body = bytearray()
-        self.method = "GET"
-        self.http11 = True
-        self.keep_alive = True
-        self.complete = False
-        self.headers_done = False
-        self.head_size = 0
-        self.header_count = 0
-        self.hosts = 0
-        self.content_type: str | None = None
-        self.authorization: str | None = None
-        self.api_key: str | None = None
-        self.host = b""
-        self.forwarded_for: bytes | None = None
-        self.connection: bytes | None = None
-        self.length: bytes | None = None
-        self.expect: bytes | None = None
-        self.continued = False
-        self.error: Reply | None = None  # answer this, then close
-
-    @property
-    def expect_continue(self) -> bool:
-        return self.expect is not None
-
-
-# Request headers the relay looks at (lower-case name -> what it is); all others are
-# forwarded as they came.
-_HOST, _LENGTH, _CONNECTION, _EXPECT, _API_KEY, _XFF, _CTYPE, _AUTH, _DROP = range(9)
-_SPECIAL = {name: _DROP for name in wire.REQUEST_DROP} | {
-    b"host": _HOST,
-    b"content-length": _LENGTH,
-    b"connection": _CONNECTION,
-    b"expect": _EXPECT,
-    b"api-key": _API_KEY,
-    b"x-forwarded-for": _XFF,
-    b"x-forwarded-proto": _DROP,
-    b"x-real-ip": _DROP,
-    b"x-forwarded-host": _DROP,
-    b"content-type": _CTYPE,
-    b"authorization": _AUTH,
-}
 
 
 class ClientConnection(asyncio.Protocol):
@@ -254,28 +185,28 @@ class ClientConnection(asyncio.Protocol):
                     "headers_too_large",
                 )
             )
-        kind = _SPECIAL.get(name.lower())
+        kind = HEADER_KIND.get(name.lower())
         if kind is None:
             request.lines.append(b"%s: %s\r\n" % (name, value))
-        elif kind == _CTYPE:
+        elif kind == CTYPE:
             request.content_type = value.decode("latin-1")
             request.lines.append(b"%s: %s\r\n" % (name, value))
-        elif kind == _HOST:
+        elif kind == HOST:
             request.host = value
             request.hosts += 1
-        elif kind == _LENGTH:
+        elif kind == LENGTH:
             request.length = value
-        elif kind == _AUTH:
+        elif kind == AUTH:
             request.authorization = value.decode("latin-1")
             request.lines.append(b"%s: %s\r\n" % (name, value))
-        elif kind == _API_KEY:
+        elif kind == API_KEY:
             request.api_key = value.decode("latin-1")
-        elif kind == _XFF:
+        elif kind == XFF:
             prior = request.forwarded_for
             request.forwarded_for = prior + b", " + value if prior else value
-        elif kind == _CONNECTION:
+        elif kind == CONNECTION:
             request.connection = value
-        elif kind == _EXPECT:
+        elif kind == EXPECT:
             request.expect = value
 
     def on_headers_complete(self) -> None:

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING
 from vllm_fleet.gateway.core import Forward
 from vllm_fleet.gateway.errors import sse_error_event
 from vllm_fleet.gateway.relay import wire
+from vllm_fleet.gateway.relay.request import Request
 from vllm_fleet.gateway.relay.upstream import EngineConnection, Framing
 from vllm_fleet.registry import Upstream
 
 if TYPE_CHECKING:
-    from vllm_fleet.gateway.relay.client import ClientConnection, Request
+    from vllm_fleet.gateway.relay.client import ClientConnection
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,98 @@
+"""A client request as the fast server parses it, and the limits it is held to.
+
+`Request` collects what the gateway decides on (method, target, Content-Type, the keys)
+and the header lines it forwards, built as llhttp reports each header; `HEADER_KIND`
+says which headers are looked at or dropped (hop-by-hop). `Reject` ends a request
+with an answer and closes the connection.
+"""
+
+from __future__ import annotations
+
+from vllm_fleet.gateway.errors import Reply
+from vllm_fleet.gateway.relay import wire
+
+MAX_URL = 8192  # bytes of request target (aiohttp's and nginx's order of size)
+MAX_HEAD = 32768  # bytes of header names and values in one request
+MAX_HEADERS = 128  # header lines in one request
+
+
+class Reject(Exception):
+    """A request the server answers with `reply` and then closes the connection."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.status)
+        self.reply = reply
+
+
+class Request:
+    """One request as parsed: what the gateway decides on, and the header lines it
+    forwards (built as the headers arrive, hop-by-hop ones left out)."""
+
+    __slots__ = (
+        "api_key",
+        "authorization",
+        "body",
+        "complete",
+        "connection",
+        "content_type",
+        "continued",
+        "error",
+        "expect",
+        "forwarded_for",
+        "head_size",
+        "header_count",
+        "headers_done",
+        "host",
+        "hosts",
+        "http11",
+        "keep_alive",
+        "length",
+        "lines",
+        "method",
+        "url",
+    )
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.lines: list[bytes] = []  # "Name: value\r\n" to forward to the engine
+        self.body = bytearray()
+        self.method = "GET"
+        self.http11 = True
+        self.keep_alive = True
+        self.complete = False
+        self.headers_done = False
+        self.head_size = 0
+        self.header_count = 0
+        self.hosts = 0
+        self.content_type: str | None = None
+        self.authorization: str | None = None
+        self.api_key: str | None = None
+        self.host = b""
+        self.forwarded_for: bytes | None = None
+        self.connection: bytes | None = None
+        self.length: bytes | None = None
+        self.expect: bytes | None = None
+        self.continued = False
+        self.error: Reply | None = None  # answer this, then close
+
+    @property
+    def expect_continue(self) -> bool:
+        return self.expect is not None
+
+
+# Request headers the relay looks at (lower-case name -> what it is); all others are
+# forwarded as they came.
+HOST, LENGTH, CONNECTION, EXPECT, API_KEY, XFF, CTYPE, AUTH, DROP = range(9)
+HEADER_KIND = {name: DROP for name in wire.REQUEST_DROP} | {
+    b"host": HOST,
+    b"content-length": LENGTH,
+    b"connection": CONNECTION,
+    b"expect": EXPECT,
+    b"api-key": API_KEY,
+    b"x-forwarded-for": XFF,
+    b"x-forwarded-proto": DROP,
+    b"x-real-ip": DROP,
+    b"x-forwarded-host": DROP,
+    b"content-type": CTYPE,
+    b"authorization": AUTH,
+}
