@@ -48,10 +48,6 @@ BUGS = {
     "*client_controlled_hop_headers[aiohttp-two-xff]": (
         "of two X-Forwarded-For lines only the first is kept (headers.get): a hop is lost"
     ),
-    "*client_controlled_hop_headers[fast-h2c-upgrade]": (
-        "an `Upgrade: h2c` offer is refused with 400 upgrade_not_supported instead of being "
-        "ignored (RFC 9110 7.8): `curl --http2 http://gateway/...` fails on the default server"
-    ),
     "*dot_segments*[aiohttp-based-*]": (
         "routes on the raw path (`based`), then yarl normalizes http://engine/based + "
         "/../other/...: a request routed to `based` reaches /other/..."
@@ -60,17 +56,9 @@ BUGS = {
         "the decoded path is sent on as a URL string: /raw/a%3Fb%2541 reaches the engine as "
         "/a?bA (a query that was not one; %25 decoded twice)"
     ),
-    "*as_sent[fast-not-utf8]": (
-        "unquote(errors='replace') then quote(): /raw/a%FFb reaches the engine as "
-        "/a%EF%BF%BDb (a percent-escape that is not UTF-8 becomes U+FFFD)"
-    ),
     "*as_sent[aiohttp-query-data]": (
         "yarl re-quotes the query of the upstream URL: ?q=%0d%0a&r=%2F reaches the engine as "
         "?q=&r=/ (encoded CR LF dropped, %2F decoded)"
-    ),
-    "*as_sent[fast-fragment]": (
-        "the fragment is cut from the path only: /raw/a?x=1#frag reaches the engine as "
-        "/a?x=1#frag (a fragment in a request-target, inside the query)"
     ),
     "*max_body_mb*[aiohttp-expect-100]": (
         "`Expect: 100-continue` is answered before the handler sees Content-Length: 100 "
@@ -84,11 +72,7 @@ BUGS = {
         "the trailer is refused (LineTooLong) but, as in "
         "test_a_malformed_chunked_body_after_the_head_gets_a_prompt_400, never answered"
     ),
-    "*http_1_0_client_never_gets_a_1xx[fast]": (
-        "`Expect: 100-continue` from an HTTP/1.0 client is answered with `100 Continue`, "
-        "which RFC 9110 10.1.1 says to ignore there: a 1.0 client takes it for the answer"
-    ),
-    "*engine_names_in_connection*": (
+    "*engine_names_in_connection*[aiohttp]": (
         "response headers named in the engine's `Connection: Foo` are relayed to the client"
     ),
     "*openai_envelope[aiohttp-*]": (

@@ -201,7 +201,7 @@ class Core:
         if style is Style.AZURE and query:
             query = "&".join(p for p in query.split("&") if p and not p.startswith("api-version="))
         if quote_path:
-            upstream_path = quote(upstream_path, safe=PATH_SAFE)
+            upstream_path = quote(upstream_path, safe=PATH_SAFE, errors="surrogateescape")
         path_qs = f"{upstream_path}?{query}" if query else upstream_path
         return Forward(dep_id, style, path_qs, body)
 

@@ -35,6 +35,8 @@ from vllm_fleet.gateway.relay.request import (
     MAX_HEAD,
     MAX_HEADERS,
     MAX_URL,
+    TE,
+    UPGRADE,
     XFF,
     Reject,
     Request,
@@ -128,12 +130,22 @@ class ClientConnection(asyncio.Protocol):
                     )
         except Reject as exc:
             self._break(exc.reply)
-        except httptools.HttpParserUpgrade:
-            # The Upgrade request carries its error (on_headers_complete); what follows it
-            # is another protocol's bytes: stop reading.
-            self.broken = True
-            if self.queue:
-                self.queue[-1].complete = True
+        except httptools.HttpParserUpgrade as exc:
+            last = self.queue[-1] if self.queue else None
+            if last is not None and last.h2c_offer:
+                # The offer is declined by answering over HTTP/1.1; llhttp goes on with
+                # the bytes after it as HTTP/1.1 too.
+                last.complete = True
+                offset = int(exc.args[0]) if exc.args else len(data)
+                if offset < len(data):
+                    self.data_received(data[offset:])
+                    return
+            else:
+                # The Upgrade request carries its error (on_headers_complete); what
+                # follows it is another protocol's bytes: stop reading.
+                self.broken = True
+                if last is not None:
+                    last.complete = True
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, Reject):
@@ -208,6 +220,10 @@ class ClientConnection(asyncio.Protocol):
             request.connection = value
         elif kind == EXPECT:
             request.expect = value
+        elif kind == UPGRADE:
+            request.upgrade = value
+        elif kind == TE:
+            request.chunked = True
 
     def on_headers_complete(self) -> None:
         self.progress = True
@@ -218,7 +234,13 @@ class ClientConnection(asyncio.Protocol):
         request.http11 = parser.get_http_version() == "1.1"
         request.keep_alive = parser.should_keep_alive()
         if parser.should_upgrade():
-            # feed_data raises HttpParserUpgrade once this message is complete.
+            # feed_data raises HttpParserUpgrade once this message is complete. An h2c
+            # offer without a body (curl --http2) is ignored: answered over HTTP/1.1.
+            upgrade = (request.upgrade or b"").strip().lower()
+            bodiless = not request.chunked and request.length in (None, b"0")
+            if upgrade == b"h2c" and bodiless and request.method != "CONNECT":
+                request.h2c_offer = True
+                return
             request.error = error_reply(
                 400,
                 "the gateway does not upgrade connections (Upgrade / CONNECT); "
@@ -237,6 +259,8 @@ class ClientConnection(asyncio.Protocol):
             length = int(request.length)  # llhttp checked it is a number
             if length > self.server.core.max_body:
                 raise Reject(self.server.core.too_large(length))
+        if request.expect is not None and not request.http11:
+            request.expect = None  # HTTP/1.0 knows no 1xx: the expectation is ignored
         if request.expect is not None:
             if request.expect.strip().lower() != b"100-continue":
                 raise Reject(error_reply(417, "only `Expect: 100-continue` is supported", "expect"))
@@ -313,8 +337,8 @@ class ClientConnection(asyncio.Protocol):
         core = self.server.core
         target = request.url
         if target[:1] == b"/":  # origin form, as clients send it
+            target, _, _ = target.partition(b"#")  # a fragment is never sent on
             raw_path, _, raw_query = target.partition(b"?")
-            raw_path, _, _ = raw_path.partition(b"#")
         else:  # absolute form (http://host/path), or garbage
             try:
                 url = httptools.parse_url(target)
@@ -325,7 +349,9 @@ class ClientConnection(asyncio.Protocol):
         path = raw_path.decode("latin-1")
         requote = False
         if "%" in path:
-            path = unquote(raw_path.decode("utf-8", "replace"))
+            # Decoded once to route; bytes that are not UTF-8 survive as surrogates, so
+            # core.route encodes them back as they came (%FF stays %FF).
+            path = unquote(raw_path.decode("utf-8", "surrogateescape"), errors="surrogateescape")
             requote = True
         if "/." in path:
             normal = remove_dot_segments(path)

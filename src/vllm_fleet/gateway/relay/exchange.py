@@ -133,7 +133,7 @@ class Exchange:
         head = b"%s %s%s HTTP/1.1\r\nHost: %s\r\n" % (
             method.encode(),
             pool.base_path.encode(),
-            self.forward.path_qs.encode(),
+            self.forward.path_qs.encode("latin-1"),
             pool.host_header,
         )
         conn.send(self, head + self.headers + self.forward.body, method == "HEAD")

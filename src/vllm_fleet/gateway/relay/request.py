@@ -32,6 +32,7 @@ class Request:
         "api_key",
         "authorization",
         "body",
+        "chunked",
         "complete",
         "connection",
         "content_type",
@@ -39,6 +40,7 @@ class Request:
         "error",
         "expect",
         "forwarded_for",
+        "h2c_offer",
         "head_size",
         "header_count",
         "headers_done",
@@ -49,11 +51,15 @@ class Request:
         "length",
         "lines",
         "method",
+        "upgrade",
         "url",
     )
 
     def __init__(self) -> None:
         self.url = b""
+        self.upgrade: bytes | None = None
+        self.chunked = False
+        self.h2c_offer = False  # Upgrade: h2c on a bodiless request: ignored (RFC 9110 7.8)
         self.lines: list[bytes] = []  # "Name: value\r\n" to forward to the engine
         self.body = bytearray()
         self.method = "GET"
@@ -82,7 +88,7 @@ class Request:
 
 # Request headers the relay looks at (lower-case name -> what it is); all others are
 # forwarded as they came.
-HOST, LENGTH, CONNECTION, EXPECT, API_KEY, XFF, CTYPE, AUTH, DROP = range(9)
+HOST, LENGTH, CONNECTION, EXPECT, API_KEY, XFF, CTYPE, AUTH, UPGRADE, TE, DROP = range(11)
 HEADER_KIND = {name: DROP for name in wire.REQUEST_DROP} | {
     b"host": HOST,
     b"content-length": LENGTH,
@@ -95,4 +101,6 @@ HEADER_KIND = {name: DROP for name in wire.REQUEST_DROP} | {
     b"x-forwarded-host": DROP,
     b"content-type": CTYPE,
     b"authorization": AUTH,
+    b"upgrade": UPGRADE,
+    b"transfer-encoding": TE,
 }

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from vllm_fleet.gateway.relay.wire import RESPONSE_DROP
+from vllm_fleet.gateway.relay.wire import RESPONSE_DROP, connection_tokens
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class UpstreamClosed(ConnectionError):
 class EngineConnection(asyncio.Protocol):
     __slots__ = (
         "_chunked",
+        "_connection",
         "_framing",
         "_got_bytes",
         "_in_head",
@@ -90,6 +91,7 @@ class EngineConnection(asyncio.Protocol):
         self._got_bytes = False
         self._in_head = True
         self._lines: list[bytes] = []  # response header lines to relay
+        self._connection: bytes | None = None  # the engine's Connection header
         self._length: int | None = None
         self._chunked = False
         self._sse = False
@@ -189,7 +191,9 @@ class EngineConnection(asyncio.Protocol):
             return  # trailers: not relayed
         lname = name.lower()
         if lname in RESPONSE_DROP:
-            if lname == b"content-length":
+            if lname == b"connection":
+                self._connection = value
+            elif lname == b"content-length":
                 self._length = int(value)
             elif lname == b"transfer-encoding":
                 self._chunked = b"chunked" in value.lower()
@@ -207,6 +211,11 @@ class EngineConnection(asyncio.Protocol):
         self._in_head = False
         self._interim = False
         chunked, length = self._chunked, self._length
+        if self._connection is not None and (listed := connection_tokens(self._connection)):
+            # Headers the engine's `Connection` names are for this hop only.
+            self._lines = [
+                line for line in self._lines if line.split(b":", 1)[0].lower() not in listed
+            ]
         no_body = self.head_only or status in (204, 304)
         until_close = not (chunked or no_body) and length is None
         framing = self._framing = Framing(chunked, length, until_close, self._sse)
@@ -219,6 +228,7 @@ class EngineConnection(asyncio.Protocol):
             self._finish(reusable=False)
 
     def _reset_head(self) -> None:
+        self._connection = None
         self._in_head = True
         self._lines = []
         self._length = None
