@@ -31,35 +31,6 @@ MODEL = "org/hostile"
 # Known bugs, as strict xfails: a pattern of test names (`test_...[server-parameter]`, with
 # fnmatch wildcards) -> what is wrong.
 BUGS = {
-    "*client_controlled_hop_headers[aiohttp-connection-foo]": (
-        "proxy.upstream_headers drops a fixed hop-by-hop list only: `Foo` named in "
-        "`Connection: keep-alive, Foo` reaches the engine"
-    ),
-    "*client_controlled_hop_headers[aiohttp-h2c-upgrade]": (
-        "`HTTP2-Settings`, named in `Connection: Upgrade, HTTP2-Settings`, reaches the engine"
-    ),
-    "*client_controlled_hop_headers[aiohttp-proxy-conn]": (
-        "`Proxy-Connection` is not in proxy._HOP_BY_HOP: it reaches the engine"
-    ),
-    "*client_controlled_hop_headers[aiohttp-x-real-ip]": (
-        "a client's `X-Real-IP: 6.6.6.6` reaches the engine verbatim (`fleet nginx` and the "
-        "fast server set it to the peer): a spoofable client address"
-    ),
-    "*client_controlled_hop_headers[aiohttp-two-xff]": (
-        "of two X-Forwarded-For lines only the first is kept (headers.get): a hop is lost"
-    ),
-    "*dot_segments*[aiohttp-based-*]": (
-        "routes on the raw path (`based`), then yarl normalizes http://engine/based + "
-        "/../other/...: a request routed to `based` reaches /other/..."
-    ),
-    "*as_sent[aiohttp-query-and-percent]": (
-        "the decoded path is sent on as a URL string: /raw/a%3Fb%2541 reaches the engine as "
-        "/a?bA (a query that was not one; %25 decoded twice)"
-    ),
-    "*as_sent[aiohttp-query-data]": (
-        "yarl re-quotes the query of the upstream URL: ?q=%0d%0a&r=%2F reaches the engine as "
-        "?q=&r=/ (encoded CR LF dropped, %2F decoded)"
-    ),
     "*max_body_mb*[aiohttp-expect-100]": (
         "`Expect: 100-continue` is answered before the handler sees Content-Length: 100 "
         "Continue, then the 413, so the client uploads a body that is refused"
@@ -71,9 +42,6 @@ BUGS = {
     "*past_the_limit*[aiohttp-1MB-trailer]": (
         "the trailer is refused (LineTooLong) but, as in "
         "test_a_malformed_chunked_body_after_the_head_gets_a_prompt_400, never answered"
-    ),
-    "*engine_names_in_connection*[aiohttp]": (
-        "response headers named in the engine's `Connection: Foo` are relayed to the client"
     ),
     "*openai_envelope[aiohttp-*]": (
         "parse errors are answered by aiohttp's own handler, before any middleware: "

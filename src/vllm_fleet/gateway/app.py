@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -19,6 +20,7 @@ from vllm_fleet.gateway import proxy
 from vllm_fleet.gateway.core import OWN_ENDPOINTS, Core, Forward
 from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.proxy import to_response
+from vllm_fleet.gateway.routing import remove_dot_segments
 from vllm_fleet.registry import Registry, Upstream
 
 log = logging.getLogger(__name__)
@@ -62,12 +64,18 @@ class Gateway:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return to_response(core.too_large(None))
+        # Route on the path decoded once with its dot segments resolved, and send the
+        # engine that same path encoded again: a path never routes one way and means
+        # another to the engine (`/a/../b`), and `%3F` stays data, never a query.
+        target = request.rel_url  # the origin form, also of an absolute-form target
+        path = remove_dot_segments(unquote(target.raw_path, errors="surrogateescape"))
         decided = core.route(
             request.method,
-            request.path,
-            request.query_string,
+            path,
+            target.raw_query_string,
             headers.get("Content-Type"),
             body,
+            True,
         )
         if isinstance(decided, Reply):
             return to_response(decided)

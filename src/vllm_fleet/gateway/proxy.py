@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from vllm_fleet.gateway.errors import Reply, sse_error_event
 from vllm_fleet.registry import Upstream
@@ -38,7 +39,7 @@ _HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
-_REQUEST_DROP = _HOP_BY_HOP | {"api-key", "expect"}
+_REQUEST_DROP = _HOP_BY_HOP | {"api-key", "expect", "proxy-connection", "x-real-ip"}
 _RESPONSE_DROP = _HOP_BY_HOP | {"date", "server"}
 
 
@@ -63,10 +64,16 @@ class UpstreamFailed(Exception):
         self.cause = cause
 
 
+def _named_in_connection(lines: Iterable[str]) -> set[str]:
+    """Headers a message names in `Connection` are hop-by-hop too (RFC 9110 §7.6.1)."""
+    return {token.strip().lower() for line in lines for token in line.split(",")}
+
+
 def upstream_headers(request: web.Request) -> CIMultiDict[str]:
+    drop = _REQUEST_DROP | _named_in_connection(request.headers.getall("Connection", ()))
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
-        if name.lower() not in _REQUEST_DROP:
+        if name.lower() not in drop:
             headers.add(name, value)
     # Azure clients send their key as `api-key`; engines started with --api-key expect a
     # bearer token.
@@ -74,8 +81,9 @@ def upstream_headers(request: web.Request) -> CIMultiDict[str]:
     if api_key and "Authorization" not in headers:
         headers["Authorization"] = f"Bearer {api_key}"
     peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
+    prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers["X-Real-IP"] = peer  # the peer, never what the client claims
     headers["X-Forwarded-Proto"] = request.scheme
     headers["X-Forwarded-Host"] = request.host
     return headers
@@ -91,7 +99,9 @@ async def relay(
     timeout: aiohttp.ClientTimeout,
 ) -> web.StreamResponse:
     """Send the request to `upstream` and stream its answer back to the client."""
-    url = upstream.url + path_qs
+    # Sent exactly as built (encoded=True): yarl would otherwise normalize dot segments
+    # and re-quote the path and query.
+    url = URL(upstream.url + path_qs, encoded=True)
     try:
         upstream_response = await session.request(
             request.method,
@@ -113,8 +123,10 @@ async def relay(
             status=upstream_response.status, reason=upstream_response.reason
         )
         out = response.headers
-        for name, value in upstream_response.headers.items():
-            if name.lower() not in _RESPONSE_DROP:
+        received = upstream_response.headers
+        drop = _RESPONSE_DROP | _named_in_connection(received.getall("Connection", ()))
+        for name, value in received.items():
+            if name.lower() not in drop:
                 out.add(name, value)
         out["X-Accel-Buffering"] = "no"
         out["X-Fleet-Upstream"] = upstream.name
