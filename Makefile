@@ -30,7 +30,7 @@ test: lint engines-env models
 clean:
 	rm -rf $(VENV) .fleet examples/.fleet .pytest_cache .mypy_cache .ruff_cache
 
-# The gateway overhead benchmark: direct vs nginx vs `fleet up` (docs/performance.md).
+# The gateway overhead benchmark: direct vs nginx vs `fleet up` (README: Performance; bench/NOTES.md).
 bench: $(VENV)/.installed-bench
 	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { echo "--- installing nginx"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
