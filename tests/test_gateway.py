@@ -41,13 +41,6 @@ def engines() -> Iterator[dict[str, FakeEngine]]:
         engine.stop()
 
 
-@pytest.fixture(scope="module", params=["aiohttp", "fast"])
-def server(request: pytest.FixtureRequest) -> str:
-    """Every gateway test runs against both HTTP servers (`gateway.server`)."""
-    name: str = request.param
-    return name
-
-
 @pytest.fixture(scope="module")
 def gateway(engines: dict[str, FakeEngine], server: str) -> Iterator[GatewayThread]:
     dead = free_port()  # nothing listens here

@@ -251,12 +251,6 @@ def fake() -> Iterator[FakeEngine]:
         yield started
 
 
-@pytest.fixture(scope="module", params=["aiohttp", "fast"])
-def server(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    return name
-
-
 @pytest.fixture(scope="module")
 def gateway(raw: RawEngine, fake: FakeEngine, server: str) -> Iterator[GatewayThread]:
     base = f"http://127.0.0.1:{raw.port}"

@@ -89,12 +89,6 @@ def engine() -> Iterator[FakeEngine]:
         yield started
 
 
-@pytest.fixture(scope="module", params=["aiohttp", "fast"])
-def server(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    return name
-
-
 @pytest.fixture(scope="module")
 def gateway(engine: FakeEngine, server: str) -> Iterator[GatewayThread]:
     fleet = f"""
