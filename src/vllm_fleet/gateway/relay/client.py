@@ -187,9 +187,9 @@ class ClientConnection(asyncio.Protocol):
         request = self.queue[-1]
         if request.headers_done:
             return  # trailers of a chunked body: not forwarded
-        request.head_size += len(name) + len(value) + 4
-        request.header_count += 1
-        if request.head_size > MAX_HEAD or request.header_count > MAX_HEADERS:
+        size = request.head_size = request.head_size + len(name) + len(value) + 4
+        count = request.header_count = request.header_count + 1
+        if size > MAX_HEAD or count > MAX_HEADERS:
             raise Reject(
                 error_reply(
                     431,
@@ -199,10 +199,10 @@ class ClientConnection(asyncio.Protocol):
             )
         kind = HEADER_KIND.get(name.lower())
         if kind is None:
-            request.lines.append(b"%s: %s\r\n" % (name, value))
+            request.lines += (name, b": ", value, b"\r\n")
         elif kind == CTYPE:
             request.content_type = value.decode("latin-1")
-            request.lines.append(b"%s: %s\r\n" % (name, value))
+            request.lines += (name, b": ", value, b"\r\n")
         elif kind == HOST:
             request.host = value
             request.hosts += 1
@@ -210,7 +210,7 @@ class ClientConnection(asyncio.Protocol):
             request.length = value
         elif kind == AUTH:
             request.authorization = value.decode("latin-1")
-            request.lines.append(b"%s: %s\r\n" % (name, value))
+            request.lines += (name, b": ", value, b"\r\n")
         elif kind == API_KEY:
             request.api_key = value.decode("latin-1")
         elif kind == XFF:
@@ -377,12 +377,13 @@ class ClientConnection(asyncio.Protocol):
 
     def _engine_headers(self, request: Request, forward: Forward) -> bytes:
         """The header lines for the engine (less Host, which depends on the engine)."""
-        lines = request.lines
+        lines = request.lines  # name, ": ", value, CRLF for each header forwarded
         if request.connection is not None:
             # Headers the client's `Connection` names are for this hop only.
             listed = wire.connection_tokens(request.connection)
             if listed:
-                lines = [ln for ln in lines if ln.split(b":", 1)[0].lower() not in listed]
+                kept = [i for i in range(0, len(lines), 4) if lines[i].lower() not in listed]
+                lines = [part for i in kept for part in lines[i : i + 4]]
         if request.api_key and request.authorization is None:
             # Azure clients send their key as `api-key`; engines started with --api-key
             # expect a bearer token.

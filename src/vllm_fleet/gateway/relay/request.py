@@ -60,7 +60,9 @@ class Request:
         self.upgrade: bytes | None = None
         self.chunked = False
         self.h2c_offer = False  # Upgrade: h2c on a bodiless request: ignored (RFC 9110 7.8)
-        self.lines: list[bytes] = []  # "Name: value\r\n" to forward to the engine
+        # The header lines to forward to the engine, four parts each: name, ": ", value,
+        # CRLF (joined once, with the rest of the head).
+        self.lines: list[bytes] = []
         self.body = bytearray()
         self.method = "GET"
         self.http11 = True
