@@ -53,10 +53,19 @@ def json_reply(data: Any, status: int = 200) -> Reply:
 
 def is_json(content_type: str | None) -> bool:
     """Whether a body with this Content-Type header (None: absent) is JSON to the gateway."""
+    known = _JSON_TYPES.get(content_type)
+    if known is not None:
+        return known
     if content_type is None:
         return True  # clients that send JSON without saying so
     mime = mime_type(content_type)
-    return mime == "application/json" or mime.endswith("+json")
+    answer = mime == "application/json" or mime.endswith("+json")
+    if len(_JSON_TYPES) < 64 and len(content_type) <= 128:
+        _JSON_TYPES[content_type] = answer  # the few a fleet's clients send, remembered
+    return answer
+
+
+_JSON_TYPES: dict[str | None, bool] = {None: True}
 
 
 def mime_type(content_type: str) -> str:

@@ -68,6 +68,7 @@ class ClientConnection(asyncio.Protocol):
         "server",
         "stalled",
         "transport",
+        "waiting",
         "write_paused",
     )
 
@@ -86,6 +87,7 @@ class ClientConnection(asyncio.Protocol):
         self.last_active = time.monotonic()
         self.progress = False  # this read began a request, ended a head, a body or a chunk
         self.stalled = 0  # bytes of reads since, that ended inside a request
+        self.waiting = False  # in the server's queue of connections waiting for a turn
         self._advancing = False
 
     # ------------------------------------------------------------ asyncio.Protocol
@@ -309,6 +311,8 @@ class ClientConnection(asyncio.Protocol):
                     if request.expect_continue and not request.continued:
                         self._send_continue(request)
                     break
+                if request.error is None and not self.server.admit(self):
+                    break  # the server calls dispatch_next() on a later turn of the loop
                 self.busy = True
                 self._handle(request)
         finally:
@@ -317,6 +321,13 @@ class ClientConnection(asyncio.Protocol):
             self.read_paused = False
             if self.transport is not None:
                 self.transport.resume_reading()
+
+    def dispatch_next(self) -> None:
+        """Handle the request at the head of the queue, admitted by the server."""
+        if self.busy or self.closed or not self.queue or not self.queue[0].complete:
+            return
+        self.busy = True
+        self._handle(self.queue[0])
 
     def _handle(self, request: Request) -> None:
         if request.error is not None:
