@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -23,15 +24,21 @@ from tests.conftest import fake_fleet_file, pid_alive, wait_until
 class FleetUp:
     """`python -m vllm_fleet.cli up FILE` with its output in a file."""
 
-    def __init__(self, path: Path, *args: str) -> None:
+    def __init__(self, path: Path, *args: str, open_files: tuple[int, int] | None = None) -> None:
         self.path = path
         self.output = path.parent / "fleet-up.out"
         self.gateway_port = yaml.safe_load(path.read_text())["gateway"]["port"]
+
+        def limit() -> None:  # in the child: the open-files limit it starts with
+            if open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
         with open(self.output, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "vllm_fleet.cli", "up", str(path), *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                preexec_fn=limit if open_files is not None else None,
             )
 
     @property
@@ -245,3 +252,39 @@ def test_a_failed_engine_is_shown_with_the_tail_of_its_log(
     assert "You are trying to access a gated repo" in out
     assert fleet.stop() == 0
     assert "Traceback" not in fleet.text()
+
+
+def open_files_limit(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open-files line in /proc/{pid}/limits")
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_limit_for_gateway_and_engines(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 8192:
+        pytest.skip(f"this machine's hard open-files limit is {hard}, below the 8192 tested")
+    path = fake_fleet_file(tmp_path, {"smol": {"model": "org/smol"}})
+    fleet = FleetUp(path, open_files=(256, 8192))  # a login shell's low soft limit
+    fleets.append(fleet)
+    (engine,) = fleet.wait_ready(1)
+    assert open_files_limit(fleet.proc.pid) == (8192, 8192)
+    assert open_files_limit(engine["pid"]) == (8192, 8192)  # engines inherit it
+    assert "open files are allowed" not in fleet.text()
+    assert fleet.stop() == 0
+
+
+def test_a_low_hard_open_files_limit_is_warned_about(tmp_path: Path, fleets: list[FleetUp]) -> None:
+    path = fake_fleet_file(tmp_path, {"smol": {"model": "org/smol"}})
+    fleet = FleetUp(path, open_files=(256, 1024))
+    fleets.append(fleet)
+    fleet.wait_ready(1)
+    assert open_files_limit(fleet.proc.pid) == (1024, 1024)
+    assert "only 1024 open files are allowed (the hard limit), so about 512 streams" in " ".join(
+        fleet.text().split()
+    )
+    assert fleet.stop() == 0

@@ -19,6 +19,7 @@ import asyncio
 import errno
 import gc
 import logging
+import resource
 import signal
 import time
 from collections.abc import Coroutine
@@ -68,6 +69,25 @@ def _setup_logging(console: Console) -> None:
     handler.addFilter(_NotEngineEvents())
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
+
+
+# Below this many open files, `fleet up` warns: every proxied stream holds two (the
+# client's connection and the engine's).
+FEW_OPEN_FILES = 4096
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's open-files limit to the hard limit (engines inherit it), as
+    nginx's worker_rlimit_nofile or Go's runtime do; the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # kept as it was (a container's limit, say)
+    return soft
 
 
 def display_url(host: str, port: int) -> str:
@@ -171,13 +191,20 @@ class Progress:
             self.console.print(escape(line), highlight=False, soft_wrap=True)
 
 
-def _print_plan(console: Console, config: FleetConfig, registry: Registry) -> None:
+def _print_plan(console: Console, config: FleetConfig, registry: Registry, open_files: int) -> None:
     url = display_url(config.gateway.host, config.gateway.port)
     console.print(
         f"gateway listening on {config.gateway.host}:{config.gateway.port} ({url}); "
         "deployments answer 503 until their engines are ready",
         highlight=False,
     )
+    if open_files < FEW_OPEN_FILES:
+        console.print(
+            f"[yellow]warning:[/] only {open_files} open files are allowed (the hard limit), "
+            f"so about {open_files // 2} streams at once; raise it (`ulimit -Hn`, "
+            "LimitNOFILE= in a systemd unit)",
+            highlight=False,
+        )
     for up in registry.all():
         spec = up.spec
         if not up.managed:
@@ -194,6 +221,7 @@ def _print_plan(console: Console, config: FleetConfig, registry: Registry) -> No
 
 async def _run(config: FleetConfig, plan: Plan, console: Console) -> int:
     loop = asyncio.get_running_loop()
+    open_files = raise_open_files_limit()
     registry = Registry(config, plan)
     progress = Progress(console, registry)
     supervisor = Supervisor(registry, on_event=progress.on_event)
@@ -241,7 +269,7 @@ async def _run(config: FleetConfig, plan: Plan, console: Console) -> int:
     gc.collect()
     gc.freeze()
     try:
-        _print_plan(console, config, registry)
+        _print_plan(console, config, registry, open_files)
         if not stop.is_set():
             await supervisor.start()
             await progress.until_settled(supervisor, stop)
