@@ -1,13 +1,15 @@
-"""The fast server starts at most DISPATCH_PER_TURN requests per turn of the event loop;
-the rest wait, in arrival order, for the next turns (engines' answers are relayed in
-between). Unit tests of the turn-taking, then a burst over real sockets."""
+"""How the fast server paces work: at most DISPATCH_PER_TURN requests start per turn of
+the event loop, the rest wait in arrival order for the next turns (engines' answers are
+relayed in between); and a connection stops reading while the requests it pipelined
+hold more than MAX_QUEUED_BYTES of body. Unit tests, then a burst over real sockets."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import uvloop
@@ -15,6 +17,7 @@ import uvloop
 from tests.gateway_harness import GatewayThread
 from tests.test_gateway_wire import Reader, post
 from vllm_fleet.config import loads
+from vllm_fleet.gateway.relay.client import MAX_QUEUED_BYTES, ClientConnection
 from vllm_fleet.gateway.relay.server import DISPATCH_PER_TURN, FastServer
 from vllm_fleet.gpus import Inventory
 from vllm_fleet.plan import build_plan
@@ -129,3 +132,79 @@ def test_a_burst_over_many_turns_is_answered_whole_and_in_order(gateway: Gateway
     finally:
         for sock in socks:
             sock.close()
+
+
+class FakeTransport:
+    """A client's transport as the connection sees it: what it was sent, and whether
+    reading is paused."""
+
+    def __init__(self) -> None:
+        self.sent = bytearray()
+        self.paused = False
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+
+def test_pipelined_big_bodies_stop_the_reading_until_answered() -> None:
+    async def main() -> None:
+        async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            # Answers each request once its body is in, like any engine.
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    await reader.readexactly(length)
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+        listener = await asyncio.start_server(engine, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        config = loads(
+            f"gateway:\n  max_body_mb: 2\ndeployments:\n  t:\n    model: {MODEL}\n"
+            f'    endpoints: ["http://127.0.0.1:{port}"]\n'
+        )
+        server = FastServer(config, Registry(config, build_plan(config, Inventory(None, ""), "py")))
+        await server.start("127.0.0.1", 0)
+        conn = ClientConnection(server)
+        transport = FakeTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        big = post("/t/v1/completions", {"prompt": "x" * (MAX_QUEUED_BYTES // 2)})
+        # Read in one go, as from one socket read: the first is sent to the engine, the
+        # big ones wait behind it.
+        conn.data_received(post("/t/v1/completions", {"prompt": "first"}) + big)
+        assert not transport.paused  # one big body behind the first: within the bound
+        conn.data_received(big)
+        assert transport.paused  # two: over it, nothing more is read for now
+        await wait_for(lambda: transport.sent.count(b"HTTP/1.1 200") == 3)
+        assert not transport.paused  # all answered: reading again
+        assert conn.queued_bytes == 0
+        await server.close(0)
+        listener.close()
+
+    run(main())
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)

@@ -48,7 +48,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_QUEUED = 8  # pipelined requests held before the connection stops reading
+# Pipelined requests held (complete, waiting their turn) before the connection stops
+# reading; and the body bytes they may hold together, so a client pipelining big bodies
+# cannot make the gateway hold many of them.
+MAX_QUEUED = 8
+MAX_QUEUED_BYTES = 1 << 20
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -64,6 +68,7 @@ class ClientConnection(asyncio.Protocol):
         "peer_bytes",
         "progress",
         "queue",
+        "queued_bytes",
         "read_paused",
         "server",
         "stalled",
@@ -78,6 +83,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer_bytes = b""
         self.queue: deque[Request] = deque()
+        self.queued_bytes = 0  # body bytes of the requests in the queue, all together
         self.exchange: Exchange | None = None
         self.busy = False  # the request at the head of the queue is being answered
         self.closed = False
@@ -106,6 +112,7 @@ class ClientConnection(asyncio.Protocol):
             self.exchange = None
             exchange.client_gone()
         self.queue.clear()
+        self.queued_bytes = 0
         self.server.check_drained()
 
     def data_received(self, data: bytes) -> None:
@@ -273,14 +280,22 @@ class ClientConnection(asyncio.Protocol):
         self.progress = True
         request = self.queue[-1]
         request.body += body
+        self.queued_bytes += len(body)
         if len(request.body) > self.server.core.max_body:
             raise Reject(self.server.core.too_large(None))
 
     def on_message_complete(self) -> None:
         self.queue[-1].complete = True
-        if len(self.queue) > MAX_QUEUED and self.transport is not None and not self.read_paused:
+        held = len(self.queue) > MAX_QUEUED or self._bytes_behind() > MAX_QUEUED_BYTES
+        if held and self.transport is not None and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
+
+    def _bytes_behind(self) -> int:
+        """Body bytes held by requests queued behind the one answered first (which keeps
+        reading on, so a client that leaves mid-answer is noticed)."""
+        queue = self.queue
+        return self.queued_bytes - len(queue[0].body) if queue else 0
 
     # ------------------------------------------------------------ answering, in order
 
@@ -317,7 +332,12 @@ class ClientConnection(asyncio.Protocol):
                 self._handle(request)
         finally:
             self._advancing = False
-        if self.read_paused and len(self.queue) <= MAX_QUEUED // 2 and not self.closed:
+        if (
+            self.read_paused
+            and len(self.queue) <= MAX_QUEUED // 2
+            and self._bytes_behind() <= MAX_QUEUED_BYTES // 2
+            and not self.closed
+        ):
             self.read_paused = False
             if self.transport is not None:
                 self.transport.resume_reading()
@@ -434,7 +454,7 @@ class ClientConnection(asyncio.Protocol):
         """The answer to the head of the queue is complete."""
         self.exchange = None
         if self.queue:
-            self.queue.popleft()
+            self.queued_bytes -= len(self.queue.popleft().body)
         self.busy = False
         self.last_active = time.monotonic()
         if not keep_alive or self.server.closing:
