@@ -121,6 +121,13 @@ class EnginesConfig(_Strict):
     backoff_max: Annotated[float, Field(ge=0)] = 60.0
     # An engine that stayed ready this long has its failure count reset.
     stable_after: Annotated[float, Field(ge=0)] = 60.0
+    # An engine's log over this size is copied to <log>.1 and emptied; log_keep copies.
+    log_max_mb: Annotated[float, Field(gt=0)] = 100.0
+    log_keep: Annotated[int, Field(ge=0)] = 3
+
+    @property
+    def log_max_bytes(self) -> int:
+        return int(self.log_max_mb * 2**20)
 
 
 class Deployment(_Strict):

@@ -42,6 +42,7 @@ from typing import BinaryIO
 import aiohttp
 
 from vllm_fleet.config import EnginesConfig
+from vllm_fleet.engines.logs import rotate_if_over
 from vllm_fleet.masking import mask_argv
 from vllm_fleet.plan import EngineSpec
 from vllm_fleet.registry import State, Upstream
@@ -124,9 +125,11 @@ def killpg(pgid: int, sig: int) -> bool:
     return True
 
 
-def _open_log(spec: EngineSpec, attempt: int) -> BinaryIO:
-    """Open the engine's log for appending, after a line marking this start."""
+def _open_log(spec: EngineSpec, attempt: int, settings: EnginesConfig) -> BinaryIO:
+    """Open the engine's log for appending (rotated first when over its size), after a
+    line marking this start."""
     spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+    rotate_if_over(spec.log_path, settings.log_max_bytes, settings.log_keep)
     logf = open(spec.log_path, "ab", buffering=0)  # noqa: SIM115 (the caller closes it)
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
     logf.write(f"{LOG_MARK} start {attempt} of {spec.name} at {stamp}\n".encode())
@@ -192,7 +195,7 @@ class EngineProcess:
         self.upstream.set_state(State.STARTING, "starting")
         self.upstream.pid = None
         try:
-            logf = _open_log(spec, self.attempts)
+            logf = _open_log(spec, self.attempts, self.settings)
         except OSError as exc:
             raise SpawnError(
                 f"cannot write its log {spec.log_path} ({exc.strerror or exc}); set "
@@ -290,6 +293,9 @@ class EngineProcess:
         while True:
             if await self._wait(self.settings.health_interval, stop):
                 return Outcome.STOPPED if stop.is_set() else Outcome.EXITED
+            settings = self.settings
+            if rotate_if_over(self.spec.log_path, settings.log_max_bytes, settings.log_keep):
+                log.info("%s: log over %g MB, rotated", self.spec.name, settings.log_max_mb)
             interrupted, problem = await self._probe(READY_POLL_TIMEOUT, stop)
             if interrupted:
                 continue
