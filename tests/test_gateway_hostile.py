@@ -43,6 +43,10 @@ BUGS = {
         "the trailer is refused (LineTooLong) but, as in "
         "test_a_malformed_chunked_body_after_the_head_gets_a_prompt_400, never answered"
     ),
+    "*sent_twice_is_a_400[aiohttp-content-type]": (
+        "aiohttp's parser refuses a repeated Content-Type itself, with its own text/plain "
+        "400 (`Duplicate 'Content-Type' header found.`): refused, but no envelope"
+    ),
     "*openai_envelope[aiohttp-*]": (
         "parse errors are answered by aiohttp's own handler, before any middleware: "
         "`HTTP/1.0 400` text/plain echoing the offending bytes, no envelope, no X-Fleet-Error"
@@ -712,6 +716,29 @@ def test_encoded_slashes_double_slashes_and_absolute_form_route_predictably(
     assert absolute.headers["x-fleet-upstream"] == "raw-0"  # by its path, not its host
     assert [s.target for s in engine.seen] == [b"/v1/models", b"/x"]
     assert engine.seen[1].header(b"host") == [b"127.0.0.1:%d" % engine.port]
+
+
+@pytest.mark.parametrize(
+    ("twice", "target"),
+    [
+        (b"Content-Type: multipart/form-data; boundary=x\r\n", "/raw/a"),
+        (b"Authorization: Bearer one\r\nAuthorization: Bearer two\r\n", "/raw/a"),
+        (b"api-key: one\r\napi-key: two\r\n", "/raw/a"),
+        (b"Authorization: Bearer one\r\nAuthorization: Bearer two\r\n", "/v1/models"),
+    ],
+    ids=["content-type", "authorization", "api-key", "authorization-own-endpoint"],
+)
+def test_a_header_the_gateway_decides_on_sent_twice_is_a_400(
+    gateway: GatewayThread, engine: RawEngine, twice: bytes, target: str
+) -> None:
+    # The gateway and the engine could each read a different one of the two (which body
+    # type, which key), so the request is refused rather than guessed at.
+    answer = one_request(
+        gateway, req("POST" if target != "/v1/models" else "GET", target, b"{}", twice)
+    )
+    gateway_error(answer, 400)
+    assert json.loads(answer.body)["error"]["message"].startswith("the request has more than one")
+    assert engine.seen == []
 
 
 @pytest.fixture(scope="module")

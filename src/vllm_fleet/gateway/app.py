@@ -14,6 +14,7 @@ from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from vllm_fleet.config import FleetConfig
 from vllm_fleet.gateway import proxy
@@ -41,6 +42,8 @@ class Gateway:
 
     async def endpoint(self, request: web.Request) -> web.Response:
         headers = request.headers
+        if (repeated := self._repeated(headers)) is not None:
+            return to_response(repeated)
         reply = self.core.endpoint(
             request.path,
             request.query_string,
@@ -49,11 +52,20 @@ class Gateway:
         )
         return to_response(reply)
 
+    def _repeated(self, headers: CIMultiDictProxy[str]) -> Reply | None:
+        """The 400 for a header the gateway decides on sent twice, if any."""
+        for name in ("Content-Type", "Authorization", "api-key"):
+            if len(headers.getall(name, ())) > 1:
+                return self.core.repeated_header(name)
+        return None
+
     # ------------------------------------------------------------ proxying
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         core = self.core
         headers = request.headers
+        if (repeated := self._repeated(headers)) is not None:
+            return to_response(repeated)
         denied = core.authorize(headers.get("api-key"), headers.get("Authorization"))
         if denied is not None:
             return to_response(denied)

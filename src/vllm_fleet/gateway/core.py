@@ -245,6 +245,16 @@ class Core:
             return self.route_error(dep_id)
         return dep_id, _with_model(parsed, body, self.names.served[dep_id])
 
+    def repeated_header(self, name: str) -> Reply:
+        """A header the gateway decides on came twice: the engine might read the other
+        one (which key, which body type), so the request is refused."""
+        return error_reply(
+            400,
+            f"the request has more than one {name} header; send it once",
+            "invalid_request",
+            name,
+        )
+
     def route_error(self, error: RouteError) -> Reply:
         return error_reply(error.status, error.message, error.code, error.param)
 

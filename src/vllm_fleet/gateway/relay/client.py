@@ -210,6 +210,8 @@ class ClientConnection(asyncio.Protocol):
         if kind is None:
             request.lines += (name, b": ", value, b"\r\n")
         elif kind == CTYPE:
+            if request.content_type is not None:
+                raise Reject(self.server.core.repeated_header("Content-Type"))
             request.content_type = value.decode("latin-1")
             request.lines += (name, b": ", value, b"\r\n")
         elif kind == HOST:
@@ -218,9 +220,13 @@ class ClientConnection(asyncio.Protocol):
         elif kind == LENGTH:
             request.length = value
         elif kind == AUTH:
+            if request.authorization is not None:
+                raise Reject(self.server.core.repeated_header("Authorization"))
             request.authorization = value.decode("latin-1")
             request.lines += (name, b": ", value, b"\r\n")
         elif kind == API_KEY:
+            if request.api_key is not None:
+                raise Reject(self.server.core.repeated_header("api-key"))
             request.api_key = value.decode("latin-1")
         elif kind == XFF:
             prior = request.forwarded_for
