@@ -14,9 +14,11 @@ from collections.abc import Callable, Iterator
 import pytest
 import uvloop
 
+from tests.conftest import wait_until
 from tests.gateway_harness import GatewayThread
 from tests.test_gateway_wire import Reader, post
 from vllm_fleet.config import loads
+from vllm_fleet.gateway.relay import client as client_module
 from vllm_fleet.gateway.relay.client import MAX_QUEUED_BYTES, ClientConnection
 from vllm_fleet.gateway.relay.server import DISPATCH_PER_TURN, FastServer
 from vllm_fleet.gpus import Inventory
@@ -208,3 +210,45 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "timed out"
         await asyncio.sleep(0.01)
+
+
+def test_connections_past_max_connections_get_a_503_and_are_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(client_module, "OVER_LIMIT_GRACE", 0.3)
+    with FakeEngine(MODEL, [MODEL, "turns"]) as engine:
+        fleet = f"""
+gateway:
+  max_connections: 3
+deployments:
+  turns:
+    model: {MODEL}
+    endpoints: ["{engine.url}"]
+"""
+        gw = GatewayThread(fleet, "fast").start()
+        try:
+            held = [socket.create_connection(("127.0.0.1", gw.port), timeout=5) for _ in range(3)]
+            over = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+            over.sendall(post("/turns/v1/completions", {"prompt": "x", "max_tokens": 1}))
+            reader = Reader(over)
+            (answer,) = reader.read()
+            assert answer.status == 503 and answer.headers["retry-after"] == "1"
+            assert json.loads(answer.body)["error"]["code"] == "too_many_connections"
+            assert reader.closes() and over.recv(1) == b""
+            silent = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+            assert silent.recv(1) == b""  # sent nothing: closed after the grace period
+            # The connections within the limit are served as ever.
+            held[0].sendall(post("/turns/v1/completions", {"prompt": "x", "max_tokens": 1}))
+            assert Reader(held[0]).read()[0].status == 200
+            held[1].close()
+
+            def served() -> bool:  # the freed place is taken by the next connection
+                with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as again:
+                    again.sendall(post("/turns/v1/completions", {"prompt": "x", "max_tokens": 1}))
+                    return Reader(again).read()[0].status == 200
+
+            wait_until(served, timeout=10, what="the freed place served")
+        finally:
+            for sock in [*held, over, silent]:
+                sock.close()
+            gw.stop()

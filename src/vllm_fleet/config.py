@@ -100,6 +100,9 @@ class GatewayConfig(_Strict):
     connect_timeout: Annotated[float, Field(gt=0)] = 10.0
     # The HTTP server: `aiohttp` (the framework), or `fast` (the protocol-level relay).
     server: Literal["aiohttp", "fast"] = "fast"
+    # Client connections served at once (`fast` server); beyond, a 503. None: what the
+    # open-files limit allows (two sockets per stream).
+    max_connections: Annotated[int, Field(ge=1)] | None = None
 
     _host = field_validator("host")(lambda v: _check_host(v))
 

@@ -33,6 +33,7 @@ from rich.text import Text
 
 from vllm_fleet.config import FleetConfig
 from vllm_fleet.engines import EngineEvent, Supervisor
+from vllm_fleet.gateway.relay.server import connection_limit
 from vllm_fleet.gateway.server import serve
 from vllm_fleet.plan import Plan
 from vllm_fleet.registry import Registry, State
@@ -198,6 +199,13 @@ def _print_plan(console: Console, config: FleetConfig, registry: Registry, open_
         "deployments answer 503 until their engines are ready",
         highlight=False,
     )
+    if config.gateway.server == "fast":
+        limit = connection_limit(config.gateway.max_connections)
+        console.print(
+            f"  up to {limit} client connections at once (open files: {open_files}; "
+            "gateway.max_connections)",
+            highlight=False,
+        )
     if open_files < FEW_OPEN_FILES:
         console.print(
             f"[yellow]warning:[/] only {open_files} open files are allowed (the hard limit), "

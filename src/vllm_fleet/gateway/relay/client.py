@@ -46,6 +46,8 @@ from vllm_fleet.gateway.routing import remove_dot_segments
 if TYPE_CHECKING:
     from vllm_fleet.gateway.relay.server import FastServer
 
+OVER_LIMIT_GRACE = 5.0  # seconds an over-the-limit connection may take to send a head
+
 log = logging.getLogger(__name__)
 
 # Pipelined requests held (complete, waiting their turn) before the connection stops
@@ -64,6 +66,7 @@ class ClientConnection(asyncio.Protocol):
         "closed",
         "exchange",
         "last_active",
+        "over_limit",
         "parser",
         "peer_bytes",
         "progress",
@@ -94,6 +97,7 @@ class ClientConnection(asyncio.Protocol):
         self.progress = False  # this read began a request, ended a head, a body or a chunk
         self.stalled = 0  # bytes of reads since, that ended inside a request
         self.waiting = False  # in the server's queue of connections waiting for a turn
+        self.over_limit = False  # accepted past gateway.max_connections: answered 503
         self._advancing = False
 
     # ------------------------------------------------------------ asyncio.Protocol
@@ -102,7 +106,13 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer_bytes = str(peer[0]).encode() if isinstance(peer, tuple) else b""
-        self.server.connections.add(self)
+        server = self.server
+        if len(server.connections) >= server.max_connections:
+            # Over the limit: its request is answered 503 and the connection closed (a
+            # silent one soon), so the gateway keeps the sockets it needs for the rest.
+            self.over_limit = True
+            asyncio.get_running_loop().call_later(OVER_LIMIT_GRACE, self._close_if_silent)
+        server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -248,6 +258,9 @@ class ClientConnection(asyncio.Protocol):
         request.method = parser.get_method().decode("ascii", "replace")
         request.http11 = parser.get_http_version() == "1.1"
         request.keep_alive = parser.should_keep_alive()
+        if self.over_limit:
+            request.error = _over_limit(self.server.max_connections)
+            request.keep_alive = False
         if parser.should_upgrade():
             # feed_data raises HttpParserUpgrade once this message is complete. An h2c
             # offer without a body (curl --http2) is ignored: answered over HTTP/1.1.
@@ -477,6 +490,21 @@ class ClientConnection(asyncio.Protocol):
 
     def idle(self) -> bool:
         return not self.busy and not self.queue
+
+    def _close_if_silent(self) -> None:
+        """An over-the-limit connection that has not sent a request head yet: closed."""
+        if not self.closed and not any(r.headers_done for r in self.queue):
+            self.close()
+
+
+def _over_limit(limit: int) -> Reply:
+    return error_reply(
+        503,
+        f"the gateway serves {limit} connections at once and is at that limit; retry "
+        "shortly (gateway.max_connections, or the open-files limit, sets it)",
+        "too_many_connections",
+        headers={"Retry-After": "1"},
+    )
 
 
 def _internal_error() -> Reply:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 from collections import deque
 
@@ -28,11 +29,25 @@ _SWEEP_EVERY = 5.0
 # every new request first: under a burst, streams already running keep flowing and
 # early requests get their first token sooner. Light load never reaches the limit.
 DISPATCH_PER_TURN = 8
+# Open files kept for everything else (engine processes' pipes, logs, listening sockets).
+_FILES_RESERVED = 100
+
+
+def connection_limit(configured: int | None) -> int:
+    """Client connections served at once: as configured, else half the open files this
+    process may have (each stream holds a client and an engine socket), less a reserve."""
+    if configured is not None:
+        return configured
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, (soft - _FILES_RESERVED) // 2)
 
 
 class FastServer:
     def __init__(self, config: FleetConfig, registry: Registry) -> None:
         self.core = Core(config, registry)
+        self.max_connections = connection_limit(config.gateway.max_connections)
         self.pools = Pools(config.gateway.connect_timeout)
         self.connections: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
