@@ -22,6 +22,7 @@ class State(StrEnum):
     READY = "ready"
     FAILED = "failed"
     STOPPING = "stopping"
+    UNREACHABLE = "unreachable"  # a remote endpoint that stopped answering its probes
 
 
 @dataclass(eq=False)
@@ -77,8 +78,8 @@ class Registry:
                 Upstream(engine.name, engine.deployment, engine.url, True, engine)
             )
         for remote in plan.remotes:
-            # Remote endpoints are not started here; they count as ready until a request
-            # to them fails (the gateway then answers 502 naming the endpoint).
+            # Remote endpoints are not started here; they count as ready until their
+            # probes fail (engines/remote.py).
             self.by_deployment[remote.deployment].append(
                 Upstream(remote.name, remote.deployment, remote.url, False, remote, State.READY)
             )

@@ -18,6 +18,7 @@ STATE_STYLES = {
     "stopping": "yellow",
     "stopped": "dim",
     "failed": "bold red",
+    "unreachable": "red",
 }
 
 

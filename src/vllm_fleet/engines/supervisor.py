@@ -28,6 +28,7 @@ import aiohttp
 
 from vllm_fleet.config import FleetConfig
 from vllm_fleet.engines.process import LOG_MARK, EngineProcess, Outcome, SpawnError, killpg
+from vllm_fleet.engines.remote import watch_remote
 from vllm_fleet.plan import EngineSpec
 from vllm_fleet.registry import Registry, State, Upstream
 
@@ -106,6 +107,7 @@ class Supervisor:
         self.on_event = on_event
         self._stop = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
+        self._probe_session: aiohttp.ClientSession | None = None  # remote endpoints'
         self._tasks: list[asyncio.Task[None]] = []
         self.engines: list[EngineProcess] = []
         self._stopped = False
@@ -120,13 +122,26 @@ class Supervisor:
             log.exception("progress callback failed")
 
     async def start(self) -> None:
-        """Start one task per managed engine and return at once (engines load in the
-        background; watch the registry or the events to see them become ready)."""
+        """Start one task per managed engine, and one probing each remote endpoint, and
+        return at once (engines load in the background; watch the registry or the
+        events to see them become ready)."""
         if self._session is not None or self._stopped:
             return
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
         for upstream in self.registry.all():
-            if not upstream.managed or not isinstance(upstream.spec, EngineSpec):
+            if not upstream.managed:
+                if self._probe_session is None:
+                    # Kept alive between probes (under uvicorn's 5 s): one connection per
+                    # endpoint, not one per probe.
+                    connector = aiohttp.TCPConnector(keepalive_timeout=4.0)
+                    self._probe_session = aiohttp.ClientSession(connector=connector)
+                watch = watch_remote(
+                    upstream, self._probe_session, self.config.engines.health_interval,
+                    self._stop, self._emit,
+                )  # fmt: skip
+                self._tasks.append(asyncio.create_task(watch, name=f"probe {upstream.name}"))
+                continue
+            if not isinstance(upstream.spec, EngineSpec):
                 continue
             engine = EngineProcess(upstream.spec, upstream, self.config.engines, self._session)
             self.engines.append(engine)
@@ -148,8 +163,9 @@ class Supervisor:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         # A task that died of a bug must not leave its engine behind.
         await asyncio.gather(*(e.stop() for e in self.engines), return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._probe_session):
+            if session is not None:
+                await session.close()
 
     def kill_now(self) -> None:
         """Skip the grace period: SIGKILL every engine's group (a second Ctrl-C)."""

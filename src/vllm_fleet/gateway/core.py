@@ -313,6 +313,15 @@ class Core:
                 "deployment_loading",
                 headers={"Retry-After": RETRY_AFTER_LOADING},
             )
+        unreachable = [u for u in ups if u.state is State.UNREACHABLE]
+        if unreachable:
+            why = "; ".join(f"{u.name} ({u.url}): {u.message}" for u in unreachable)
+            return error_reply(
+                503,
+                f"no endpoint of deployment `{dep_id}` is answering ({why}); retry shortly",
+                "upstream_unreachable",
+                headers={"Retry-After": RETRY_AFTER_LOADING},
+            )
         failed = [u for u in ups if u.state is State.FAILED]
         if failed:
             why = "; ".join(f"{u.name}: {u.message or 'failed'}" for u in failed)
