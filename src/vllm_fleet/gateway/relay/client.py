@@ -46,8 +46,6 @@ from vllm_fleet.gateway.routing import remove_dot_segments
 if TYPE_CHECKING:
     from vllm_fleet.gateway.relay.server import FastServer
 
-OVER_LIMIT_GRACE = 5.0  # seconds an over-the-limit connection may take to send a head
-
 log = logging.getLogger(__name__)
 
 # Pipelined requests held (complete, waiting their turn) before the connection stops
@@ -55,6 +53,7 @@ log = logging.getLogger(__name__)
 # cannot make the gateway hold many of them.
 MAX_QUEUED = 8
 MAX_QUEUED_BYTES = 1 << 20
+OVER_LIMIT_GRACE = 5.0  # seconds an over-the-limit connection may take to send a head
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -258,9 +257,11 @@ class ClientConnection(asyncio.Protocol):
         request.method = parser.get_method().decode("ascii", "replace")
         request.http11 = parser.get_http_version() == "1.1"
         request.keep_alive = parser.should_keep_alive()
-        if self.over_limit:
+        if self.over_limit:  # answered 503 (never 100 Continue), then closed
             request.error = _over_limit(self.server.max_connections)
             request.keep_alive = False
+            request.expect = None
+            return
         if parser.should_upgrade():
             # feed_data raises HttpParserUpgrade once this message is complete. An h2c
             # offer without a body (curl --http2) is ignored: answered over HTTP/1.1.

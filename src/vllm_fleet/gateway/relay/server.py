@@ -1,9 +1,11 @@
-"""The fast server: listen, hold the shared state, stop with a grace period.
+"""The fast server: listen, hold the shared state, pace new requests, stop gracefully.
 
 `FastServer` owns the gateway's decisions (`core.Core`), the engine connection pools,
-and every client connection. Idle client connections close after `KEEPALIVE_TIMEOUT`
-seconds (aiohttp's default). Stopping: stop accepting, close idle connections, let
-requests in flight finish for up to the grace period, then close what is left.
+and every client connection. New requests start at most DISPATCH_PER_TURN per turn of
+the event loop (`admit`); past `gateway.max_connections` a connection is answered 503.
+Idle client connections close after `KEEPALIVE_TIMEOUT` seconds (aiohttp's default).
+Stopping: stop accepting, close idle connections, let requests in flight finish for up
+to the grace period, then close what is left.
 """
 
 from __future__ import annotations
