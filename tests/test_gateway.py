@@ -8,6 +8,7 @@ gateway answers itself.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import socket
 import time
@@ -429,3 +430,51 @@ def test_engine_dying_mid_stream_ends_the_stream_with_an_error_event(server: str
             assert "m-0" in error["message"]
         finally:
             gw.stop()
+
+
+# ---------------------------------------------------------------- audio uploads (multipart)
+
+AUDIO = bytes(range(256)) * 16  # 4 KB of "audio", every byte value, CRLFs and dashes too
+
+
+@pytest.mark.parametrize(
+    ("style", "model"),
+    [("path", "whisper-1"), ("v1", "qwen2.5"), ("azure", "whisper-1")],
+)
+def test_an_audio_upload_reaches_the_engine_with_its_model_and_its_bytes_intact(
+    gateway: GatewayThread, engines: dict[str, FakeEngine], style: str, model: str
+) -> None:
+    client: openai.OpenAI
+    if style == "azure":
+        client = openai.AzureOpenAI(
+            azure_endpoint=gateway.url, azure_deployment="qwen", api_version="2024-06-01",
+            api_key="k",
+        )  # fmt: skip
+    else:
+        base = f"{gateway.url}/qwen/v1" if style == "path" else f"{gateway.url}/v1"
+        client = openai.OpenAI(base_url=base, api_key="unused")
+    result = client.audio.transcriptions.create(
+        model=model, file=("talk.wav", AUDIO, "audio/wav"), language="en", temperature=0.5
+    )
+    assert result.text == f"{len(AUDIO)} bytes of talk.wav"
+    seen = stats(engines["qwen"])["last_request"]
+    assert seen["model"] == QWEN  # rewritten in the form, as in a JSON body
+    assert seen["path"] == "/v1/audio/transcriptions"
+    assert seen["body"]["language"] == "en" and seen["body"]["temperature"] == "0.5"
+    assert seen["audio_sha256"] == hashlib.sha256(AUDIO).hexdigest()
+
+
+def test_an_upload_to_v1_names_an_unknown_model_or_none(gateway: GatewayThread) -> None:
+    files = {"file": ("a.wav", b"RIFF", "audio/wav")}
+    unknown = httpx.post(
+        f"{gateway.url}/v1/audio/transcriptions", data={"model": "nope"}, files=files
+    )
+    assert_gateway_error(unknown, 404, "nope")
+    missing = httpx.post(f"{gateway.url}/v1/audio/transcriptions", files=files)
+    assert_gateway_error(missing, 400)
+    twice = httpx.post(
+        f"{gateway.url}/qwen/v1/audio/transcriptions",
+        data={"model": ["a", "b"]},
+        files=files,
+    )
+    assert_gateway_error(twice, 400, "more than one `model` field")

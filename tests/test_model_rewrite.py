@@ -127,3 +127,68 @@ def test_bodies_that_are_not_a_json_object_get_a_400(core: Core, body: bytes, sa
     reply = rejected(core, body)
     assert reply.status == 400
     assert says in json.loads(reply.body)["error"]["message"]
+
+
+# ---------------------------------------------------------------- multipart forms (uploads)
+
+
+def form(*parts: tuple[str, bytes, str | None], boundary: bytes = b"b0und") -> bytes:
+    """A multipart/form-data body: (name, value, filename or None) per part."""
+    out = b""
+    for name, value, filename in parts:
+        disposition = f'form-data; name="{name}"'
+        if filename:
+            disposition += f'; filename="{filename}"'
+        out += b"--%s\r\nContent-Disposition: %s\r\n\r\n%s\r\n" % (
+            boundary,
+            disposition.encode(),
+            value,
+        )
+    return out + b"--%s--\r\n" % boundary
+
+
+FORM = "multipart/form-data; boundary=b0und"
+AUDIO = bytes(range(256)) * 4 + b"\r\n--b0un\r\n--b0undX"  # near-boundaries inside
+
+
+def route_form(core: Core, body: bytes, path: str, content_type: str = FORM) -> Forward | Reply:
+    return core.route("POST", path, "", content_type, body)
+
+
+@pytest.mark.parametrize("path", ["/qwen/v1/audio/transcriptions", "/v1/audio/transcriptions"])
+def test_the_form_model_field_is_set_and_every_other_byte_kept(core: Core, path: str) -> None:
+    body = form(("file", AUDIO, "a.wav"), ("model", b"qwen2.5", None), ("language", b"en", None))
+    decided = route_form(core, body, path)
+    assert isinstance(decided, Forward) and decided.deployment == "qwen"
+    assert decided.body == body.replace(b"qwen2.5", SERVED.encode())
+
+
+def test_a_model_value_with_boundary_like_text_is_replaced_whole(core: Core) -> None:
+    body = form(("model", b"qw\r\n--b0unen", None), ("file", AUDIO, "a.wav"))
+    decided = route_form(core, body, "/qwen/v1/audio/transcriptions")
+    assert isinstance(decided, Forward)
+    assert decided.body == body.replace(b"qw\r\n--b0unen", SERVED.encode())
+
+
+def test_a_file_part_named_model_is_not_the_model_field(core: Core) -> None:
+    body = form(("model", b"not a name", "model.bin"), ("file", AUDIO, "a.wav"))
+    decided = route_form(core, body, "/qwen/v1/audio/transcriptions")
+    assert isinstance(decided, Forward) and decided.body == body  # no field: untouched
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "says"),
+    [
+        (form(("model", b"a", None), ("model", b"b", None)), FORM, "more than one `model`"),
+        (form(("model", b"qwen", None)), "multipart/form-data", "no boundary"),
+        (b"--b0und\r\nno headers end", FORM, "malformed"),
+        (form(("model", b"\xff\xfe", None)), FORM, "not UTF-8"),
+        (form(("model", b"", None)), FORM, "could not be rewritten"),
+    ],
+)
+def test_forms_the_gateway_cannot_read_get_a_400(
+    core: Core, body: bytes, content_type: str, says: str
+) -> None:
+    decided = route_form(core, body, "/qwen/v1/audio/transcriptions", content_type)
+    assert isinstance(decided, Reply) and decided.status == 400, decided
+    assert says in json.loads(decided.body)["error"]["message"]

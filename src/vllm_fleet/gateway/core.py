@@ -20,6 +20,7 @@ from urllib.parse import quote
 import orjson
 
 from vllm_fleet.config import FleetConfig
+from vllm_fleet.gateway import form
 from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.metrics import GatewayMetrics
 from vllm_fleet.gateway.routing import ByModel, Names, RouteError, Style, Target, match
@@ -66,6 +67,10 @@ def is_json(content_type: str | None) -> bool:
 
 
 _JSON_TYPES: dict[str | None, bool] = {None: True}
+
+
+def is_multipart(content_type: str) -> bool:
+    return mime_type(content_type) == form.MULTIPART
 
 
 def mime_type(content_type: str) -> str:
@@ -203,12 +208,17 @@ class Core:
         else:
             dep_id, style, upstream_path = route.deployment, route.style, route.upstream_path
             if body and is_json(content_type):
-                # Routes that name the deployment set `model` to what its engine serves;
-                # multipart uploads and bodiless requests pass through untouched.
+                # Routes that name the deployment set `model` to what its engine serves
+                # (in a JSON body, or an upload's form); other bodies pass untouched.
                 parsed = _parse_object(body)
                 if isinstance(parsed, Reply):
                     return parsed
                 body = _with_model(parsed, body, self.names.served[dep_id])
+            elif body and content_type is not None and is_multipart(content_type):
+                found = form.find_model(body, content_type)
+                if isinstance(found, Reply):
+                    return found
+                body = form.with_model(body, found, self.names.served[dep_id])
         if style is Style.AZURE and query:
             query = "&".join(p for p in query.split("&") if p and not p.startswith("api-version="))
         if quote_path:
@@ -228,12 +238,20 @@ class Core:
                 "model_required",
                 "model",
             )
+        if content_type is not None and is_multipart(content_type):
+            found = form.find_model(body, content_type)
+            if isinstance(found, Reply):
+                return found
+            form_dep = self.names.resolve(found.value)
+            if isinstance(form_dep, RouteError):
+                return self.route_error(form_dep)
+            return form_dep, form.with_model(body, found, self.names.served[form_dep])
         if not is_json(content_type):
             shown = mime_type(content_type or "")
             return error_reply(
                 400,
-                f"{path} routes by the JSON body's `model`; for uploads "
-                f"({shown}) use /<deployment>{route.upstream_path}; "
+                f"{path} routes by the body's `model` (JSON, or a multipart form); for "
+                f"{shown} use /<deployment>{route.upstream_path}; "
                 f"deployments: {self.names.listing()}",
                 "unsupported_content_type",
             )

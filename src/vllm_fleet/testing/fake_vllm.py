@@ -257,6 +257,38 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, chat=False)
 
 
+async def transcriptions(request: web.Request) -> web.StreamResponse:
+    """`/v1/audio/transcriptions` (and translations): a multipart upload whose `model`
+    field vLLM checks like a JSON body's; the answer says what was received."""
+    engine = request.app[ENGINE]
+    try:
+        fields = await request.post()
+    except ValueError as exc:
+        return _bad_request(f"Invalid form body: {exc}")
+    upload = fields.get("file")
+    if not isinstance(upload, web.FileField):
+        return _bad_request("`file` (the audio) is required")
+    audio = upload.file.read()
+    seen = {k: v for k, v in fields.items() if isinstance(v, str)}
+    engine.requests += 1
+    engine.last_request = {
+        "path": request.path_qs,
+        "model": seen.get("model"),
+        "headers": {k: request.headers[k] for k in _SEEN_HEADERS if k in request.headers},
+        "body": {**seen, "file": {"filename": upload.filename, "bytes": len(audio)}},
+        "audio_sha256": hashlib.sha256(audio).hexdigest(),
+    }
+    model = seen.get("model")
+    if model is not None and model not in engine.names and not engine.any_model:
+        return _error(
+            404,
+            f"The model `{model}` does not exist. Valid aliases: {', '.join(engine.names)}.",
+            "NotFoundError",
+            "model",
+        )
+    return web.json_response({"text": f"{len(audio)} bytes of {upload.filename}"})
+
+
 async def embeddings(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     parsed = await _parse(request)
@@ -387,6 +419,8 @@ def create_app(engine: Engine) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/audio/transcriptions", transcriptions)
+    app.router.add_post("/v1/audio/translations", transcriptions)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_get("/fake/stats", stats)
     app.router.add_get("/fake/env", env)
