@@ -84,6 +84,16 @@ def test_integers_beyond_64_bits_reach_the_engine_exactly(core: Core, number: st
     assert number.encode() in body
 
 
+@pytest.mark.parametrize("depth", [300, 900])
+def test_deeply_nested_bodies_are_rewritten_not_failed(core: Core, depth: int) -> None:
+    # orjson reads up to 1024 levels but writes only about 254: the json module writes
+    # what orjson cannot.
+    nested = b"[" * depth + b"]" * depth
+    body = forwarded(core, b'{"model": "x", "deep": %s}' % nested)
+    assert json.loads(body)["model"] == SERVED
+    assert body.endswith(b'"deep":' + nested + b"}")
+
+
 def test_nan_and_infinity_are_kept_as_the_client_wrote_them(core: Core) -> None:
     body = forwarded(core, b'{"model": "x", "a": NaN, "b": -Infinity, "c": 1e400}')
     parsed = json.loads(body)

@@ -451,5 +451,8 @@ def _with_model(parsed: _Body, body: bytes, served: str) -> bytes:
         return body  # already right: forward the client's bytes as they are
     obj["model"] = served
     if parsed.fast:
-        return orjson.dumps(obj)
+        try:
+            return orjson.dumps(obj)
+        except orjson.JSONEncodeError:
+            pass  # nested deeper than orjson writes (it reads deeper than it writes)
     return _encode(obj).encode("ascii")
