@@ -3,6 +3,7 @@ writer that keeps its file open, as an engine does."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,12 +40,32 @@ def test_keep_zero_empties_without_copies(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["engine.log"]
 
 
-def test_a_log_under_the_limit_or_missing_is_left_alone(tmp_path: Path) -> None:
+def test_a_log_under_the_limit_or_missing_is_left_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "engine.log"
-    assert not rotate_if_over(path, 10, keep=3)
+    assert not rotate_if_over(path, 10, keep=3)  # an engine's first start: no log yet
+    assert caplog.records == []
     path.write_bytes(b"x" * 10)
     assert not rotate_if_over(path, 10, keep=3)
     assert path.read_bytes() == b"x" * 10
+
+
+def test_a_failed_copy_keeps_the_older_copies_and_still_empties_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "engine.log"
+    path.write_bytes(b"now\n" * 10)
+    (tmp_path / "engine.log.1").write_bytes(b"before\n")
+
+    def disk_full(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", disk_full)
+    assert rotate_if_over(path, 1, keep=2)
+    assert path.read_bytes() == b""
+    assert (tmp_path / "engine.log.1").read_bytes() == b"before\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine.log", "engine.log.1"]
 
 
 def test_an_engines_log_is_rotated_while_it_runs(tmp_path: Path) -> None:

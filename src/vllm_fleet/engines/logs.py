@@ -22,27 +22,35 @@ def rotated_name(path: Path, number: int) -> Path:
 
 
 def rotate(path: Path, keep: int) -> None:
-    """Copy `path` to `path.1` (shifting older copies, at most `keep`), then empty it."""
-    try:
-        if keep > 0:
+    """Copy `path` to `path.1` (shifting older copies, at most `keep`), then empty it.
+    The copy is made first, so a failed one (a full disk) leaves the older copies as
+    they were."""
+    if keep > 0:
+        fresh = path.with_name(f"{path.name}.new")
+        try:
+            shutil.copyfile(path, fresh)
             rotated_name(path, keep).unlink(missing_ok=True)
             for number in range(keep - 1, 0, -1):
                 older = rotated_name(path, number)
                 if older.exists():
                     os.replace(older, rotated_name(path, number + 1))
-            shutil.copyfile(path, rotated_name(path, 1))
-    except OSError as exc:
-        # A full disk, say: emptying the log matters more than keeping its copy.
-        log.warning("cannot keep a copy of %s (%s); emptying it anyway", path, exc)
+            os.replace(fresh, rotated_name(path, 1))
+        except OSError as exc:
+            # Emptying the log matters more than keeping its copy.
+            log.warning("cannot keep a copy of %s (%s); emptying it anyway", path, exc)
+            fresh.unlink(missing_ok=True)
     os.truncate(path, 0)
 
 
 def rotate_if_over(path: Path, max_bytes: int, keep: int) -> bool:
-    """Rotate `path` when it is over `max_bytes`; whether it was rotated."""
+    """Rotate `path` when it is over `max_bytes`; whether it was rotated. A log that
+    does not exist yet (an engine's first start) is left alone, silently."""
     try:
         if path.stat().st_size <= max_bytes:
             return False
         rotate(path, keep)
+    except FileNotFoundError:
+        return False
     except OSError as exc:
         log.warning("cannot rotate %s: %s", path, exc)
         return False

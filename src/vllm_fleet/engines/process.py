@@ -125,11 +125,9 @@ def killpg(pgid: int, sig: int) -> bool:
     return True
 
 
-def _open_log(spec: EngineSpec, attempt: int, settings: EnginesConfig) -> BinaryIO:
-    """Open the engine's log for appending (rotated first when over its size), after a
-    line marking this start."""
+def _open_log(spec: EngineSpec, attempt: int) -> BinaryIO:
+    """Open the engine's log for appending, after a line marking this start."""
     spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-    rotate_if_over(spec.log_path, settings.log_max_bytes, settings.log_keep)
     logf = open(spec.log_path, "ab", buffering=0)  # noqa: SIM115 (the caller closes it)
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
     logf.write(f"{LOG_MARK} start {attempt} of {spec.name} at {stamp}\n".encode())
@@ -194,8 +192,13 @@ class EngineProcess:
         self.attempts += 1
         self.upstream.set_state(State.STARTING, "starting")
         self.upstream.pid = None
+        settings = self.settings
+        # A log left over its size by the last run is rotated first (in a thread).
+        await asyncio.to_thread(
+            rotate_if_over, spec.log_path, settings.log_max_bytes, settings.log_keep
+        )
         try:
-            logf = _open_log(spec, self.attempts, self.settings)
+            logf = _open_log(spec, self.attempts)
         except OSError as exc:
             raise SpawnError(
                 f"cannot write its log {spec.log_path} ({exc.strerror or exc}); set "
@@ -294,7 +297,9 @@ class EngineProcess:
             if await self._wait(self.settings.health_interval, stop):
                 return Outcome.STOPPED if stop.is_set() else Outcome.EXITED
             settings = self.settings
-            if rotate_if_over(self.spec.log_path, settings.log_max_bytes, settings.log_keep):
+            path, limit, keep = self.spec.log_path, settings.log_max_bytes, settings.log_keep
+            # In a thread: copying a 100 MB log must not stall the gateway's streams.
+            if await asyncio.to_thread(rotate_if_over, path, limit, keep):
                 log.info("%s: log over %g MB, rotated", self.spec.name, settings.log_max_mb)
             interrupted, problem = await self._probe(READY_POLL_TIMEOUT, stop)
             if interrupted:

@@ -3,9 +3,9 @@
 Every `engines.health_interval` seconds each is asked `GET <url>/health` (vLLM's health
 check; any answer under 500 counts as up, so an OpenAI-compatible server without
 `/health` is up as long as it answers). UNREACHABLE_AFTER failures in a row (refused,
-timed out, a 5xx) mark it UNREACHABLE: the gateway stops sending it requests, and a
-deployment with no replica left answers 503 saying which endpoint is not answering.
-One good answer makes it READY again. Endpoints start READY, as before any probe.
+no answer within PROBE_TIMEOUT, a 5xx) mark it UNREACHABLE: the gateway stops sending
+it requests, and a deployment with no replica left answers 503 saying which endpoint is
+not answering. One good answer makes it READY again. Endpoints start READY.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from vllm_fleet.registry import State, Upstream
 
 log = logging.getLogger(__name__)
 
-UNREACHABLE_AFTER = 2
-PROBE_TIMEOUT = 5.0
+UNREACHABLE_AFTER = 3
+PROBE_TIMEOUT = 5.0  # a busy engine may be slow to answer /health; not down for that
 
 
 async def probe(session: aiohttp.ClientSession, url: str, timeout: float) -> str | None:
@@ -50,7 +50,7 @@ async def watch_remote(
     of its state."""
     failures = 0
     while not stop.is_set():
-        problem = await probe(session, upstream.url, min(PROBE_TIMEOUT, max(interval, 1.0)))
+        problem = await probe(session, upstream.url, PROBE_TIMEOUT)
         if problem is None:
             failures = 0
             if upstream.state is not State.READY:

@@ -108,7 +108,8 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._probe_session: aiohttp.ClientSession | None = None  # remote endpoints'
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []  # one per engine
+        self._probes: list[asyncio.Task[None]] = []  # one per remote endpoint
         self.engines: list[EngineProcess] = []
         self._stopped = False
 
@@ -139,7 +140,7 @@ class Supervisor:
                     upstream, self._probe_session, self.config.engines.health_interval,
                     self._stop, self._emit,
                 )  # fmt: skip
-                self._tasks.append(asyncio.create_task(watch, name=f"probe {upstream.name}"))
+                self._probes.append(asyncio.create_task(watch, name=f"probe {upstream.name}"))
                 continue
             if not isinstance(upstream.spec, EngineSpec):
                 continue
@@ -159,8 +160,8 @@ class Supervisor:
         for all of them. Idempotent; engines still loading are stopped too."""
         self._stop.set()
         self._stopped = True
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks or self._probes:
+            await asyncio.gather(*self._tasks, *self._probes, return_exceptions=True)
         # A task that died of a bug must not leave its engine behind.
         await asyncio.gather(*(e.stop() for e in self.engines), return_exceptions=True)
         for session in (self._session, self._probe_session):
