@@ -235,6 +235,16 @@ deployments:
             assert answer.status == 503 and answer.headers["retry-after"] == "1"
             assert json.loads(answer.body)["error"]["code"] == "too_many_connections"
             assert reader.closes() and over.recv(1) == b""
+            # An upload over the limit is refused at its head, its body never read.
+            upload = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+            upload.sendall(
+                b"POST /turns/v1/audio/transcriptions HTTP/1.1\r\nHost: t\r\n"
+                b"Content-Type: multipart/form-data; boundary=x\r\n"
+                b"Content-Length: 30000000\r\nExpect: 100-continue\r\n\r\n"
+            )
+            (refused,) = Reader(upload).read()
+            assert refused.status == 503 and refused.headers["connection"] == "close"
+            upload.close()
             silent = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
             assert silent.recv(1) == b""  # sent nothing: closed after the grace period
             # The connections within the limit are served as ever.

@@ -210,7 +210,7 @@ def _print_plan(console: Console, config: FleetConfig, registry: Registry, open_
         )
     if open_files < FEW_OPEN_FILES:
         console.print(
-            f"[yellow]warning:[/] only {open_files} open files are allowed (the hard limit), "
+            f"[yellow]warning:[/] only {open_files} open files are allowed, "
             f"so about {open_files // 2} streams at once; raise it (`ulimit -Hn`, "
             "LimitNOFILE= in a systemd unit)",
             highlight=False,

@@ -53,8 +53,9 @@ class Gateway:
         return to_response(reply)
 
     def _repeated(self, headers: CIMultiDictProxy[str]) -> Reply | None:
-        """The 400 for a header the gateway decides on sent twice, if any."""
-        for name in ("Content-Type", "Authorization", "api-key"):
+        """The 400 for a header the gateway decides on sent twice, if any (aiohttp's
+        parser refuses a repeated Content-Type itself, with its own 400)."""
+        for name in ("Authorization", "api-key"):
             if len(headers.getall(name, ())) > 1:
                 return self.core.repeated_header(name)
         return None

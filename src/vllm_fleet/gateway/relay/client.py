@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 # Pipelined requests held (complete, waiting their turn) before the connection stops
 # reading; and the body bytes they may hold together, so a client pipelining big bodies
-# cannot make the gateway hold many of them.
+# cannot make the gateway hold many of them (checked as each request ends: the one being
+# read may add up to gateway.max_body_mb on top).
 MAX_QUEUED = 8
 MAX_QUEUED_BYTES = 1 << 20
 OVER_LIMIT_GRACE = 5.0  # seconds an over-the-limit connection may take to send a head
@@ -257,11 +258,8 @@ class ClientConnection(asyncio.Protocol):
         request.method = parser.get_method().decode("ascii", "replace")
         request.http11 = parser.get_http_version() == "1.1"
         request.keep_alive = parser.should_keep_alive()
-        if self.over_limit:  # answered 503 (never 100 Continue), then closed
-            request.error = _over_limit(self.server.max_connections)
-            request.keep_alive = False
-            request.expect = None
-            return
+        if self.over_limit:  # answered 503 at once (no body read, no 100 Continue)
+            raise Reject(_over_limit(self.server.max_connections))
         if parser.should_upgrade():
             # feed_data raises HttpParserUpgrade once this message is complete. An h2c
             # offer without a body (curl --http2) is ignored: answered over HTTP/1.1.
@@ -311,6 +309,11 @@ class ClientConnection(asyncio.Protocol):
             self.read_paused = True
             self.transport.pause_reading()
 
+    def _closing(self) -> bool:
+        """Closed, or closing once what is written has gone (no more requests start)."""
+        transport = self.transport
+        return self.closed or (transport is not None and transport.is_closing())
+
     def _bytes_behind(self) -> int:
         """Body bytes held by requests queued behind the one answered first (which keeps
         reading on, so a client that leaves mid-answer is noticed)."""
@@ -340,7 +343,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._advancing = True
         try:
-            while self.queue and not self.busy and not self.closed:
+            while self.queue and not self.busy and not self._closing():
                 request = self.queue[0]
                 if not request.complete:
                     if request.expect_continue and not request.continued:
@@ -364,7 +367,7 @@ class ClientConnection(asyncio.Protocol):
 
     def dispatch_next(self) -> None:
         """Handle the request at the head of the queue, admitted by the server."""
-        if self.busy or self.closed or not self.queue or not self.queue[0].complete:
+        if self.busy or self._closing() or not self.queue or not self.queue[0].complete:
             return
         self.busy = True
         self._handle(self.queue[0])

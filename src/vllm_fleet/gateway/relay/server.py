@@ -105,7 +105,7 @@ class FastServer:
             if conn.closed:
                 continue
             self._budget -= 1
-            conn.dispatch_next()
+            conn.dispatch_next()  # (a no-op for a connection closing meanwhile)
         if waiting:
             self._schedule_turn()
 
