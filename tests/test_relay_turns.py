@@ -20,7 +20,7 @@ from tests.test_gateway_wire import Reader, post
 from vllm_fleet.config import loads
 from vllm_fleet.gateway.relay import client as client_module
 from vllm_fleet.gateway.relay.client import MAX_QUEUED_BYTES, ClientConnection
-from vllm_fleet.gateway.relay.server import DISPATCH_PER_TURN, FastServer
+from vllm_fleet.gateway.relay.server import DISPATCH_PER_TURN, FastServer, connection_limit
 from vllm_fleet.gpus import Inventory
 from vllm_fleet.plan import build_plan
 from vllm_fleet.registry import Registry
@@ -262,3 +262,24 @@ deployments:
             for sock in [*held, over, silent]:
                 sock.close()
             gw.stop()
+
+
+def test_metrics_show_connections_their_limit_and_requests_waiting(
+    gateway: GatewayThread,
+) -> None:
+    idle = [socket.create_connection(("127.0.0.1", gateway.port), timeout=5) for _ in range(2)]
+    try:
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+            (answer,) = Reader(sock).read()
+        values = {
+            line.split()[0]: float(line.split()[1])
+            for line in answer.body.decode().splitlines()
+            if line.startswith("fleet_")
+        }
+        assert values["fleet_client_connections"] >= 3  # the two idle ones and this one
+        assert values["fleet_client_connections_limit"] == connection_limit(None)
+        assert values["fleet_requests_waiting"] == 0
+    finally:
+        for sock in idle:
+            sock.close()

@@ -8,6 +8,7 @@ time by collectors.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -76,6 +77,41 @@ class _RequestCollector(Collector):
             in_flight.add_metric([dep_id], float(sum(u.outstanding for u in ups)))
         yield requests
         yield in_flight
+
+
+class ServerGauges(Protocol):
+    """What ServerCollector reads from a server."""
+
+    @property
+    def connection_count(self) -> int: ...
+    @property
+    def waiting_count(self) -> int: ...
+
+    max_connections: int
+
+
+class ServerCollector(Collector):
+    """The fast server's own gauges: client connections, the limit, requests waiting
+    for a turn (pacing), read from the server at scrape time."""
+
+    def __init__(self, server: ServerGauges) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        server = self.server
+        yield GaugeMetricFamily(
+            "fleet_client_connections", "client connections open", value=server.connection_count
+        )
+        yield GaugeMetricFamily(
+            "fleet_client_connections_limit",
+            "client connections served at once (gateway.max_connections)",
+            value=server.max_connections,
+        )
+        yield GaugeMetricFamily(
+            "fleet_requests_waiting",
+            "complete requests waiting for their turn to start (a burst being paced)",
+            value=server.waiting_count,
+        )
 
 
 class GatewayMetrics:

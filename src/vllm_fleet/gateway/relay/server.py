@@ -18,6 +18,7 @@ from collections import deque
 
 from vllm_fleet.config import FleetConfig
 from vllm_fleet.gateway.core import Core
+from vllm_fleet.gateway.metrics import ServerCollector
 from vllm_fleet.gateway.relay.client import ClientConnection
 from vllm_fleet.gateway.relay.upstream import Pools
 from vllm_fleet.registry import Registry
@@ -61,6 +62,15 @@ class FastServer:
         self._budget = DISPATCH_PER_TURN
         self._turn: asyncio.Handle | None = None
         self._waiting: deque[ClientConnection] = deque()
+        self.core.metrics.prometheus.register(ServerCollector(self))
+
+    @property
+    def connection_count(self) -> int:
+        return len(self.connections)
+
+    @property
+    def waiting_count(self) -> int:
+        return len(self._waiting)
 
     async def start(self, host: str, port: int) -> None:
         """Bind and serve; raises OSError when the address is taken."""
