@@ -96,7 +96,7 @@ async def measure(
 
     plan: list[tuple[str, Scenario, int]] = [
         ("a", scenarios.single_client, settings.repeats),
-        ("b", scenarios.streams, settings.repeats),
+        ("b", scenarios.streams, settings.stream_repeats),
         ("c", rps, settings.repeats),
         ("d", idle, settings.idle_repeats),
     ]
@@ -104,9 +104,10 @@ async def measure(
     for target in targets:
         await smoke(target)
     runs: report.Runs = {name: {t.name: [] for t in targets} for name, _, _ in plan}
-    for rep in range(settings.repeats):
+    rounds = max(count for _, _, count in plan)
+    for rep in range(rounds):
         order = targets[rep % len(targets) :] + targets[: rep % len(targets)]
-        log(f"repetition {rep + 1}/{settings.repeats}")
+        log(f"repetition {rep + 1}/{rounds}")
         for name, scenario, count in plan:
             if rep >= count:
                 continue
@@ -176,7 +177,8 @@ def settings_text(s: Settings) -> str:
         f"(after {s.rps_warmup:g} s warm-up). "
         f"(d) {s.idle_streams} streams held open at once, one token every {s.idle_delay:g} s, "
         f"{s.idle_tokens} tokens each; proxy RSS sampled every 50 ms. "
-        f"Repetitions: {s.repeats} ((d): {s.idle_repeats}); cells show the median "
+        f"Repetitions: {s.repeats} ((b): {s.stream_repeats}, (d): {s.idle_repeats}); "
+        "cells show the median "
         "(min–max)."
     )
 
@@ -279,7 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings.quick() if args.quick else Settings()
     if args.repeats:
-        settings = Settings(**{**vars(settings), "repeats": args.repeats})
+        counts = {
+            "repeats": args.repeats,
+            "stream_repeats": args.repeats,
+            "idle_repeats": min(settings.idle_repeats, args.repeats),
+        }
+        settings = Settings(**{**vars(settings), **counts})
     names = [n for n in args.fronts.split(",") if n]
     chosen = [n for n in args.scenarios.split(",") if n]
     if not set(names) <= set(report.ALL_FRONTS) or not set(chosen) <= set("abcd"):
