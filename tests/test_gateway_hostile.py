@@ -47,6 +47,10 @@ BUGS = {
         "aiohttp's parser refuses a repeated Content-Type itself, with its own text/plain "
         "400 (`Duplicate 'Content-Type' header found.`): refused, but no envelope"
     ),
+    "*head_refused*[aiohttp-header-too-large]": (
+        "aiohttp answers a head over its limits with its own text/plain 400 page, body "
+        "included, even to HEAD"
+    ),
     "*openai_envelope[aiohttp-*]": (
         "parse errors are answered by aiohttp's own handler, before any middleware: "
         "`HTTP/1.0 400` text/plain echoing the offending bytes, no envelope, no X-Fleet-Error"
@@ -597,6 +601,26 @@ def test_head_gets_a_head_alone_and_the_connection_stays_in_step(
         after = client.read()  # fails to parse if the HEAD answer carried a body
     assert after.status == 200 and after.headers["x-fleet-upstream"] == "raw-0"
     assert [s.method for s in engine.seen] == (["HEAD", "GET"] if "raw" in target else ["GET"])
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [b"Authorization: Bearer a\r\nAuthorization: Bearer b\r\n", b"X-Big: %s\r\n" % (b"x" * 40000)],
+    ids=["repeated-header", "header-too-large"],
+)
+def test_a_head_refused_while_its_head_is_read_gets_a_head_alone(
+    gateway: GatewayThread, engine: RawEngine, extra: bytes
+) -> None:
+    with Client(gateway.port) as client:
+        client.send(req("HEAD", "/raw/a", extra=extra))
+        answer = client.read(head=True)
+        assert answer.status in (400, 431) and answer.headers["content-length"] != "0"
+        client.sock.settimeout(0.5)
+        after = client.buf
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            after += client.sock.recv(65536)
+        assert after == b""  # nothing after the head (closed, or waiting): no body
+    assert engine.seen == []
 
 
 @pytest.mark.parametrize("mode", ["204", "304", "103", "204junk", "204partial"])

@@ -329,6 +329,8 @@ class ClientConnection(asyncio.Protocol):
         request = queue[-1] if queue and not queue[-1].complete else Request()
         if request not in queue:
             queue.append(request)
+        elif not request.headers_done and self.parser.get_method() == b"HEAD":
+            request.method = "HEAD"  # refused mid-head: the answer is still a head alone
         request.error = reply
         request.complete = True
         request.keep_alive = False
