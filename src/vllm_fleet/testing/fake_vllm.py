@@ -116,6 +116,18 @@ async def _engine_header(request: web.Request, response: web.StreamResponse) -> 
     response.headers["X-Fake-Engine"] = f"{engine.names[0]}:{engine.port}"
 
 
+def _unknown_model(engine: Engine, model: object) -> web.Response | None:
+    """vLLM's 404 for a `model` the engine does not serve (None when it does)."""
+    if model is None or model in engine.names or engine.any_model:
+        return None
+    return _error(
+        404,
+        f"The model `{model}` does not exist. Valid aliases: {', '.join(engine.names)}.",
+        "NotFoundError",
+        "model",
+    )
+
+
 async def _parse(request: web.Request) -> dict[str, Any] | web.Response:
     """The JSON body and vLLM's model check; a Response when the request is refused."""
     engine = request.app[ENGINE]
@@ -132,14 +144,8 @@ async def _parse(request: web.Request) -> dict[str, Any] | web.Response:
         "headers": {k: request.headers[k] for k in _SEEN_HEADERS if k in request.headers},
         "body": body,
     }
-    model = body.get("model")
-    if model is not None and model not in engine.names and not engine.any_model:
-        return _error(
-            404,
-            f"The model `{model}` does not exist. Valid aliases: {', '.join(engine.names)}.",
-            "NotFoundError",
-            "model",
-        )
+    if (refused := _unknown_model(engine, body.get("model"))) is not None:
+        return refused
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None and (
         not isinstance(max_tokens, int) or max_tokens < 1 or max_tokens > engine.max_model_len
@@ -278,14 +284,8 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
         "body": {**seen, "file": {"filename": upload.filename, "bytes": len(audio)}},
         "audio_sha256": hashlib.sha256(audio).hexdigest(),
     }
-    model = seen.get("model")
-    if model is not None and model not in engine.names and not engine.any_model:
-        return _error(
-            404,
-            f"The model `{model}` does not exist. Valid aliases: {', '.join(engine.names)}.",
-            "NotFoundError",
-            "model",
-        )
+    if (refused := _unknown_model(engine, seen.get("model"))) is not None:
+        return refused
     return web.json_response({"text": f"{len(audio)} bytes of {upload.filename}"})
 
 
