@@ -128,6 +128,15 @@ def test_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
     assert "Known keys here: model, gpus, share_gpus, args, env," in issue.message
 
 
+@pytest.mark.parametrize("value", ["fast", "aiohttp"])
+def test_the_removed_gateway_server_key_is_refused_saying_it_is_gone(value: str) -> None:
+    err = problems(f"gateway:\n  port: 9000\n  server: {value}\ndeployments: {{a: {{model: m}}}}\n")
+    issue = only_issue(err, "gateway.server", 3)
+    assert issue.message.startswith("`server` was removed: the gateway has one HTTP server now")
+    assert "delete this key" in issue.message
+    assert "unknown key" not in issue.message
+
+
 def test_internal_fields_cannot_be_set_from_the_file() -> None:
     err = problems("base_dir: /etc\nsource: x\ndeployments: {a: {model: m}}\n")
     assert places(err) == ["base_dir", "source"]

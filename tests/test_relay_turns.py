@@ -1,4 +1,4 @@
-"""How the fast server paces work: at most DISPATCH_PER_TURN requests start per turn of
+"""How the gateway paces work: at most DISPATCH_PER_TURN requests start per turn of
 the event loop, the rest wait in arrival order for the next turns (engines' answers are
 relayed in between); and a connection stops reading while the requests it pipelined
 hold more than MAX_QUEUED_BYTES of body. Unit tests, then a burst over real sockets."""
@@ -106,7 +106,7 @@ deployments:
     model: {MODEL}
     endpoints: ["{engine.url}"]
 """
-        gw = GatewayThread(fleet, "fast").start()
+        gw = GatewayThread(fleet).start()
         yield gw
         gw.stop()
 
@@ -225,7 +225,7 @@ deployments:
     model: {MODEL}
     endpoints: ["{engine.url}"]
 """
-        gw = GatewayThread(fleet, "fast").start()
+        gw = GatewayThread(fleet).start()
         try:
             held = [socket.create_connection(("127.0.0.1", gw.port), timeout=5) for _ in range(3)]
             over = socket.create_connection(("127.0.0.1", gw.port), timeout=5)

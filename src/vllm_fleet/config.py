@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -98,10 +98,8 @@ class GatewayConfig(_Strict):
     # Start engines so they accept any `model` (for a front end that cannot rewrite bodies).
     accept_any_model: bool = False
     connect_timeout: Annotated[float, Field(gt=0)] = 10.0
-    # The HTTP server: `aiohttp` (the framework), or `fast` (the protocol-level relay).
-    server: Literal["aiohttp", "fast"] = "fast"
-    # Client connections served at once (`fast` server); beyond, a 503. None: what the
-    # open-files limit allows (two sockets per stream).
+    # Client connections served at once; beyond, a 503. None: what the open-files limit
+    # allows (two sockets per stream).
     max_connections: Annotated[int, Field(ge=1)] | None = None
 
     _host = field_validator("host")(lambda v: _check_host(v))
@@ -276,6 +274,13 @@ def loads(
     raise ConfigError(source, issues)
 
 
+# Keys the fleet file no longer has -> what to do instead (reported in place of "unknown
+# key", so a file written for an older version says what changed).
+REMOVED_KEYS: dict[Loc, str] = {
+    ("gateway", "server"): "`server` was removed: the gateway has one HTTP server now (the "
+    "protocol-level relay, which was the default `fast`); delete this key",
+}
+
 # pydantic names the branch of the `gpus: list | int` union right after `gpus` in a loc.
 _LIST_BRANCH = "list[constrained-int]"
 _INT_BRANCH = "constrained-int"
@@ -313,6 +318,8 @@ def _pydantic_issues(exc: ValidationError, skip: set[Loc]) -> list[ConfigIssue]:
                 f"this key is read by YAML as {_input(err)}, not as text; quote it "
                 "(YAML reads yes/no/on/off/true/false and numbers as other types)"
             )
+        elif kind == "extra_forbidden" and loc in REMOVED_KEYS:
+            message = REMOVED_KEYS[loc]
         elif kind == "extra_forbidden":
             key = str(loc[-1])
             known = _known_keys(loc[:-1])

@@ -91,7 +91,7 @@ class ServerGauges(Protocol):
 
 
 class ServerCollector(Collector):
-    """The fast server's own gauges: client connections, the limit, requests waiting
+    """The server's own gauges: client connections, the limit, requests waiting
     for a turn (pacing), read from the server at scrape time."""
 
     def __init__(self, server: ServerGauges) -> None:

@@ -1,4 +1,4 @@
-"""One client connection of the fast server: llhttp parses, requests answer in order.
+"""One client connection of the gateway: llhttp parses, requests answer in order.
 
 httptools.HttpRequestParser turns the bytes into requests (keep-alive, pipelining,
 chunked bodies, HTTP/1.0). Requests queue in arrival order and are answered one at a

@@ -2,11 +2,10 @@
 
 The exchange is the engine connection's `Sink`. Response bytes go to the client as they
 arrive, coalesced per read of the engine's socket into one write; a chunked answer is
-re-framed chunk by chunk, nothing else is looked at. Failures map as the aiohttp server
-maps them: nobody accepts the connection -> the next replica, then 503; a reused
-connection closed before any byte -> one retry on a fresh one; broken before the head
--> 502; broken mid-SSE -> an error event and [DONE]; broken mid-body -> the client's
-connection is closed.
+re-framed chunk by chunk, nothing else is looked at. Failures: nobody accepts the
+connection -> the next replica, then 503; a reused connection closed before any byte ->
+one retry on a fresh one; broken before the head -> 502; broken mid-SSE -> an error
+event and [DONE]; broken mid-body -> the client's connection is closed.
 """
 
 from __future__ import annotations

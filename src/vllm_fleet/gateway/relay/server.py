@@ -1,9 +1,9 @@
-"""The fast server: listen, hold the shared state, pace new requests, stop gracefully.
+"""The gateway's server: listen, hold the shared state, pace new requests, stop gracefully.
 
 `FastServer` owns the gateway's decisions (`core.Core`), the engine connection pools,
 and every client connection. New requests start at most DISPATCH_PER_TURN per turn of
 the event loop (`admit`); past `gateway.max_connections` a connection is answered 503.
-Idle client connections close after `KEEPALIVE_TIMEOUT` seconds (aiohttp's default).
+Idle client connections close after `KEEPALIVE_TIMEOUT` seconds (nginx's default).
 Stopping: stop accepting, close idle connections, let requests in flight finish for up
 to the grace period, then close what is left.
 """
@@ -34,6 +34,8 @@ _SWEEP_EVERY = 5.0
 DISPATCH_PER_TURN = 8
 # Open files kept for everything else (engine processes' pipes, logs, listening sockets).
 _FILES_RESERVED = 100
+# Seconds in-flight requests get to finish when the gateway stops (engines stop next).
+SHUTDOWN_GRACE = 5.0
 
 
 def connection_limit(configured: int | None) -> int:
@@ -136,7 +138,7 @@ class FastServer:
         if self._server is not None:
             self._server.close()
 
-    async def close(self, grace: float) -> None:
+    async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop; requests in flight get `grace` seconds to finish."""
         await self.stop_accepting()
         self.closing = True
