@@ -16,7 +16,7 @@ from typing import Any
 import uvloop
 
 from vllm_fleet.config import FleetConfig, loads
-from vllm_fleet.gateway.relay import FastServer
+from vllm_fleet.gateway.relay import RelayServer
 from vllm_fleet.gateway.server import serve
 from vllm_fleet.gpus import Inventory
 from vllm_fleet.plan import build_plan
@@ -33,7 +33,7 @@ class GatewayThread:
         self.port = free_port()
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._gateway: FastServer | None = None
+        self._gateway: RelayServer | None = None
 
     @property
     def url(self) -> str:

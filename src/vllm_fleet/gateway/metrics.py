@@ -86,8 +86,8 @@ class ServerGauges(Protocol):
     def connection_count(self) -> int: ...
     @property
     def waiting_count(self) -> int: ...
-
-    max_connections: int
+    @property
+    def max_connections(self) -> int: ...
 
 
 class ServerCollector(Collector):

@@ -4,13 +4,13 @@ llhttp, no web framework), making the decisions of `core.py`."""
 from __future__ import annotations
 
 from vllm_fleet.config import FleetConfig
-from vllm_fleet.gateway.relay import FastServer
+from vllm_fleet.gateway.relay import RelayServer
 from vllm_fleet.registry import Registry
 
 
-async def serve(config: FleetConfig, registry: Registry, host: str, port: int) -> FastServer:
+async def serve(config: FleetConfig, registry: Registry, host: str, port: int) -> RelayServer:
     """Start the gateway on host:port (OSError when the address is taken); stop it with
     `stop_accepting()`, then `close()`, which lets requests in flight finish first."""
-    server = FastServer(config, registry)
+    server = RelayServer(config, registry)
     await server.start(host, port)
     return server
