@@ -5,9 +5,7 @@
   a main config sized for the benchmark (one worker process, as many connections as the
   scenarios open, no access log), run unprivileged on its own prefix;
 - gateway: `fleet up bench-fleet.yaml`, whose one deployment has `endpoints:` pointing at
-  the upstream (routed to, never started); `gateway.server` as the fleet's default unless
-  the benchmark names one (`--gateway-server`), and `aiohttp` for the optional
-  `gateway-aiohttp` front end.
+  the upstream (routed to, never started).
 
 Every process is pinned to its cores from the moment it forks.
 """
@@ -30,7 +28,7 @@ gateway:
   host: 127.0.0.1
   port: {gateway_port}
   accept_any_model: true
-{server_line}engines:
+engines:
   log_dir: logs
 deployments:
   {deployment}:
@@ -66,17 +64,14 @@ def write_fleet_file(
     workdir: Path,
     gateway_port: int,
     upstream_port: int,
-    server: str | None = None,
-    name: str = "bench-fleet.yaml",
 ) -> Path:
-    """The benchmark's fleet file; `server` sets gateway.server (else the default)."""
-    path = workdir / name
+    """The benchmark's fleet file."""
+    path = workdir / "bench-fleet.yaml"
     path.write_text(
         FLEET_FILE.format(
             gateway_port=gateway_port,
             upstream_port=upstream_port,
             deployment=DEPLOYMENT,
-            server_line=f"  server: {server}\n" if server else "",
         )
     )
     return path
@@ -141,11 +136,10 @@ def start_gateway(
     port: int,
     cores: Cores,
     fleet: list[str] | None = None,
-    name: str = "gateway",
 ) -> Managed:
     """`fleet up bench-fleet.yaml`; `fleet` replaces the command (to compare a patched one)."""
     argv = [*(fleet or fleet_command()), "up", str(fleet_file)]
-    gateway = Managed(name, argv, cores.proxy, workdir / f"{name}.log")
+    gateway = Managed("gateway", argv, cores.proxy, workdir / "gateway.log")
     gateway.wait_port(port, timeout=60)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as answer:
         if answer.status != 200:

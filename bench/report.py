@@ -13,9 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FRONTS = ("direct", "nginx", "gateway")
-# Measured only when asked for (--fronts): the gateway on its other server, for comparison.
-OPTIONAL_FRONTS = ("gateway-aiohttp",)
-ALL_FRONTS = FRONTS + OPTIONAL_FRONTS
 # scenario -> front -> one metrics dict per repetition
 Runs = dict[str, dict[str, list[dict[str, float]]]]
 
@@ -97,14 +94,8 @@ def _ratio(runs: Runs, row: Row, other: str) -> str:
     return f"{mine / theirs:.2f}×"
 
 
-def fronts_of(runs: Runs) -> tuple[str, ...]:
-    """The table's columns: the three front ends, and the optional ones measured."""
-    measured = {f for fronts in runs.values() for f in fronts}
-    return FRONTS + tuple(f for f in OPTIONAL_FRONTS if f in measured)
-
-
 def table(runs: Runs, titles: dict[str, str], hwm_mb: dict[str, float]) -> str:
-    fronts = fronts_of(runs)
+    fronts = FRONTS
     head = f"| scenario | metric | {' | '.join(fronts)} | gateway÷direct | gateway÷nginx |"
     lines = [head, "|---|---|" + "---:|" * (len(fronts) + 2)]
     for row in sorted(ROWS, key=lambda r: r.scenario):
@@ -208,7 +199,7 @@ def targets_table(checks: Sequence[Check]) -> str:
 def bottlenecks(runs: Runs) -> list[str]:
     """Plain-language notes on which core limited each proxy in (c)."""
     notes = []
-    for front in fronts_of(runs)[1:]:
+    for front in FRONTS[1:]:
         proxy = median(runs, "c", front, "proxy_core_util")
         load = median(runs, "c", front, "load_core_util")
         if math.isnan(proxy):
@@ -232,7 +223,7 @@ def bottlenecks(runs: Runs) -> list[str]:
 
 def error_count(runs: Runs) -> dict[str, float]:
     """Errors per front, over every scenario and repetition."""
-    return {f: sum(total(runs, s, f, "errors") for s in runs) for f in fronts_of(runs)}
+    return {f: sum(total(runs, s, f, "errors") for s in runs) for f in FRONTS}
 
 
 def chart(runs: Runs, path: Path, subtitle: str) -> bool:
@@ -249,9 +240,8 @@ def chart(runs: Runs, path: Path, subtitle: str) -> bool:
         "direct": "#888888",
         "nginx": "#2b8a3e",
         "gateway": "#1c7ed6",
-        "gateway-aiohttp": "#a5d8ff",
     }
-    fronts = fronts_of(runs)
+    fronts = FRONTS
     panels = [
         ("b", "ttft_p50_ms", "(b) TTFT p50 (ms)"),
         ("b", "ttft_p99_ms", "(b) TTFT p99 (ms)"),

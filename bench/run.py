@@ -135,8 +135,7 @@ def machine() -> str:
     )
 
 
-def versions(server: str) -> str:
-    import aiohttp
+def versions() -> str:
     import httptools
 
     try:
@@ -149,10 +148,7 @@ def versions(server: str) -> str:
         [find_nginx(), "-v"], capture_output=True, text=True, timeout=10, check=False
     )
     nginx = done.stderr.strip().replace("nginx version: ", "")
-    return (
-        f"{nginx}; gateway server `{server}` (aiohttp {aiohttp.__version__}, "
-        f"httptools {httptools.__version__}), {loop}"
-    )
+    return f"{nginx}; gateway: the relay on httptools {httptools.__version__}, {loop}"
 
 
 def describe(settings: Settings) -> dict[str, str]:
@@ -205,7 +201,7 @@ def write_results(
         f"Run `{command}` on {when}, {elapsed:.0f} s in all.",
         "",
         f"- Machine: {machine()}",
-        f"- Software: {versions(gateway_server(args))}",
+        f"- Software: {versions()}",
         f"- Cores: {cores.describe()}; every benchmark process at nice "
         f"{os.getpriority(os.PRIO_PROCESS, 0)} (ahead of other work on the machine)",
         "- Upstream: `bench/upstream.py`, a raw asyncio vLLM look-alike (SSE in vLLM's "
@@ -234,17 +230,8 @@ def write_results(
     return text
 
 
-def gateway_server(args: argparse.Namespace) -> str:
-    """The server the `gateway` front end runs: --gateway-server, else the fleet default."""
-    if args.gateway_server:
-        return str(args.gateway_server)
-    from vllm_fleet.config import GatewayConfig
-
-    return str(GatewayConfig().server)
-
-
 def argv_is_default(args: argparse.Namespace) -> bool:
-    partial = args.quick or args.repeats or args.profile or args.fleet or args.gateway_server
+    partial = args.quick or args.repeats or args.profile or args.fleet
     return not partial and args.scenarios == "a,b,c,d"
 
 
@@ -256,13 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fronts",
         default=",".join(report.FRONTS),
-        help="e.g. gateway; add gateway-aiohttp to measure the aiohttp server beside it",
-    )
-    parser.add_argument(
-        "--gateway-server",
-        choices=("aiohttp", "fast"),
-        default=None,
-        help="gateway.server for the `gateway` front end (default: the fleet file default)",
+        help="a subset of direct,nginx,gateway, e.g. gateway",
     )
     parser.add_argument("--scenarios", default="a,b,c,d", help="e.g. b,c")
     parser.add_argument(
@@ -289,12 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**{**vars(settings), **counts})
     names = [n for n in args.fronts.split(",") if n]
     chosen = [n for n in args.scenarios.split(",") if n]
-    if not set(names) <= set(report.ALL_FRONTS) or not set(chosen) <= set("abcd"):
-        parser.error(
-            f"--fronts is a subset of {','.join(report.ALL_FRONTS)}; --scenarios of a,b,c,d"
-        )
+    if not set(names) <= set(report.FRONTS) or not set(chosen) <= set("abcd"):
+        parser.error(f"--fronts is a subset of {','.join(report.FRONTS)}; --scenarios of a,b,c,d")
     full = set(report.FRONTS) <= set(names) and set(chosen) == set("abcd")
-    full = full and not (args.fleet or args.profile or args.gateway_server)
+    full = full and not (args.fleet or args.profile)
     out = args.out or (RESULTS if full else Path(tempfile.mkdtemp(prefix="fleet-bench-out-")))
 
     started = time.monotonic()
@@ -314,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         up_pids = upstream.pids()
         targets = [Target("direct", upstream_port, "", list, up_pids)]
         gateway_port = procs.free_port()
-        fleet_file = fronts.write_fleet_file(
-            workdir, gateway_port, upstream_port, args.gateway_server
-        )
+        fleet_file = fronts.write_fleet_file(workdir, gateway_port, upstream_port)
         if "nginx" in names:
             nginx, nginx_port = fronts.start_nginx(workdir, fleet_file, cores)
             managed.append(nginx)
@@ -330,15 +307,6 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(Target("gateway", gateway_port, prefix, gateway.pids, up_pids))
             if args.profile is not None:
                 profiler = start_profiler(gateway.pid, args.profile, workdir)
-        if "gateway-aiohttp" in names:
-            alt_port = procs.free_port()
-            alt_file = fronts.write_fleet_file(
-                workdir, alt_port, upstream_port, "aiohttp", "bench-fleet-aiohttp.yaml"
-            )
-            alt = fronts.start_gateway(workdir, alt_file, alt_port, cores, None, "gateway-aiohttp")
-            managed.append(alt)
-            prefix = f"/{fronts.DEPLOYMENT}"
-            targets.append(Target("gateway-aiohttp", alt_port, prefix, alt.pids, up_pids))
         targets = [t for t in targets if t.name in names]
         log(f"bench: {', '.join(f'{t.name} :{t.port}' for t in targets)}; work dir {workdir}")
         runs = run_loop(measure(targets, chosen, settings, upstream_port))

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
 import yaml
 
 T = TypeVar("T")
@@ -133,10 +132,3 @@ def group_members(pgid: int) -> list[int]:
         if fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
             found.append(int(entry.name))
     return found
-
-
-@pytest.fixture(scope="module", params=["aiohttp", "fast"])
-def server(request: pytest.FixtureRequest) -> str:
-    """The gateway's HTTP server (`gateway.server`): gateway tests run against both."""
-    name: str = request.param
-    return name

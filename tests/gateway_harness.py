@@ -2,9 +2,8 @@
 
 The deployments point at the engines with `endpoints:` (the fleet's remote form), so the
 gateway's own behaviour is tested without the supervisor; tests that need an engine to be
-loading or failed set its state through `set_state`, as the supervisor would. `server`
-picks the HTTP server (`gateway.server`: aiohttp or fast); the loop is uvloop, as
-`fleet up` runs it.
+loading or failed set its state through `set_state`, as the supervisor would. The loop is
+uvloop, as `fleet up` runs it.
 """
 
 from __future__ import annotations
@@ -15,10 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import uvloop
-import yaml
 
 from vllm_fleet.config import FleetConfig, loads
-from vllm_fleet.gateway.server import RunningGateway, serve
+from vllm_fleet.gateway.relay import RelayServer
+from vllm_fleet.gateway.server import serve
 from vllm_fleet.gpus import Inventory
 from vllm_fleet.plan import build_plan
 from vllm_fleet.registry import Registry, State
@@ -26,17 +25,15 @@ from vllm_fleet.testing.harness import free_port
 
 
 class GatewayThread:
-    def __init__(self, fleet_yaml: str, server: str = "aiohttp") -> None:
-        data = yaml.safe_load(fleet_yaml)
-        data.setdefault("gateway", {})["server"] = server
-        self.config: FleetConfig = loads(yaml.safe_dump(data))
+    def __init__(self, fleet_yaml: str) -> None:
+        self.config: FleetConfig = loads(fleet_yaml)
         self.registry = Registry(
             self.config, build_plan(self.config, Inventory(None, "test"), "python")
         )
         self.port = free_port()
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._gateway: RunningGateway | None = None
+        self._gateway: RelayServer | None = None
 
     @property
     def url(self) -> str:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_fleet import config, config_checks
-from vllm_fleet.config import ConfigError, ConfigIssue, FleetConfig
+from vllm_fleet import config
+from vllm_fleet.config import ConfigError, ConfigIssue, FleetConfig, checks
 from vllm_fleet.plan import served_names
 
 
@@ -126,6 +126,15 @@ def test_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
     )
     assert "did you mean" not in issue.message
     assert "Known keys here: model, gpus, share_gpus, args, env," in issue.message
+
+
+@pytest.mark.parametrize("value", ["fast", "aiohttp"])
+def test_the_removed_gateway_server_key_is_refused_saying_it_is_gone(value: str) -> None:
+    err = problems(f"gateway:\n  port: 9000\n  server: {value}\ndeployments: {{a: {{model: m}}}}\n")
+    issue = only_issue(err, "gateway.server", 3)
+    assert issue.message.startswith("`server` was removed: the gateway has one HTTP server now")
+    assert "delete this key" in issue.message
+    assert "unknown key" not in issue.message
 
 
 def test_internal_fields_cannot_be_set_from_the_file() -> None:
@@ -846,14 +855,12 @@ def test_render_lists_every_problem_not_just_the_first() -> None:
 
 def test_flag_value_reads_both_spellings_and_the_last_wins() -> None:
     args = ["--tensor-parallel-size", "2", "--x", "-tp=4"]
-    assert config_checks.flag_value(args, "--tensor-parallel-size", "-tp") == "4"
-    assert config_checks.flag_value(["--a=1=2"], "--a") == "1=2"
-    assert config_checks.flag_value(["--a"], "--a") is None
-    assert config_checks.flag_value(["--ab", "1"], "--a") is None
-    assert (
-        config_checks.flag_value(["--tensor_parallel_size", "2"], "--tensor-parallel-size") == "2"
-    )
-    assert config_checks.flag_value(["-t_p", "2"], "-tp") is None  # only long flags are rewritten
+    assert checks.flag_value(args, "--tensor-parallel-size", "-tp") == "4"
+    assert checks.flag_value(["--a=1=2"], "--a") == "1=2"
+    assert checks.flag_value(["--a"], "--a") is None
+    assert checks.flag_value(["--ab", "1"], "--a") is None
+    assert checks.flag_value(["--tensor_parallel_size", "2"], "--tensor-parallel-size") == "2"
+    assert checks.flag_value(["-t_p", "2"], "-tp") is None  # only long flags are rewritten
 
 
 @pytest.mark.parametrize(

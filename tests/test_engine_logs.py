@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import fake_fleet_file, wait_until
-from vllm_fleet.config import load
-from vllm_fleet.config_issues import ConfigError
+from vllm_fleet.config import ConfigError, load
 from vllm_fleet.engines.logs import rotate, rotate_if_over
 
 

@@ -43,7 +43,7 @@ def engines() -> Iterator[dict[str, FakeEngine]]:
 
 
 @pytest.fixture(scope="module")
-def gateway(engines: dict[str, FakeEngine], server: str) -> Iterator[GatewayThread]:
+def gateway(engines: dict[str, FakeEngine]) -> Iterator[GatewayThread]:
     dead = free_port()  # nothing listens here
     fleet = f"""
 gateway:
@@ -63,7 +63,7 @@ deployments:
     model: org/down
     endpoints: ["http://127.0.0.1:{dead}"]
 """
-    gw = GatewayThread(fleet, server).start()
+    gw = GatewayThread(fleet).start()
     yield gw
     gw.stop()
 
@@ -408,10 +408,10 @@ def test_metrics_count_requests_by_deployment(gateway: GatewayThread) -> None:
     assert 'fleet_upstream_ready{deployment="rep",upstream="rep-0"} 1.0' in text
 
 
-def test_engine_dying_mid_stream_ends_the_stream_with_an_error_event(server: str) -> None:
+def test_engine_dying_mid_stream_ends_the_stream_with_an_error_event() -> None:
     with FakeEngine("org/m", ["org/m"], "--token-delay", "0.05") as engine:
         gw = GatewayThread(
-            f"deployments:\n  m:\n    model: org/m\n    endpoints: ['{engine.url}']\n", server
+            f"deployments:\n  m:\n    model: org/m\n    endpoints: ['{engine.url}']\n"
         ).start()
         try:
             body = {"prompt": "x", "max_tokens": 200, "stream": True}

@@ -1,10 +1,10 @@
 """The gateway's HTTP/1.1 on the wire, spoken over raw sockets: what a framework used to
-get right for it and the `fast` server (a protocol-level relay) must get right itself.
+get right for it and the gateway (a protocol-level relay) must get right itself.
 
 Keep-alive and pipelining on one connection, chunked request bodies, `Expect:
 100-continue`, HTTP/1.0, malformed and oversized requests, Upgrade, and a pooled engine
 connection that the engine closed. Responses are read with llhttp (httptools), the
-parser the fast server uses, so a framing mistake shows up as a parse error here.
+parser the gateway uses, so a framing mistake shows up as a parse error here.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def engine() -> Iterator[FakeEngine]:
 
 
 @pytest.fixture(scope="module")
-def gateway(engine: FakeEngine, server: str) -> Iterator[GatewayThread]:
+def gateway(engine: FakeEngine) -> Iterator[GatewayThread]:
     fleet = f"""
 gateway:
   max_body_mb: 0.01
@@ -99,7 +99,7 @@ deployments:
     model: {MODEL}
     endpoints: ["{engine.url}"]
 """
-    gw = GatewayThread(fleet, server).start()
+    gw = GatewayThread(fleet).start()
     yield gw
     gw.stop()
 
@@ -231,15 +231,13 @@ def test_body_over_the_limit_in_chunks_is_413(gateway: GatewayThread) -> None:
     assert answers and answers[0].status == 413
 
 
-def test_an_answer_bigger_than_every_buffer_reaches_a_slow_client_whole(
-    server: str,
-) -> None:
+def test_an_answer_bigger_than_every_buffer_reaches_a_slow_client_whole() -> None:
     """The client's socket takes little at a time, so the gateway's send buffer fills and
     it must stop reading the engine (flow control), then go on when the client reads."""
     tokens = 400_000  # about 3 MB of text, more than the kernel and transport buffers
     with FakeEngine("org/big", ["org/big"], "--max-model-len", str(tokens)) as big:
         gw = GatewayThread(
-            f"deployments:\n  big:\n    model: org/big\n    endpoints: ['{big.url}']\n", server
+            f"deployments:\n  big:\n    model: org/big\n    endpoints: ['{big.url}']\n"
         ).start()
         try:
             sock = socket.socket()
@@ -262,12 +260,7 @@ def test_an_answer_bigger_than_every_buffer_reaches_a_slow_client_whole(
     assert after.status == 200
 
 
-# ---------------------------------------------------------------- the fast server only
-
-
-def test_upgrade_request_is_refused(gateway: GatewayThread, server: str) -> None:
-    if server != "fast":
-        pytest.skip("aiohttp hands Upgrade to the handler; only the fast server refuses it")
+def test_upgrade_request_is_refused(gateway: GatewayThread) -> None:
     sock, reader = connect(gateway)
     with sock:
         sock.sendall(
@@ -331,14 +324,10 @@ class OneAnswerEngine:
         self.listener.close()
 
 
-def test_a_pooled_connection_the_engine_closed_is_retried_on_a_fresh_one(server: str) -> None:
-    if server != "fast":
-        pytest.skip("aiohttp's client does not retry; the aiohttp server answers 503")
+def test_a_pooled_connection_the_engine_closed_is_retried_on_a_fresh_one() -> None:
     engine = OneAnswerEngine()
     gw = GatewayThread(
-        f"deployments:\n  e:\n    model: org/e\n"
-        f"    endpoints: ['http://127.0.0.1:{engine.port}']\n",
-        server,
+        f"deployments:\n  e:\n    model: org/e\n    endpoints: ['http://127.0.0.1:{engine.port}']\n"
     ).start()
     try:
         with httpx.Client(base_url=gw.url) as client:

@@ -1,4 +1,4 @@
-"""How the fast server paces work: at most DISPATCH_PER_TURN requests start per turn of
+"""How the gateway paces work: at most DISPATCH_PER_TURN requests start per turn of
 the event loop, the rest wait in arrival order for the next turns (engines' answers are
 relayed in between); and a connection stops reading while the requests it pipelined
 hold more than MAX_QUEUED_BYTES of body. Unit tests, then a burst over real sockets."""
@@ -19,8 +19,9 @@ from tests.gateway_harness import GatewayThread
 from tests.test_gateway_wire import Reader, post
 from vllm_fleet.config import loads
 from vllm_fleet.gateway.relay import client as client_module
+from vllm_fleet.gateway.relay.admission import DISPATCH_PER_TURN, Admission
 from vllm_fleet.gateway.relay.client import MAX_QUEUED_BYTES, ClientConnection
-from vllm_fleet.gateway.relay.server import DISPATCH_PER_TURN, FastServer, connection_limit
+from vllm_fleet.gateway.relay.server import RelayServer, connection_limit
 from vllm_fleet.gpus import Inventory
 from vllm_fleet.plan import build_plan
 from vllm_fleet.registry import Registry
@@ -46,44 +47,36 @@ def run(test: object) -> None:
     uvloop.run(test)
 
 
-async def started_server() -> FastServer:
-    config = loads(f"deployments:\n  t:\n    model: {MODEL}\n")
-    server = FastServer(config, Registry(config, build_plan(config, Inventory(None, ""), "py")))
-    await server.start("127.0.0.1", 0)
-    return server
-
-
 def test_light_load_starts_each_request_at_once() -> None:
     async def main() -> None:
-        server = await started_server()
+        admission = Admission()
         log: list[str] = []
         for turn in range(3):
-            assert server.admit(Stub(f"{turn}", log))
+            assert admission.admit(Stub(f"{turn}", log))
             await asyncio.sleep(0)
         assert log == []  # nothing was queued: every request started inline
-        await server.close(0)
 
     run(main())
 
 
 def test_requests_over_the_budget_wait_their_turn_in_arrival_order() -> None:
     async def main() -> None:
-        server = await started_server()
+        admission = Admission()
         log: list[str] = []
         stubs = [Stub(f"c{i}", log) for i in range(DISPATCH_PER_TURN * 2 + 3)]
-        admitted = [server.admit(s) for s in stubs]
+        admitted = [admission.admit(s) for s in stubs]
         assert admitted == [True] * DISPATCH_PER_TURN + [False] * (DISPATCH_PER_TURN + 3)
         assert all(s.waiting for s in stubs[DISPATCH_PER_TURN:])
         stubs[DISPATCH_PER_TURN + 1].closed = True  # left while waiting: skipped
         late = Stub("late", log)
-        assert not server.admit(late)  # behind those waiting
+        assert not admission.admit(late)  # behind those waiting
         await asyncio.sleep(0)  # one turn: a full budget, spent on the first waiting
         expected = [s.name for s in stubs[DISPATCH_PER_TURN:] if not s.closed]
         assert log == expected[:DISPATCH_PER_TURN]
         await asyncio.sleep(0)  # the next turn: the rest, then the late one
         assert log == [*expected, "late"]
         assert not any(s.waiting for s in [*stubs, late])
-        await server.close(0)
+        assert admission.waiting_count == 0
 
     run(main())
 
@@ -106,7 +99,7 @@ deployments:
     model: {MODEL}
     endpoints: ["{engine.url}"]
 """
-        gw = GatewayThread(fleet, "fast").start()
+        gw = GatewayThread(fleet).start()
         yield gw
         gw.stop()
 
@@ -184,9 +177,11 @@ def test_pipelined_big_bodies_stop_the_reading_until_answered() -> None:
             f"gateway:\n  max_body_mb: 2\ndeployments:\n  t:\n    model: {MODEL}\n"
             f'    endpoints: ["http://127.0.0.1:{port}"]\n'
         )
-        server = FastServer(config, Registry(config, build_plan(config, Inventory(None, ""), "py")))
+        server = RelayServer(
+            config, Registry(config, build_plan(config, Inventory(None, ""), "py"))
+        )
         await server.start("127.0.0.1", 0)
-        conn = ClientConnection(server)
+        conn = ClientConnection(server.state, server.pools, server.admission)
         transport = FakeTransport()
         conn.connection_made(transport)  # type: ignore[arg-type]
         big = post("/t/v1/completions", {"prompt": "x" * (MAX_QUEUED_BYTES // 2)})
@@ -225,7 +220,7 @@ deployments:
     model: {MODEL}
     endpoints: ["{engine.url}"]
 """
-        gw = GatewayThread(fleet, "fast").start()
+        gw = GatewayThread(fleet).start()
         try:
             held = [socket.create_connection(("127.0.0.1", gw.port), timeout=5) for _ in range(3)]
             over = socket.create_connection(("127.0.0.1", gw.port), timeout=5)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_fleet.config import ConfigError, ConfigIssue, Deployment, FleetConfig
-from vllm_fleet.config_checks import engine_ports
+from vllm_fleet.config.checks import engine_ports
 from vllm_fleet.gpus import Inventory
 
 _PLACEHOLDER = re.compile(r"\{(model|host|port|python|id)\}")

@@ -201,13 +201,12 @@ def _print_plan(console: Console, config: FleetConfig, registry: Registry, open_
         "deployments answer 503 until their engines are ready",
         highlight=False,
     )
-    if config.gateway.server == "fast":
-        limit = connection_limit(config.gateway.max_connections)
-        console.print(
-            f"  up to {limit} client connections at once (open files: {open_files}; "
-            "gateway.max_connections)",
-            highlight=False,
-        )
+    limit = connection_limit(config.gateway.max_connections)
+    console.print(
+        f"  up to {limit} client connections at once (open files: {open_files}; "
+        "gateway.max_connections)",
+        highlight=False,
+    )
     if open_files < FEW_OPEN_FILES:
         console.print(
             f"[yellow]warning:[/] only {open_files} open files are allowed, "

@@ -1,10 +1,10 @@
-"""What the gateway decides, apart from how bytes reach it: shared by both servers.
+"""What the gateway decides, apart from how bytes reach it (that is `relay/`'s job).
 
 Authentication, routing a request to a deployment, the body checks and the `model`
 rewrite, the replica pick, the 503/404 answers, and the gateway's own endpoints. Every
 function takes plain values (method, path, header values, body bytes) and returns a
 `Forward` (where to send what) or a `Reply` (the answer to give); none does I/O. The
-aiohttp server (`app.py`) and the protocol-level relay (`relay/`) sit on top.
+protocol-level relay (`relay/`) sits on top.
 """
 
 from __future__ import annotations
@@ -148,7 +148,6 @@ class Core:
         snapshot["gateway"] = {
             "host": self.config.gateway.host,
             "port": self.config.gateway.port,
-            "server": self.config.gateway.server,
             "started": round(self.started, 3),
         }
         return json_reply(snapshot)

@@ -86,12 +86,12 @@ class ServerGauges(Protocol):
     def connection_count(self) -> int: ...
     @property
     def waiting_count(self) -> int: ...
-
-    max_connections: int
+    @property
+    def max_connections(self) -> int: ...
 
 
 class ServerCollector(Collector):
-    """The fast server's own gauges: client connections, the limit, requests waiting
+    """The server's own gauges: client connections, the limit, requests waiting
     for a turn (pacing), read from the server at scrape time."""
 
     def __init__(self, server: ServerGauges) -> None:

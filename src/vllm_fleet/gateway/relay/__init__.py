@@ -1,12 +1,14 @@
-"""The `fast` gateway server: a protocol-level HTTP/1.1 relay on asyncio + llhttp.
+"""The gateway's server: a protocol-level HTTP/1.1 relay on asyncio + llhttp.
 
-No web framework on the proxied path: `client.py` parses client requests with
-httptools.HttpRequestParser, `exchange.py` relays one request, `upstream.py` pools
-keep-alive engine connections parsed with httptools.HttpResponseParser, `wire.py`
-writes heads. Every decision (auth, routing, rewrite, replica, errors) is `core.Core`'s,
-shared with the aiohttp server. Select it with `gateway: {server: fast}`.
+No web framework on the proxied path. The modules, each importing only those before it:
+`wire.py` writes heads, `request.py` is a client request as parsed, `upstream.py` pools
+keep-alive engine connections parsed with httptools.HttpResponseParser, `exchange.py`
+relays one request, `client.py` parses client requests with httptools.HttpRequestParser,
+`server.py` listens, sweeps and closes. `state.py` (what the server and its connections
+share) and `admission.py` (pacing) import nothing else from here. Every decision (auth,
+routing, rewrite, replica, errors) is `core.Core`'s.
 """
 
-from vllm_fleet.gateway.relay.server import FastServer
+from vllm_fleet.gateway.relay.server import RelayServer
 
-__all__ = ["FastServer"]
+__all__ = ["RelayServer"]

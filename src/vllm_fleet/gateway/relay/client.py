@@ -1,4 +1,4 @@
-"""One client connection of the fast server: llhttp parses, requests answer in order.
+"""One client connection of the gateway: llhttp parses, requests answer in order.
 
 httptools.HttpRequestParser turns the bytes into requests (keep-alive, pipelining,
 chunked bodies, HTTP/1.0). Requests queue in arrival order and are answered one at a
@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import cast
 from urllib.parse import unquote
 
 import httptools
@@ -22,6 +22,7 @@ import httptools
 from vllm_fleet.gateway.core import OWN_ENDPOINTS, Forward
 from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.relay import wire
+from vllm_fleet.gateway.relay.admission import Admission
 from vllm_fleet.gateway.relay.exchange import Exchange
 from vllm_fleet.gateway.relay.request import (
     API_KEY,
@@ -41,10 +42,9 @@ from vllm_fleet.gateway.relay.request import (
     Reject,
     Request,
 )
+from vllm_fleet.gateway.relay.state import ServerState
+from vllm_fleet.gateway.relay.upstream import Pools
 from vllm_fleet.gateway.routing import remove_dot_segments
-
-if TYPE_CHECKING:
-    from vllm_fleet.gateway.relay.server import FastServer
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_advancing",
+        "admission",
         "broken",
         "busy",
         "closed",
@@ -69,19 +70,22 @@ class ClientConnection(asyncio.Protocol):
         "over_limit",
         "parser",
         "peer_bytes",
+        "pools",
         "progress",
         "queue",
         "queued_bytes",
         "read_paused",
-        "server",
         "stalled",
+        "state",
         "transport",
         "waiting",
         "write_paused",
     )
 
-    def __init__(self, server: FastServer) -> None:
-        self.server = server
+    def __init__(self, state: ServerState, pools: Pools, admission: Admission) -> None:
+        self.state = state
+        self.pools = pools
+        self.admission = admission
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.peer_bytes = b""
@@ -96,7 +100,7 @@ class ClientConnection(asyncio.Protocol):
         self.last_active = time.monotonic()
         self.progress = False  # this read began a request, ended a head, a body or a chunk
         self.stalled = 0  # bytes of reads since, that ended inside a request
-        self.waiting = False  # in the server's queue of connections waiting for a turn
+        self.waiting = False  # in the admission's queue, waiting for a turn
         self.over_limit = False  # accepted past gateway.max_connections: answered 503
         self._advancing = False
 
@@ -106,24 +110,24 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer_bytes = str(peer[0]).encode() if isinstance(peer, tuple) else b""
-        server = self.server
-        if len(server.connections) >= server.max_connections:
+        state = self.state
+        if len(state.connections) >= state.max_connections:
             # Over the limit: its request is answered 503 and the connection closed (a
             # silent one soon), so the gateway keeps the sockets it needs for the rest.
             self.over_limit = True
             asyncio.get_running_loop().call_later(OVER_LIMIT_GRACE, self._close_if_silent)
-        server.connections.add(self)
+        state.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.server.connections.discard(self)
+        self.state.connections.discard(self)
         exchange = self.exchange
         if exchange is not None:
             self.exchange = None
             exchange.client_gone()
         self.queue.clear()
         self.queued_bytes = 0
-        self.server.check_drained()
+        self.state.check_drained()
 
     def data_received(self, data: bytes) -> None:
         if self.broken:
@@ -221,7 +225,7 @@ class ClientConnection(asyncio.Protocol):
             request.lines += (name, b": ", value, b"\r\n")
         elif kind == CTYPE:
             if request.content_type is not None:
-                raise Reject(self.server.core.repeated_header("Content-Type"))
+                raise Reject(self.state.core.repeated_header("Content-Type"))
             request.content_type = value.decode("latin-1")
             request.lines += (name, b": ", value, b"\r\n")
         elif kind == HOST:
@@ -231,12 +235,12 @@ class ClientConnection(asyncio.Protocol):
             request.length = value
         elif kind == AUTH:
             if request.authorization is not None:
-                raise Reject(self.server.core.repeated_header("Authorization"))
+                raise Reject(self.state.core.repeated_header("Authorization"))
             request.authorization = value.decode("latin-1")
             request.lines += (name, b": ", value, b"\r\n")
         elif kind == API_KEY:
             if request.api_key is not None:
-                raise Reject(self.server.core.repeated_header("api-key"))
+                raise Reject(self.state.core.repeated_header("api-key"))
             request.api_key = value.decode("latin-1")
         elif kind == XFF:
             prior = request.forwarded_for
@@ -259,7 +263,7 @@ class ClientConnection(asyncio.Protocol):
         request.http11 = parser.get_http_version() == "1.1"
         request.keep_alive = parser.should_keep_alive()
         if self.over_limit:  # answered 503 at once (no body read, no 100 Continue)
-            raise Reject(_over_limit(self.server.max_connections))
+            raise Reject(_over_limit(self.state.max_connections))
         if parser.should_upgrade():
             # feed_data raises HttpParserUpgrade once this message is complete. An h2c
             # offer without a body (curl --http2) is ignored: answered over HTTP/1.1.
@@ -284,8 +288,8 @@ class ClientConnection(asyncio.Protocol):
             )
         if request.length is not None:
             length = int(request.length)  # llhttp checked it is a number
-            if length > self.server.core.max_body:
-                raise Reject(self.server.core.too_large(length))
+            if length > self.state.core.max_body:
+                raise Reject(self.state.core.too_large(length))
         if request.expect is not None and not request.http11:
             request.expect = None  # HTTP/1.0 knows no 1xx: the expectation is ignored
         if request.expect is not None:
@@ -299,8 +303,8 @@ class ClientConnection(asyncio.Protocol):
         request = self.queue[-1]
         request.body += body
         self.queued_bytes += len(body)
-        if len(request.body) > self.server.core.max_body:
-            raise Reject(self.server.core.too_large(None))
+        if len(request.body) > self.state.core.max_body:
+            raise Reject(self.state.core.too_large(None))
 
     def on_message_complete(self) -> None:
         self.queue[-1].complete = True
@@ -351,8 +355,8 @@ class ClientConnection(asyncio.Protocol):
                     if request.expect_continue and not request.continued:
                         self._send_continue(request)
                     break
-                if request.error is None and not self.server.admit(self):
-                    break  # the server calls dispatch_next() on a later turn of the loop
+                if request.error is None and not self.admission.admit(self):
+                    break  # dispatch_next() is called on a later turn of the loop
                 self.busy = True
                 self._handle(request)
         finally:
@@ -368,7 +372,7 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def dispatch_next(self) -> None:
-        """Handle the request at the head of the queue, admitted by the server."""
+        """Handle the request at the head of the queue, admitted on a later turn."""
         if self.busy or self._closing() or not self.queue or not self.queue[0].complete:
             return
         self.busy = True
@@ -390,7 +394,7 @@ class ClientConnection(asyncio.Protocol):
                 self.reply(_internal_error())
 
     def _dispatch(self, request: Request) -> None:
-        core = self.server.core
+        core = self.state.core
         target = request.url
         if target[:1] == b"/":  # origin form, as clients send it
             target, _, _ = target.partition(b"#")  # a fragment is never sent on
@@ -428,7 +432,8 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(decided, Reply):
             self.reply(decided)
             return
-        self.exchange = Exchange(self, request, decided, self._engine_headers(request, decided))
+        headers = self._engine_headers(request, decided)
+        self.exchange = Exchange(self, self.state, core, self.pools, request, decided, headers)
         self.exchange.start()
 
     def _engine_headers(self, request: Request, forward: Forward) -> bytes:
@@ -465,7 +470,7 @@ class ClientConnection(asyncio.Protocol):
     def reply(self, reply: Reply) -> None:
         """Answer the request at the head of the queue with a reply of the gateway's own."""
         request = self.queue[0]
-        keep_alive = request.keep_alive and not self.server.closing
+        keep_alive = request.keep_alive and not self.state.closing
         if not keep_alive:
             connection = b"Connection: close\r\n"
         else:
@@ -482,9 +487,9 @@ class ClientConnection(asyncio.Protocol):
             self.queued_bytes -= len(self.queue.popleft().body)
         self.busy = False
         self.last_active = time.monotonic()
-        if not keep_alive or self.server.closing:
+        if not keep_alive or self.state.closing:
             self.close()
-            self.server.check_drained()
+            self.state.check_drained()
             return
         self._advance()
 

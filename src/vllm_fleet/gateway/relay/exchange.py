@@ -1,31 +1,47 @@
 """One proxied request: pick a replica, send, relay the answer's bytes to the client.
 
-The exchange is the engine connection's `Sink`. Response bytes go to the client as they
-arrive, coalesced per read of the engine's socket into one write; a chunked answer is
-re-framed chunk by chunk, nothing else is looked at. Failures map as the aiohttp server
-maps them: nobody accepts the connection -> the next replica, then 503; a reused
-connection closed before any byte -> one retry on a fresh one; broken before the head
--> 502; broken mid-SSE -> an error event and [DONE]; broken mid-body -> the client's
-connection is closed.
+The exchange is the engine connection's `Sink`, and talks back to its client connection
+through `Downstream` (write, reply, finish), the mirror of `Sink`. Response bytes go to
+the client as they arrive, coalesced per read of the engine's socket into one write; a
+chunked answer is re-framed chunk by chunk, nothing else is looked at. Failures: nobody
+accepts the connection -> the next replica, then 503; a reused connection closed before
+any byte -> one retry on a fresh one; broken before the head -> 502; broken mid-SSE ->
+an error event and [DONE]; broken mid-body -> the client's connection is closed.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from vllm_fleet.gateway.core import Forward
-from vllm_fleet.gateway.errors import sse_error_event
+from vllm_fleet.gateway.core import Core, Forward
+from vllm_fleet.gateway.errors import Reply, sse_error_event
 from vllm_fleet.gateway.relay import wire
 from vllm_fleet.gateway.relay.request import Request
-from vllm_fleet.gateway.relay.upstream import EngineConnection, Framing
+from vllm_fleet.gateway.relay.state import ServerState
+from vllm_fleet.gateway.relay.upstream import EngineConnection, Framing, Pools
 from vllm_fleet.registry import Upstream
 
-if TYPE_CHECKING:
-    from vllm_fleet.gateway.relay.client import ClientConnection
-
 log = logging.getLogger(__name__)
+
+
+class Downstream(Protocol):
+    """Where an exchange delivers its answer (the client connection)."""
+
+    @property
+    def write_paused(self) -> bool:
+        """The client's transport asked for no more writes for now."""
+        ...
+
+    def write(self, data: bytes) -> None: ...
+    def reply(self, reply: Reply) -> None:
+        """Answer with a reply of the gateway's own, instead of the engine's."""
+        ...
+
+    def finish(self, keep_alive: bool) -> None:
+        """The answer is complete; the connection goes on (or closes)."""
+        ...
 
 
 @functools.lru_cache(maxsize=256)
@@ -41,24 +57,37 @@ class Exchange:
         "chunked",
         "client",
         "close_after",
+        "core",
         "done",
         "engine",
         "forward",
         "headers",
         "is_sse",
         "last_error",
+        "pools",
         "relay_headers",
         "request",
         "responded",
         "retried",
+        "state",
         "tried",
         "upstream",
     )
 
     def __init__(
-        self, client: ClientConnection, request: Request, forward: Forward, headers: bytes
+        self,
+        client: Downstream,
+        state: ServerState,
+        core: Core,
+        pools: Pools,
+        request: Request,
+        forward: Forward,
+        headers: bytes,
     ) -> None:
         self.client = client
+        self.state = state
+        self.core = core  # the one this request was decided with
+        self.pools = pools
         self.request = request
         self.forward = forward
         self.headers = headers  # the request's header lines for the engine, less Host
@@ -78,7 +107,7 @@ class Exchange:
     # ------------------------------------------------------------ sending
 
     def start(self) -> None:
-        core = self.client.server.core
+        core = self.core
         dep_id = self.forward.deployment
         upstream = core.pick(dep_id, self.tried)
         if upstream is None:
@@ -95,7 +124,7 @@ class Exchange:
         self.relay_headers = upstream_headers(upstream.name)
         self.retried = False
         upstream.outstanding += 1
-        pool = self.client.server.pools.get(upstream.url)
+        pool = self.pools.get(upstream.url)
         conn = pool.take_idle()
         if conn is not None:
             self._send(conn)
@@ -104,7 +133,7 @@ class Exchange:
 
     def _connect_later(self) -> None:
         assert self.upstream is not None
-        self.client.server.pools.get(self.upstream.url).connect(self._connected)
+        self.pools.get(self.upstream.url).connect(self._connected)
 
     def _connected(self, result: EngineConnection | BaseException) -> None:
         if isinstance(result, EngineConnection):
@@ -156,9 +185,8 @@ class Exchange:
 
     def on_head(self, status: int, lines: list[bytes], framing: Framing) -> None:
         request = self.request
-        client = self.client
         self.is_sse = framing.sse
-        keep_alive = request.keep_alive and not client.server.closing
+        keep_alive = request.keep_alive and not self.state.closing
         if request.method == "HEAD" or status in (204, 304):
             if framing.length is not None:
                 lines.append(b"Content-Length: %d\r\n" % framing.length)
@@ -177,7 +205,7 @@ class Exchange:
         lines.append(self.relay_headers)
         self._out.append(wire.status_line(status) + b"".join(lines))
         self.responded = True
-        client.server.core.counted(self.forward.deployment, self.forward.style, status)
+        self.core.counted(self.forward.deployment, self.forward.style, status)
 
     def on_body(self, data: bytes) -> None:
         if self.chunked:
@@ -222,7 +250,7 @@ class Exchange:
                 self._next_replica(f"{name}: {exc}")
                 return
             self.done = True
-            core = self.client.server.core
+            core = self.core
             reply = core.upstream_failed(upstream, exc or ConnectionError()) if upstream else None
             self._release()
             if reply is not None:

@@ -1,4 +1,4 @@
-"""A client request as the fast server parses it, and the limits it is held to.
+"""A client request as the relay parses it, and the limits it is held to.
 
 `Request` collects what the gateway decides on (method, target, Content-Type, the keys)
 and the header lines it forwards, built as llhttp reports each header; `HEADER_KIND`
@@ -11,7 +11,7 @@ from __future__ import annotations
 from vllm_fleet.gateway.errors import Reply
 from vllm_fleet.gateway.relay import wire
 
-MAX_URL = 8192  # bytes of request target (aiohttp's and nginx's order of size)
+MAX_URL = 8192  # bytes of request target (nginx's order of size)
 MAX_HEAD = 32768  # bytes of header names and values in one request
 MAX_HEADERS = 128  # header lines in one request
 

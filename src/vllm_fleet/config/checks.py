@@ -1,17 +1,16 @@
 """Fleet-file rules that span fields or deployments (ids, ports, GPUs, names, flags).
 
-Pure: `check(config)` returns every problem found; `config.load` raises them together.
+Pure: `check(config)` takes the validated models and returns every problem found;
+`loading.py` raises them together with the models' own.
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from vllm_fleet.config_issues import ConfigIssue, Loc
-
-if TYPE_CHECKING:
-    from vllm_fleet.config import Deployment, FleetConfig
+from vllm_fleet.config.models import Deployment, FleetConfig
+from vllm_fleet.config.problems import ConfigIssue, Loc
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 ID_MAX_LEN = 63

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from vllm_fleet.config_issues import ConfigIssue, Loc
+from vllm_fleet.config.problems import ConfigIssue, Loc
 
 
 @dataclass

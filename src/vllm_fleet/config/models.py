@@ -1,0 +1,179 @@
+"""The fleet file's pydantic models: every key of fleet.yaml, its type, default and bounds.
+
+Single fields are checked here; rules that span fields or deployments are `checks.py`'s,
+and `loading.py` reads a file into these models.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+from vllm_fleet.config.problems import Loc
+from vllm_fleet.config.yaml_source import Lines, nearest_line
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _scalar_str(value: Any) -> Any:
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+def _stringify_scalars(value: Any) -> Any:
+    """YAML gives `2048` and `0.5` as numbers; engine args and env values are strings."""
+    if isinstance(value, list):
+        return [
+            str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in value
+        ]
+    if isinstance(value, dict):
+        return {k: _scalar_str(v) for k, v in value.items()}
+    return value
+
+
+def _no_bool(value: Any) -> Any:
+    """YAML reads `true`/`yes`/`on` as booleans, which pydantic would take as the number 1."""
+    items = value if isinstance(value, list) else [value]
+    if any(isinstance(item, bool) for item in items):
+        raise ValueError("a yes/no value where a number is expected")
+    return value
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+# A host name or an IP address (IPv6 without brackets): nothing that could break out of a
+# URL or an nginx directive (`fleet nginx` renders hosts and endpoints into its vhost).
+HOST_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,253}$")
+# http(s)://host[:port][/path], host a name, an IPv4 or a bracketed IPv6 address.
+ENDPOINT_PATTERN = re.compile(
+    r"^https?://(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?(?:/[A-Za-z0-9._~%/-]*)?$"
+)
+
+
+def _check_host(value: str) -> str:
+    if not HOST_PATTERN.fullmatch(value):
+        raise ValueError(
+            f"`{value}` is not a host name or IP address (letters, digits, `.`, `-`, `:`); "
+            "e.g. 127.0.0.1"
+        )
+    return value
+
+
+class GatewayConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    max_body_mb: Annotated[float, Field(gt=0)] = 32.0
+    # Keys clients must present (Bearer or `api-key`); empty means no auth at the gateway.
+    api_keys: list[str] = Field(default_factory=list)
+    # Start engines so they accept any `model` (for a front end that cannot rewrite bodies).
+    accept_any_model: bool = False
+    connect_timeout: Annotated[float, Field(gt=0)] = 10.0
+    # Client connections served at once; beyond, a 503. None: what the open-files limit
+    # allows (two sockets per stream).
+    max_connections: Annotated[int, Field(ge=1)] | None = None
+
+    _host = field_validator("host")(lambda v: _check_host(v))
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+class EnginesConfig(_Strict):
+    """Defaults for every engine the fleet starts."""
+
+    log_dir: str = ".fleet/logs"
+    base_port: Port = 8100
+    start_timeout: Annotated[float, Field(gt=0)] = 1800.0
+    stop_timeout: Annotated[float, Field(ge=0)] = 30.0
+    health_interval: Annotated[float, Field(gt=0)] = 2.0
+    max_restarts: Annotated[int, Field(ge=0)] = 5
+    backoff_initial: Annotated[float, Field(ge=0)] = 1.0
+    backoff_max: Annotated[float, Field(ge=0)] = 60.0
+    # An engine that stayed ready this long has its failure count reset.
+    stable_after: Annotated[float, Field(ge=0)] = 60.0
+    # An engine's log over this size is copied to <log>.1 and emptied; log_keep copies.
+    log_max_mb: Annotated[float, Field(gt=0)] = 100.0
+    log_keep: Annotated[int, Field(ge=0)] = 3
+
+    @property
+    def log_max_bytes(self) -> int:
+        return int(self.log_max_mb * 2**20)
+
+
+class Deployment(_Strict):
+    model: Annotated[str, Field(min_length=1)]
+    gpus: list[Annotated[int, Field(ge=0)]] | Annotated[int, Field(ge=1)] | None = None
+    share_gpus: bool = False
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: Port | None = None
+    replicas: Annotated[int, Field(ge=1, le=64)] = 1
+    aliases: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    # The name responses carry (vLLM's first --served-model-name); default: `model`.
+    # Useful when `model` is a local path.
+    served_name: Annotated[str, Field(min_length=1)] | None = None
+    command: list[str] | None = None
+    endpoints: list[str] = Field(default_factory=list)
+    start_timeout: Annotated[float, Field(gt=0)] | None = None
+
+    _coerce_args = field_validator("args", "env", "command", mode="before")(
+        lambda v: _stringify_scalars(v)
+    )
+    _numbers = field_validator("gpus", "port", "replicas", mode="before")(lambda v: _no_bool(v))
+    _host = field_validator("host")(lambda v: _check_host(v))
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not ENDPOINT_PATTERN.fullmatch(url):
+                raise ValueError(
+                    f"`{url}` is not an http(s) URL (host, optional port and path; no query, "
+                    "spaces or quotes); write it like http://10.1.2.3:8000"
+                )
+        return [url.rstrip("/") for url in value]
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.endpoints)
+
+    @property
+    def served_as(self) -> str:
+        """The name the engine answers with, and the gateway rewrites `model` to."""
+        return self.served_name or self.model
+
+    def per_replica_gpus(self) -> int | None:
+        if self.gpus is None:
+            return None
+        count = self.gpus if isinstance(self.gpus, int) else len(self.gpus)
+        return count // self.replicas if isinstance(self.gpus, list) else count
+
+
+class FleetConfig(_Strict):
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    engines: EnginesConfig = Field(default_factory=EnginesConfig)
+    engine_command: list[str] = Field(default_factory=lambda: ["vllm", "serve", "{model}"])
+    deployments: dict[str, Deployment]
+    # Directory the fleet file lives in; relative paths (log_dir) resolve from here.
+    base_dir: str = "."
+    source: str = "<memory>"
+
+    _coerce_command = field_validator("engine_command", mode="before")(
+        lambda v: _stringify_scalars(v)
+    )
+    # Where each place sits in the file, so later checks (the plan) can name the line too.
+    _lines: dict[Loc, int] = PrivateAttr(default_factory=dict)
+
+    def line_of(self, loc: Loc) -> int | None:
+        """The line of `loc` in the fleet file (or of its nearest enclosing place)."""
+        return nearest_line(Lines(self._lines), loc)
+
+    def log_dir(self) -> Path:
+        path = Path(self.engines.log_dir).expanduser()
+        return path if path.is_absolute() else Path(self.base_dir) / path

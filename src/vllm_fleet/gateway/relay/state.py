@@ -1,0 +1,46 @@
+"""What the server and its client connections share: the connections, the tasks,
+`closing`, the connection limit and `core` (the one reference a reload swaps).
+
+As uvicorn's `ServerState`: it imports nothing else from `relay/`. Client connections
+add and remove themselves; the server walks `connections` to sweep and to close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from vllm_fleet.gateway.core import Core
+
+
+class Connection(Protocol):
+    """A client connection, as the server walks it."""
+
+    busy: bool  # a request is being answered
+    last_active: float  # time.monotonic() of its last read or answer
+    transport: asyncio.Transport | None
+
+    def idle(self) -> bool:
+        """No request in flight and none queued."""
+        ...
+
+    def close(self) -> None:
+        """Close once what is written has gone out."""
+        ...
+
+
+class ServerState:
+    __slots__ = ("closing", "connections", "core", "drained", "max_connections", "tasks")
+
+    def __init__(self, core: Core, max_connections: int) -> None:
+        self.core = core  # read once per request, where its answer is decided
+        self.max_connections = max_connections  # past it, a connection is answered 503
+        self.connections: set[Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closing = False  # stopping: no request starts, connections close when done
+        self.drained = asyncio.Event()  # set once closing and nothing is in flight
+
+    def check_drained(self) -> None:
+        """While closing: note when no connection has a request in flight any more."""
+        if self.closing and all(c.idle() for c in self.connections):
+            self.drained.set()
