@@ -288,3 +288,63 @@ def test_a_low_hard_open_files_limit_is_warned_about(tmp_path: Path, fleets: lis
         fleet.text().split()
     )
     assert fleet.stop() == 0
+
+
+def _start_stream(url: str, tokens: int) -> tuple[socket.socket, bytes]:
+    """A streamed chat request on a raw socket, returned once its first bytes came back."""
+    body = json.dumps({"messages": [], "max_tokens": tokens, "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30)
+    sock.sendall(
+        b"POST /chat/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    return sock, sock.recv(65536)
+
+
+def _read_to_close(sock: socket.socket, first: bytes) -> bytes:
+    data = bytearray(first)
+    with sock:
+        while chunk := sock.recv(65536):
+            data += chunk
+            if data.endswith(b"0\r\n\r\n"):  # the last chunk: the answer is complete
+                break
+    return bytes(data)
+
+
+def test_sigterm_lets_a_stream_in_flight_finish_before_engines_stop(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    path = fake_fleet_file(
+        tmp_path, {"chat": {"model": "org/chat", "args": ["--token-delay", "0.02"]}}
+    )
+    fleet = FleetUp(path)
+    fleets.append(fleet)
+    (engine,) = fleet.wait_ready(1)
+    sock, first = _start_stream(fleet.url, tokens=100)  # about 2 s of tokens
+    fleet.proc.send_signal(signal.SIGTERM)
+    answer = _read_to_close(sock, first)
+    assert fleet.proc.wait(timeout=30) == 0, fleet.text()
+    # Every token arrived and the stream ended as vLLM ends it, with no error event.
+    assert answer.count(b'"delta": {"content":') == 100, answer[-500:]
+    assert b"data: [DONE]" in answer
+    assert b"upstream_disconnected" not in answer
+    assert not pid_alive(engine["pid"])
+
+
+def test_a_drain_timeout_cuts_a_long_stream_off_and_still_stops(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    path = fake_fleet_file(
+        tmp_path,
+        {"chat": {"model": "org/chat", "args": ["--token-delay", "0.05"]}},
+        drain_timeout=0.5,
+    )
+    fleet = FleetUp(path)
+    fleets.append(fleet)
+    (engine,) = fleet.wait_ready(1)
+    sock, first = _start_stream(fleet.url, tokens=2000)  # 100 s of tokens: never drains
+    fleet.proc.send_signal(signal.SIGTERM)
+    answer = _read_to_close(sock, first)
+    assert fleet.proc.wait(timeout=30) == 0, fleet.text()
+    assert answer.count(b'"delta": {"content":') < 2000
+    assert not pid_alive(engine["pid"])

@@ -8,9 +8,11 @@ Order of events:
    While engines load it answers 503 with Retry-After for their deployments.
 3. The supervisor starts every engine; progress shows which are loading, for how long,
    which are ready; then a "ready" line with the three URL styles.
-4. On the first signal: stop accepting connections, stop every engine concurrently
-   (SIGTERM to its group, `engines.stop_timeout` grace, SIGKILL, reap), close the
-   gateway, exit 0. A second signal skips the grace period (SIGKILL at once).
+4. On the first signal: stop accepting connections and let the requests in flight
+   finish, for up to `gateway.drain_timeout` seconds (engines keep serving them); then
+   stop every engine concurrently (SIGTERM to its group, `engines.stop_timeout` grace,
+   SIGKILL, reap), close the gateway (cutting off what is left), exit 0. A second
+   signal cuts the drain short and skips the grace period (SIGKILL at once).
 """
 
 from __future__ import annotations
@@ -235,6 +237,7 @@ async def _run(config: FleetConfig, plan: Plan, console: Console) -> int:
     progress = Progress(console, registry)
     supervisor = Supervisor(registry, on_event=progress.on_event)
     stop = asyncio.Event()
+    hurry = asyncio.Event()  # a second signal: no more waiting for anything
     signals = 0
 
     def on_signal(sig: signal.Signals) -> None:
@@ -242,13 +245,15 @@ async def _run(config: FleetConfig, plan: Plan, console: Console) -> int:
         signals += 1
         if signals == 1:
             console.print(
-                f"\n{sig.name}: stopping (engines get SIGTERM, then SIGKILL after "
-                f"{config.engines.stop_timeout:g}s; again to kill at once)",
+                f"\n{sig.name}: stopping (requests in flight get up to "
+                f"{config.gateway.drain_timeout:g}s to finish, then engines get SIGTERM, "
+                f"SIGKILL after {config.engines.stop_timeout:g}s; again to kill at once)",
                 highlight=False,
             )
             stop.set()
         else:
             console.print(f"{sig.name} again: SIGKILL to every engine", highlight=False)
+            hurry.set()
             supervisor.kill_now()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -286,9 +291,14 @@ async def _run(config: FleetConfig, plan: Plan, console: Console) -> int:
             progress.print_ready(config)
         await stop.wait()
     finally:
-        await gateway.stop_accepting()  # in-flight requests end with their engines
-        await supervisor.stop()
-        await gateway.close()
+        # Engines stop only once the requests they serve are done (or the drain timed out).
+        await gateway.drain(config.gateway.drain_timeout, cut_short=hurry)
+        stopping = asyncio.create_task(supervisor.stop())
+        await asyncio.sleep(0)  # stop() has begun: no engine is restarted any more
+        if hurry.is_set():  # the second signal came during the drain
+            supervisor.kill_now()
+        await stopping
+        await gateway.close(grace=0)
     left = [u.name for u in registry.all() if u.managed and u.pid is not None]
     if left:  # pragma: no cover (stop() reaps every engine)
         log.error("engines may still be running: %s", ", ".join(left))

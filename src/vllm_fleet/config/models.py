@@ -75,6 +75,8 @@ class GatewayConfig(_Strict):
     # Client connections served at once; beyond, a 503. None: what the open-files limit
     # allows (two sockets per stream).
     max_connections: Annotated[int, Field(ge=1)] | None = None
+    # On SIGTERM/SIGINT: requests in flight get this long to finish before engines stop.
+    drain_timeout: Annotated[float, Field(ge=0)] = 30.0
 
     _host = field_validator("host")(lambda v: _check_host(v))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -57,6 +58,9 @@ class Engine:
     last_request: dict[str, Any] | None = None
     counter: int = 0
     argv: list[str] = field(default_factory=list)
+    # The connections of requests being answered, aborted on SIGTERM (as vLLM aborts them).
+    answering: set[asyncio.Transport] = field(default_factory=set)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while none in flight
 
     @property
     def fingerprint(self) -> str:
@@ -182,6 +186,10 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         "system_fingerprint": engine.fingerprint,
     }
     engine.in_flight += 1
+    engine.idle.clear()
+    transport = request.transport
+    if transport is not None:
+        engine.answering.add(transport)
     try:
         if body.get("stream"):
             return await _stream(request, engine, head, chat, count, finish, usage, body)
@@ -205,6 +213,9 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         return web.json_response({**head, "choices": [choice], "usage": usage})
     finally:
         engine.in_flight -= 1
+        engine.answering.discard(transport)
+        if not engine.in_flight:
+            engine.idle.set()
 
 
 async def _stream(
@@ -442,6 +453,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--fail-start", action="store_true")
+    # As vLLM's (0.18+, default 0): on SIGTERM, requests in flight get this long, then abort.
+    parser.add_argument("--shutdown-timeout", type=float, default=0.0)
     args, _unknown = parser.parse_known_args(argv)
     # `--model M` wins: a stray value of an unknown flag may land in the positional slot.
     args.model = args.model_flag or args.model_tag
@@ -483,6 +496,13 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    # vLLM on SIGTERM: requests in flight get --shutdown-timeout seconds, then are aborted
+    # (aiohttp's own cleanup would wait for them).
+    if engine.in_flight:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(engine.idle.wait(), args.shutdown_timeout)
+    for transport in list(engine.answering):
+        transport.abort()
     await runner.cleanup()
     return 0
 

@@ -103,8 +103,10 @@ class RelayServer:
         if self._server is not None:
             self._server.close()
 
-    async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
-        """Stop; requests in flight get `grace` seconds to finish."""
+    async def drain(self, grace: float, cut_short: asyncio.Event | None = None) -> bool:
+        """Stop accepting and let requests in flight finish: True once none is left, False
+        when `grace` seconds pass or `cut_short` is set first. Idle connections close at
+        once, busy ones as their request ends; no new request starts on any of them."""
         await self.stop_accepting()
         state = self.state
         state.closing = True
@@ -112,11 +114,25 @@ class RelayServer:
             if conn.idle():
                 conn.close()
         state.check_drained()
+        waits = [asyncio.ensure_future(state.drained.wait())]
+        if cut_short is not None:
+            waits.append(asyncio.ensure_future(cut_short.wait()))
         try:
-            await asyncio.wait_for(state.drained.wait(), grace)
-        except TimeoutError:
-            busy = sum(1 for c in state.connections if not c.idle())
-            log.warning("closing %d connections with requests in flight", busy)
+            await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        if state.drained.is_set():
+            return True
+        busy = sum(1 for c in state.connections if not c.idle())
+        log.warning("%d connections still have requests in flight", busy)
+        return False
+
+    async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop; requests in flight get `grace` seconds to finish, then are cut off."""
+        state = self.state
+        if not state.drained.is_set():
+            await self.drain(grace)
         for conn in list(state.connections):
             if conn.transport is not None:
                 conn.transport.abort()
