@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv lint format test test-fast demo clean bench bench-quick engines-env models lock
+.PHONY: venv lint format test test-fast demo clean bench bench-quick chaos engines-env models lock
 
 # Every environment installs the exact versions pinned in requirements/ (README: Pinned
 # installs); `make lock` resolves them anew. The build backend is pinned too, hence
@@ -19,13 +19,13 @@ $(VENV)/.installed: pyproject.toml $(PROJECT_PINS)
 	touch $@
 
 lint: venv
-	$(VENV)/bin/ruff check src tests bench scripts
-	$(VENV)/bin/ruff format --check src tests bench scripts
+	$(VENV)/bin/ruff check src tests bench chaos scripts
+	$(VENV)/bin/ruff format --check src tests bench chaos scripts
 	$(VENV)/bin/mypy
 
 format: venv
-	$(VENV)/bin/ruff format src tests bench scripts
-	$(VENV)/bin/ruff check --fix src tests bench scripts
+	$(VENV)/bin/ruff format src tests bench chaos scripts
+	$(VENV)/bin/ruff check --fix src tests bench chaos scripts
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not vllm"
@@ -45,6 +45,11 @@ bench: $(VENV)/.installed-bench
 	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { echo "--- installing nginx"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
 	$(PY) -m bench
+
+# Faults, measured: engines killed mid-stream, SIGTERM at random moments, slowloris, 5,000
+# slow streams (README: Reliability; chaos/results/latest.md).
+chaos: $(VENV)/.installed-bench
+	$(PY) -m chaos
 
 bench-quick: $(VENV)/.installed-bench
 	$(PY) -m bench --quick --out $(VENV)/bench-quick

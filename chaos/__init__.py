@@ -1,0 +1,1 @@
+"""`make chaos`: the gateway and `fleet up` under faults, measured (README: Reliability)."""
