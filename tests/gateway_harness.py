@@ -51,6 +51,12 @@ class GatewayThread:
         ups = {u.name: u for u in self.registry.all()}
         self.call(lambda: ups[upstream].set_state(state, message))
 
+    def connection_count(self) -> int:
+        """Client connections the gateway holds open right now (lingering ones too)."""
+        assert self._gateway is not None
+        gateway = self._gateway
+        return int(self.call(lambda: gateway.connection_count))
+
     def start(self) -> GatewayThread:
         self._thread.start()
         self._gateway = asyncio.run_coroutine_threadsafe(
