@@ -13,6 +13,7 @@ import hmac
 import itertools
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -301,7 +302,7 @@ class Core:
         key = (upstream.deployment, upstream.name)
         self._failovers[key] = self._failovers.get(key, 0) + 1
 
-    def unreachable(self, dep_id: str, failures: list[str]) -> Reply:
+    def unreachable(self, dep_id: str, failures: Sequence[str]) -> Reply:
         """Every replica tried refused the connection or timed out connecting: down, not
         broken mid-request (an engine that just died and is restarting, or a remote
         endpoint that is not up). Each is out of the rotation until a health check passes."""
@@ -313,7 +314,7 @@ class Core:
             headers={"Retry-After": RETRY_AFTER_LOADING},
         )
 
-    def unanswered(self, dep_id: str, failures: list[str]) -> Reply:
+    def unanswered(self, dep_id: str, failures: Sequence[str]) -> Reply:
         """Every replica tried failed before answering, one at least after it took the
         connection (it closed or reset it unanswered)."""
         return error_reply(

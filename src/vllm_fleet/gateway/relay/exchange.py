@@ -105,7 +105,7 @@ class Exchange:
         self.upstream: Upstream | None = None
         self.engine: EngineConnection | None = None
         self.tried: set[Upstream] = set()  # the replicas this request was sent to
-        self.failures: list[str] = []  # why each one tried failed, before any answer
+        self.failures: tuple[str, ...] = ()  # why each one tried failed, before any answer
         self.unanswered = False  # one of them took the connection and closed it unanswered
         self.failed_from: Upstream | None = None  # the replica the next try fails over from
         self.retried = False
@@ -198,7 +198,7 @@ class Exchange:
             )
         else:
             log.info("engine %s failed before answering again: %s", name, reason)
-        self.failures.append(f"{name}: {reason}")
+        self.failures += (f"{name}: {reason}",)
         self.unanswered = self.unanswered or took_it
         self.failed_from = upstream
         self._release()
