@@ -27,7 +27,7 @@ def pick(candidates: Sequence[Upstream], tried: Collection[Upstream], turn: int)
         return only if ready and only not in tried else None
     best: Upstream | None = None
     start = turn % count if count else 0
-    for up in (*candidates[start:], *candidates[:start]):
+    for up in [*candidates[start:], *candidates[:start]]:
         if up.state is not State.READY or up.ejected is not None or up in tried:
             continue
         if best is None or up.outstanding < best.outstanding:
