@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
+import resource
 import socket
 import struct
 import threading
@@ -423,3 +425,38 @@ def test_only_a_health_check_after_the_failure_brings_a_replica_back(good: FakeE
     finally:
         gw.stop()
         flaky.close()
+
+
+def test_the_gateways_own_lack_of_open_files_ejects_no_replica(good: FakeEngine) -> None:
+    """A connection that fails for want of a file descriptor here (EMFILE) is no fault of
+    the engine: the request is answered 503, and the replica stays in the rotation."""
+    gw = GatewayThread(fleet({"rep": [good.url]})).start()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+            wait_until(lambda: gw.connection_count() == 1, what="the connection accepted")
+            # No descriptor left: the limit at the highest open one, every gap filled.
+            resource.setrlimit(
+                resource.RLIMIT_NOFILE, (max(map(int, os.listdir("/proc/self/fd"))), hard)
+            )
+            fillers = []
+            try:
+                with contextlib.suppress(OSError):
+                    while True:
+                        fillers.append(os.open(os.devnull, os.O_RDONLY))
+                sock.sendall(
+                    b"POST /rep/v1/completions HTTP/1.1\r\nHost: t\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+                )
+                answer = sock.recv(65536)
+            finally:
+                for fd in fillers:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert b"Too many open files" in answer
+        assert upstream_status(gw, "rep-0")["ejected"] is None
+        reply = sdk(gw).completions.create(model="x", prompt="hello", max_tokens=1)
+        assert reply.system_fingerprint == f"fake-{good.port}"
+    finally:
+        gw.stop()

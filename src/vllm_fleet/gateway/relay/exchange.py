@@ -20,6 +20,7 @@ malformed head is a 502 (a broken engine, not a missing one).
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 from typing import Protocol
@@ -33,6 +34,10 @@ from vllm_fleet.gateway.relay.upstream import EngineConnection, Framing, Pools
 from vllm_fleet.registry import Upstream
 
 log = logging.getLogger(__name__)
+
+# Connect errors that are the gateway's own lack of resources (open files, buffers), not
+# the engine's fault: the request still goes on to another replica, but none is ejected.
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class Downstream(Protocol):
@@ -165,7 +170,8 @@ class Exchange:
             return
         if not isinstance(result, OSError | TimeoutError):
             log.error("unexpected error connecting to an engine", exc_info=result)
-        self._fail_over(str(result) or type(result).__name__, took_it=False)
+        local = isinstance(result, OSError) and result.errno in _LOCAL_ERRNOS
+        self._fail_over(str(result) or type(result).__name__, took_it=False, eject=not local)
 
     def _send(self, conn: EngineConnection) -> None:
         upstream = self.upstream
@@ -183,13 +189,15 @@ class Exchange:
         if self.client.write_paused:
             conn.pause()
 
-    def _fail_over(self, reason: str, took_it: bool) -> None:
+    def _fail_over(self, reason: str, took_it: bool, eject: bool = True) -> None:
         """The replica failed before any byte of its answer (`took_it`: after it took the
         connection): out of the rotation, and the request goes to the next one."""
         upstream = self.upstream
         assert upstream is not None
         name = upstream.name
-        if upstream.eject(reason):
+        if not eject:
+            log.warning("no connection to engine %s: %s", name, reason)
+        elif upstream.eject(reason):
             log.warning(
                 "engine %s failed before answering (%s): out of the rotation until a health "
                 "check passes",
