@@ -2,8 +2,9 @@
 
 The deployments point at the engines with `endpoints:` (the fleet's remote form), so the
 gateway's own behaviour is tested without the supervisor; tests that need an engine to be
-loading or failed set its state through `set_state`, as the supervisor would. The loop is
-uvloop, as `fleet up` runs it.
+loading or failed set its state through `set_state`, as the supervisor would. With
+`probes=True` the supervisor runs on the gateway's loop too and probes the endpoints, as
+`fleet up` does (`engines.health_interval`). The loop is uvloop, as `fleet up` runs it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import uvloop
 
 from vllm_fleet.config import FleetConfig, loads
+from vllm_fleet.engines import Supervisor
 from vllm_fleet.gateway.relay import RelayServer
 from vllm_fleet.gateway.server import serve
 from vllm_fleet.gpus import Inventory
@@ -25,7 +27,7 @@ from vllm_fleet.testing.harness import free_port
 
 
 class GatewayThread:
-    def __init__(self, fleet_yaml: str) -> None:
+    def __init__(self, fleet_yaml: str, probes: bool = False) -> None:
         self.config: FleetConfig = loads(fleet_yaml)
         self.registry = Registry(
             self.config, build_plan(self.config, Inventory(None, "test"), "python")
@@ -34,6 +36,7 @@ class GatewayThread:
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._gateway: RelayServer | None = None
+        self._supervisor = Supervisor(self.registry) if probes else None
 
     @property
     def url(self) -> str:
@@ -51,14 +54,25 @@ class GatewayThread:
         ups = {u.name: u for u in self.registry.all()}
         self.call(lambda: ups[upstream].set_state(state, message))
 
+    def connection_count(self) -> int:
+        """Client connections the gateway holds open right now (lingering ones too)."""
+        assert self._gateway is not None
+        gateway = self._gateway
+        return int(self.call(lambda: gateway.connection_count))
+
     def start(self) -> GatewayThread:
         self._thread.start()
         self._gateway = asyncio.run_coroutine_threadsafe(
             serve(self.config, self.registry, "127.0.0.1", self.port), self.loop
         ).result(10)
+        supervisor = self._supervisor
+        if supervisor is not None:
+            asyncio.run_coroutine_threadsafe(supervisor.start(), self.loop).result(10)
         return self
 
     def stop(self) -> None:
+        if self._supervisor is not None:
+            asyncio.run_coroutine_threadsafe(self._supervisor.stop(), self.loop).result(10)
         if self._gateway is not None:
             asyncio.run_coroutine_threadsafe(self._gateway.close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)

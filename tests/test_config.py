@@ -137,6 +137,21 @@ def test_the_removed_gateway_server_key_is_refused_saying_it_is_gone(value: str)
     assert "unknown key" not in issue.message
 
 
+def test_lingering_defaults_follow_nginx_and_bad_bounds_are_refused() -> None:
+    gateway = load("deployments: {a: {model: m}}\n").gateway
+    assert (gateway.lingering_time, gateway.lingering_timeout) == (30.0, 5.0)  # nginx's
+    assert gateway.lingering_max_bytes == 128 * 1024 * 1024
+    err = problems(
+        "gateway:\n  lingering_time: -1\n  lingering_timeout: 0\n  lingering_max_mb: 0\n"
+        "deployments: {a: {model: m}}\n"
+    )
+    assert places(err) == [
+        "gateway.lingering_time",
+        "gateway.lingering_timeout",
+        "gateway.lingering_max_mb",
+    ]
+
+
 def test_internal_fields_cannot_be_set_from_the_file() -> None:
     err = problems("base_dir: /etc\nsource: x\ndeployments: {a: {model: m}}\n")
     assert places(err) == ["base_dir", "source"]

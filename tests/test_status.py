@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from rich.console import Console
 
@@ -81,6 +83,16 @@ def test_status_table_shows_each_engine_and_why_one_failed() -> None:
     assert "log: /logs/qwen-1.log" in text
     assert "/logs/qwen-0.log" not in text  # a ready engine needs no log pointer
     assert "remote-0: ready (remote http://10.1.2.3:8000)" in text
+
+
+def test_status_table_shows_an_engine_the_gateway_ejected_and_why() -> None:
+    data = copy.deepcopy(SNAPSHOT)
+    up = data["deployments"]["qwen"]["upstreams"][0]
+    up["ejected"] = "ConnectionResetError: the engine reset the connection"
+    text = render(data)
+    row = next(line for line in text.splitlines() if "qwen-0" in line)
+    assert "ready, ejected" in row
+    assert "qwen-0: out of the rotation until a health check passes: ConnectionReset" in text
 
 
 def test_status_without_a_gateway_says_what_to_check() -> None:

@@ -147,6 +147,29 @@ def test_engine_that_exits_is_restarted_whatever_its_status(tmp_path: Path) -> N
     run(body)
 
 
+def test_a_passing_health_check_readmits_an_engine_the_gateway_ejected(tmp_path: Path) -> None:
+    path = fake_fleet_file(tmp_path, {"m": {"model": "org/m"}})
+    sup, registry, _ = make_supervisor(path)
+
+    async def body() -> None:
+        await sup.start()
+        try:
+            up = only(registry)
+            await until(lambda: up.state is State.READY, what="engine ready")
+            up.eject("ConnectionResetError: the gateway's request was reset")
+            await until(lambda: up.ejected is None, what="readmitted by its next health check")
+            assert up.state is State.READY and up.restarts == 0
+            # Ejected, then exited and restarted: in the rotation again once ready.
+            up.eject("ConnectionRefusedError")
+            await crash(up.url, 1)
+            await until(lambda: up.restarts == 1 and up.state is State.READY, what="restarted")
+            assert up.ejected is None
+        finally:
+            await sup.stop()
+
+    run(body)
+
+
 def test_engine_that_keeps_failing_is_marked_failed_with_its_log_tail(tmp_path: Path) -> None:
     path = fake_fleet_file(
         tmp_path,

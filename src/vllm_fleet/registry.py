@@ -3,6 +3,11 @@
 The supervisor owns the writes (one task per engine sets `state`); the gateway reads
 states to pick a replica and counts its own outstanding requests. Everything runs on
 one event loop, so no locks. `snapshot()` is what status endpoints and the CLI show.
+
+Passive ejection is apart from the state: the gateway `eject()`s a ready upstream whose
+connection failed before any answer (refused, connect timeout, closed unanswered), which
+takes it out of the rotation; only a health check that began after the ejection and
+passed (`readmit()`, by the supervisor's checks and the remote probes) brings it back.
 """
 
 from __future__ import annotations
@@ -38,12 +43,30 @@ class Upstream:
     outstanding: int = 0
     message: str = ""
     since: float = field(default_factory=time.time)
+    ejected: str | None = None  # why the gateway took it out of the rotation; None: in it
+    ejected_at: float = 0.0  # time.monotonic() of the last failure that ejected it
 
     def set_state(self, state: State, message: str = "") -> None:
         if state != self.state:
             self.since = time.time()
         self.state = state
         self.message = message
+
+    def eject(self, why: str) -> bool:
+        """Out of the rotation until a health check begun after now passes; True when it
+        was in the rotation until now."""
+        was_in = self.ejected is None
+        self.ejected = why
+        self.ejected_at = time.monotonic()
+        return was_in
+
+    def readmit(self, check_began: float) -> bool:
+        """A health check begun at `check_began` (time.monotonic()) passed: back in the
+        rotation, unless it was ejected after that check began. True when readmitted."""
+        if self.ejected is None or self.ejected_at > check_began:
+            return False
+        self.ejected = None
+        return True
 
     def snapshot(self) -> dict[str, Any]:
         spec = self.spec
@@ -58,6 +81,7 @@ class Upstream:
             "restarts": self.restarts,
             "outstanding": self.outstanding,
             "message": self.message,
+            "ejected": self.ejected,
         }
         if isinstance(spec, EngineSpec):
             data["port"] = spec.port

@@ -65,8 +65,8 @@ def _age(since: Any, now: float) -> str:
 
 
 def render_status(data: dict[str, Any], now: float | None = None) -> Group:
-    """One row per upstream, then a note under the table for each one not ready (its
-    message and log file)."""
+    """One row per upstream, then a note under the table for each one not ready or
+    ejected by the gateway (its message and log file)."""
     now = time.time() if now is None else now
     table = Table(header_style="bold")
     for column in ("deployment", "engine", "state", "for", "pid", "port", "GPUs"):
@@ -81,10 +81,14 @@ def render_status(data: dict[str, Any], now: float | None = None) -> Group:
             state = str(up.get("state", "?"))
             gpus = up.get("gpus")
             managed = up.get("managed", True)
+            ejected = up.get("ejected")
+            shown = Text(state, style=STATE_STYLES.get(state, ""))
+            if ejected:
+                shown = Text(f"{state}, ejected", style="yellow")
             table.add_row(
                 label if index == 0 else "",
                 str(up.get("name", "")),
-                Text(state, style=STATE_STYLES.get(state, "")),
+                shown,
                 _age(up.get("since"), now),
                 str(up.get("pid") or "-"),
                 str(up.get("port") or "-") if managed else "remote",
@@ -92,9 +96,12 @@ def render_status(data: dict[str, Any], now: float | None = None) -> Group:
                 str(up.get("restarts", 0)),
                 str(up.get("outstanding", 0)),
             )
-            if state != "ready" or not managed:
+            if state != "ready" or not managed or ejected:
                 note = Text(f"{up.get('name', '')}: ", style="bold")
-                note.append(str(up.get("message") or state))
+                if ejected:
+                    note.append(f"out of the rotation until a health check passes: {ejected}")
+                else:
+                    note.append(str(up.get("message") or state))
                 if not managed:
                     note.append(f" (remote {up.get('url', '')})")
                 elif up.get("log"):

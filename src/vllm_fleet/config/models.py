@@ -77,12 +77,24 @@ class GatewayConfig(_Strict):
     max_connections: Annotated[int, Field(ge=1)] | None = None
     # On SIGTERM/SIGINT: requests in flight get this long to finish before engines stop.
     drain_timeout: Annotated[float, Field(ge=0)] = 30.0
+    # After an answer given before the whole request was read (413, 401, 400, 503): what
+    # the client still sends is read and dropped, then the connection closes (nginx's
+    # lingering close, its defaults): for at most lingering_time seconds in all, until
+    # lingering_timeout seconds pass without a byte, and at most lingering_max_mb dropped.
+    # lingering_time 0 closes at once.
+    lingering_time: Annotated[float, Field(ge=0)] = 30.0
+    lingering_timeout: Annotated[float, Field(gt=0)] = 5.0
+    lingering_max_mb: Annotated[float, Field(gt=0)] = 128.0
 
     _host = field_validator("host")(lambda v: _check_host(v))
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def lingering_max_bytes(self) -> int:
+        return int(self.lingering_max_mb * 1024 * 1024)
 
 
 class EnginesConfig(_Strict):

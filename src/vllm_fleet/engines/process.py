@@ -277,11 +277,13 @@ class EngineProcess:
                 return Outcome.STOPPED
             if not self.running:
                 return Outcome.EXITED
+            began = time.monotonic()
             interrupted, problem = await self._probe(START_POLL_TIMEOUT, stop)
             if interrupted:
                 continue
             if problem is None:
                 elapsed = time.monotonic() - self.started_at
+                self.upstream.readmit(began)  # an ejection before this start is void
                 self.upstream.set_state(State.READY, f"ready after {elapsed:.1f}s")
                 log.info("%s: ready after %.1fs", self.spec.name, elapsed)
                 return Outcome.READY
@@ -291,7 +293,8 @@ class EngineProcess:
 
     async def watch(self, stop: asyncio.Event) -> Outcome:
         """Health-check a ready engine every `health_interval` until it exits (EXITED),
-        fails UNHEALTHY_AFTER checks in a row (UNHEALTHY) or the fleet stops."""
+        fails UNHEALTHY_AFTER checks in a row (UNHEALTHY) or the fleet stops. A check
+        that passes readmits an engine the gateway ejected before the check began."""
         failures = 0
         while True:
             if await self._wait(self.settings.health_interval, stop):
@@ -301,11 +304,14 @@ class EngineProcess:
             # In a thread: copying a 100 MB log must not stall the gateway's streams.
             if await asyncio.to_thread(rotate_if_over, path, limit, keep):
                 log.info("%s: log over %g MB, rotated", self.spec.name, settings.log_max_mb)
+            began = time.monotonic()
             interrupted, problem = await self._probe(READY_POLL_TIMEOUT, stop)
             if interrupted:
                 continue
             if problem is None:
                 failures = 0
+                if self.upstream.readmit(began):
+                    log.warning("%s: health check passed: back in the rotation", self.spec.name)
                 continue
             failures += 1
             log.warning(

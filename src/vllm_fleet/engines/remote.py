@@ -5,7 +5,9 @@ check; any answer under 500 counts as up, so an OpenAI-compatible server without
 `/health` is up as long as it answers). UNREACHABLE_AFTER failures in a row (refused,
 no answer within PROBE_TIMEOUT, a 5xx) mark it UNREACHABLE: the gateway stops sending
 it requests, and a deployment with no replica left answers 503 saying which endpoint is
-not answering. One good answer makes it READY again. Endpoints start READY.
+not answering. One good answer makes it READY again, and readmits an endpoint the
+gateway ejected (a request's connection failed) before that probe began. Endpoints
+start READY.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 import aiohttp
@@ -50,9 +53,14 @@ async def watch_remote(
     of its state."""
     failures = 0
     while not stop.is_set():
+        began = time.monotonic()
         problem = await probe(session, upstream.url, PROBE_TIMEOUT)
         if problem is None:
             failures = 0
+            if upstream.readmit(began):
+                log.warning(
+                    "remote endpoint %s answers its probe: back in the rotation", upstream.name
+                )
             if upstream.state is not State.READY:
                 upstream.set_state(State.READY, "answering again")
                 log.warning("remote endpoint %s answers again", upstream.name)

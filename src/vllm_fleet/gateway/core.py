@@ -13,6 +13,7 @@ import hmac
 import itertools
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -20,7 +21,7 @@ from urllib.parse import quote
 import orjson
 
 from vllm_fleet.config import FleetConfig
-from vllm_fleet.gateway import form
+from vllm_fleet.gateway import form, replicas
 from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.metrics import GatewayMetrics
 from vllm_fleet.gateway.routing import ByModel, Names, RouteError, Style, Target, match
@@ -90,6 +91,7 @@ class Core:
         self.started = time.time()
         self._tie = itertools.count()
         self._counts = self.metrics.requests
+        self._failovers = self.metrics.failovers
         self._routes: dict[str, Target | ByModel | RouteError] = {}  # path -> match()
 
     # ------------------------------------------------------------ auth
@@ -287,32 +289,39 @@ class Core:
 
     # ------------------------------------------------------------ replicas
 
-    def pick(self, dep_id: str, exclude: set[Upstream]) -> Upstream | None:
-        """The ready replica with the fewest outstanding requests (ties rotate)."""
+    def pick(self, dep_id: str, tried: set[Upstream]) -> Upstream | None:
+        """The replica for the next try of a request (`replicas.pick`): ready, in the
+        rotation, not `tried` yet, with the fewest outstanding requests (ties rotate)."""
         candidates = self.registry.upstreams(dep_id)
-        if not candidates:
-            return None
-        if len(candidates) == 1:
-            only = candidates[0]
-            return only if only.state is State.READY and only not in exclude else None
-        best: Upstream | None = None
-        start = next(self._tie) % len(candidates)
-        for up in candidates[start:] + candidates[:start]:
-            if up.state is not State.READY or up in exclude:
-                continue
-            if best is None or up.outstanding < best.outstanding:
-                best = up
-        return best
+        turn = next(self._tie) if len(candidates) > 1 else 0
+        return replicas.pick(candidates, tried, turn)
 
-    def unreachable(self, dep_id: str, last_error: str) -> Reply:
-        """Every replica tried refused the connection: down, not broken mid-request (an
-        engine that just died and is restarting, or a remote endpoint that is not up)."""
+    def failed_over(self, upstream: Upstream) -> None:
+        """A request that `upstream` failed before its first byte goes to another replica
+        (fleet_upstream_failovers_total)."""
+        key = (upstream.deployment, upstream.name)
+        self._failovers[key] = self._failovers.get(key, 0) + 1
+
+    def unreachable(self, dep_id: str, failures: Sequence[str]) -> Reply:
+        """Every replica tried refused the connection or timed out connecting: down, not
+        broken mid-request (an engine that just died and is restarting, or a remote
+        endpoint that is not up). Each is out of the rotation until a health check passes."""
         return error_reply(
             503,
             f"no engine of deployment `{dep_id}` accepts connections "
-            f"({last_error}); it may be restarting, retry shortly",
+            f"({'; '.join(failures)}); it may be restarting, retry shortly",
             "upstream_unreachable",
             headers={"Retry-After": RETRY_AFTER_LOADING},
+        )
+
+    def unanswered(self, dep_id: str, failures: Sequence[str]) -> Reply:
+        """Every replica tried failed before answering, one at least after it took the
+        connection (it closed or reset it unanswered)."""
+        return error_reply(
+            502,
+            f"every engine of deployment `{dep_id}` tried failed before answering "
+            f"({'; '.join(failures)}); see `fleet status` and the engine logs, and retry",
+            "upstream_error",
         )
 
     def unavailable(self, dep_id: str) -> Reply:
@@ -336,6 +345,16 @@ class Core:
             return error_reply(
                 503,
                 f"no endpoint of deployment `{dep_id}` is answering ({why}); retry shortly",
+                "upstream_unreachable",
+                headers={"Retry-After": RETRY_AFTER_LOADING},
+            )
+        ejected = [u for u in ups if u.state is State.READY and u.ejected is not None]
+        if ejected:
+            why = "; ".join(f"{u.name}: {u.ejected}" for u in ejected)
+            return error_reply(
+                503,
+                f"no engine of deployment `{dep_id}` accepts connections ({why}); each "
+                "is out of the rotation until its next health check passes, retry shortly",
                 "upstream_unreachable",
                 headers={"Retry-After": RETRY_AFTER_LOADING},
             )

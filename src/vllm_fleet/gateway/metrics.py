@@ -18,12 +18,14 @@ from vllm_fleet.registry import Registry, State
 
 
 class _UpstreamCollector(Collector):
-    """Upstream states and outstanding requests, read from the registry at scrape time."""
+    """Upstream states, outstanding requests and ejections, read from the registry at
+    scrape time, and the failovers the request path counted."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, failovers: dict[tuple[str, str], int]) -> None:
         self.registry = registry
+        self.failovers = failovers
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         ready = GaugeMetricFamily(
             "fleet_upstream_ready",
             "1 when the upstream is ready",
@@ -42,6 +44,19 @@ class _UpstreamCollector(Collector):
         restarts = GaugeMetricFamily(
             "fleet_upstream_restarts", "restarts of the engine", labels=["deployment", "upstream"]
         )
+        ejected = GaugeMetricFamily(
+            "fleet_upstream_ejected",
+            "1 while the gateway keeps the upstream out of the rotation (it failed a request "
+            "before answering; back when a health check passes)",
+            labels=["deployment", "upstream"],
+        )
+        failovers = CounterMetricFamily(
+            "fleet_upstream_failovers",
+            "requests the upstream failed before their first byte (refused, connect timeout, "
+            "closed unanswered) that went on to another replica",
+            labels=["deployment", "upstream"],
+        )
+        counted = self.failovers
         for up in self.registry.all():
             labels = [up.deployment, up.name]
             ready.add_metric(labels, 1.0 if up.state is State.READY else 0.0)
@@ -49,10 +64,14 @@ class _UpstreamCollector(Collector):
                 state.add_metric([*labels, s.value], 1.0 if up.state is s else 0.0)
             outstanding.add_metric(labels, float(up.outstanding))
             restarts.add_metric(labels, float(up.restarts))
+            ejected.add_metric(labels, 0.0 if up.ejected is None else 1.0)
+            failovers.add_metric(labels, float(counted.get((up.deployment, up.name), 0)))
         yield ready
         yield state
         yield outstanding
         yield restarts
+        yield ejected
+        yield failovers
 
 
 class _RequestCollector(Collector):
@@ -119,8 +138,11 @@ class GatewayMetrics:
         self.prometheus = CollectorRegistry(auto_describe=True)
         # (deployment, style, status) -> requests answered; the request path adds to it.
         self.requests: dict[tuple[str, str, int], int] = {}
+        # (deployment, upstream) -> requests it failed before their first byte that went
+        # on to another replica; the request path adds to it.
+        self.failovers: dict[tuple[str, str], int] = {}
         self.prometheus.register(_RequestCollector(registry, self.requests))
-        self.prometheus.register(_UpstreamCollector(registry))
+        self.prometheus.register(_UpstreamCollector(registry, self.failovers))
 
     def render(self) -> bytes:
         return generate_latest(self.prometheus)

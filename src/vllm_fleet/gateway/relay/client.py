@@ -5,7 +5,9 @@ chunked bodies, HTTP/1.0). Requests queue in arrival order and are answered one 
 time; a request is handled once its whole body is in (the `model` rewrite needs it).
 `Expect: 100-continue` is answered when its request is next. Limits: the URL, the head
 and the body (`gateway.max_body_mb`); a request over one, a malformed request or an
-Upgrade gets its error after the answers before it, and the connection closes.
+Upgrade gets its error after the answers before it, and the connection closes. Such
+an early answer (and a 401 for a request with a body, given at its head) is followed by
+a lingering close (`linger.py`), so it reaches a client still sending its body.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.relay import wire
 from vllm_fleet.gateway.relay.admission import Admission
 from vllm_fleet.gateway.relay.exchange import Exchange
+from vllm_fleet.gateway.relay.linger import Linger
 from vllm_fleet.gateway.relay.request import (
     API_KEY,
     AUTH,
@@ -56,6 +59,10 @@ MAX_QUEUED = 8
 MAX_QUEUED_BYTES = 1 << 20
 OVER_LIMIT_GRACE = 5.0  # seconds an over-the-limit connection may take to send a head
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# A request with a body has its key checked at its head (401 there, the body never read),
+# but for these methods, checked once the request is read: a GET or HEAD may be for an
+# endpoint of the gateway's own that needs no key (/health, /metrics).
+_LATE_AUTH = frozenset({"GET", "HEAD"})
 
 
 class ClientConnection(asyncio.Protocol):
@@ -67,6 +74,7 @@ class ClientConnection(asyncio.Protocol):
         "closed",
         "exchange",
         "last_active",
+        "linger",
         "over_limit",
         "parser",
         "peer_bytes",
@@ -102,6 +110,7 @@ class ClientConnection(asyncio.Protocol):
         self.stalled = 0  # bytes of reads since, that ended inside a request
         self.waiting = False  # in the admission's queue, waiting for a turn
         self.over_limit = False  # accepted past gateway.max_connections: answered 503
+        self.linger: Linger | None = None  # made when the parser stops inside a request
         self._advancing = False
 
     # ------------------------------------------------------------ asyncio.Protocol
@@ -121,6 +130,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.state.connections.discard(self)
+        if self.linger is not None:
+            self.linger.cancel()
         exchange = self.exchange
         if exchange is not None:
             self.exchange = None
@@ -131,6 +142,10 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.broken:
+            # The parser stopped: what the client still sends is dropped (and counted,
+            # when it stopped inside a request; see linger.py).
+            if self.linger is not None:
+                self.linger.dropped(len(data), self.transport)
             return
         self.last_active = time.monotonic()
         self.progress = False
@@ -167,6 +182,7 @@ class ClientConnection(asyncio.Protocol):
                 # The Upgrade request carries its error (on_headers_complete); what
                 # follows it is another protocol's bytes: stop reading.
                 self.broken = True
+                self._will_linger()
                 if last is not None:
                     last.complete = True
         except httptools.HttpParserCallbackError as exc:
@@ -286,10 +302,19 @@ class ClientConnection(asyncio.Protocol):
                     400, "an HTTP/1.1 request needs exactly one Host header", "invalid_request"
                 )
             )
+        core = self.state.core
+        body_follows = request.chunked
         if request.length is not None:
             length = int(request.length)  # llhttp checked it is a number
-            if length > self.state.core.max_body:
-                raise Reject(self.state.core.too_large(length))
+            if length > core.max_body:
+                raise Reject(core.too_large(length))
+            body_follows = length > 0
+        if body_follows and core.keys and request.method not in _LATE_AUTH:
+            # Checked at the head: a client without the key never gets its body read.
+            denied = core.authorize(request.api_key, request.authorization)
+            if denied is not None:
+                raise Reject(denied)
+            request.authorized = True
         if request.expect is not None and not request.http11:
             request.expect = None  # HTTP/1.0 knows no 1xx: the expectation is ignored
         if request.expect is not None:
@@ -329,6 +354,7 @@ class ClientConnection(asyncio.Protocol):
     def _break(self, reply: Reply) -> None:
         """The parser stopped: answer `reply` after what came before, then close."""
         self.broken = True
+        self._will_linger()
         queue = self.queue
         request = queue[-1] if queue and not queue[-1].complete else Request()
         if request not in queue:
@@ -338,6 +364,15 @@ class ClientConnection(asyncio.Protocol):
         request.error = reply
         request.complete = True
         request.keep_alive = False
+
+    def _will_linger(self) -> None:
+        """The parser stopped inside a request: the client may still be sending, so the
+        connection will close lingering (the bytes it sends meanwhile are counted)."""
+        if self.linger is None:
+            gateway = self.state.core.config.gateway
+            self.linger = Linger(
+                gateway.lingering_time, gateway.lingering_timeout, gateway.lingering_max_bytes
+            )
 
     def _send_continue(self, request: Request) -> None:
         request.continued = True
@@ -422,10 +457,11 @@ class ClientConnection(asyncio.Protocol):
         if path in OWN_ENDPOINTS and method in ("GET", "HEAD"):
             self.reply(core.endpoint(path, query, request.api_key, request.authorization))
             return
-        denied = core.authorize(request.api_key, request.authorization)
-        if denied is not None:
-            self.reply(denied)
-            return
+        if not request.authorized:
+            denied = core.authorize(request.api_key, request.authorization)
+            if denied is not None:
+                self.reply(denied)
+                return
         decided = core.route(
             method, path, query, request.content_type, bytes(request.body), requote
         )
@@ -494,10 +530,18 @@ class ClientConnection(asyncio.Protocol):
         self._advance()
 
     def close(self) -> None:
-        """Close once what is written has gone out."""
+        """Close once what is written has gone out; lingering, after a request refused
+        before it was read whole (already lingering: it ends at one of its bounds)."""
         self.broken = True
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        linger = self.linger
+        if linger is None:
+            transport.close()
+        elif not linger.started:
+            linger.start(transport, self.read_paused)
+            self.read_paused = False
 
     def idle(self) -> bool:
         return not self.busy and not self.queue

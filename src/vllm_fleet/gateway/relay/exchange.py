@@ -3,14 +3,24 @@
 The exchange is the engine connection's `Sink`, and talks back to its client connection
 through `Downstream` (write, reply, finish), the mirror of `Sink`. Response bytes go to
 the client as they arrive, coalesced per read of the engine's socket into one write; a
-chunked answer is re-framed chunk by chunk, nothing else is looked at. Failures: nobody
-accepts the connection -> the next replica, then 503; a reused connection closed before
-any byte -> one retry on a fresh one; broken before the head -> 502; broken mid-SSE ->
-an error event and [DONE]; broken mid-body -> the client's connection is closed.
+chunked answer is re-framed chunk by chunk, nothing else is looked at.
+
+Failover, before the first byte only: a replica that refuses the connection, times out
+connecting, or closes or resets it before its answer's head is complete (nothing of the
+answer has gone to the client yet) is ejected from the rotation (until a health check
+passes; registry.py) and the request goes to the next replica `core.pick` gives, each at
+most once; the body is sent again from memory (a request is relayed only once its whole
+body is in, at most gateway.max_body_mb). When none is left: 503 if every replica tried
+refused or timed out, else 502. A pooled connection found closed before any byte is
+retried once on a fresh connection to the same replica first (the engine's idle close,
+not a failure). Never after the head went to the client: an answer broken mid-SSE ends
+with an error event and [DONE]; broken mid-body, the client's connection is closed. A
+malformed head is a 502 (a broken engine, not a missing one).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 from typing import Protocol
@@ -24,6 +34,10 @@ from vllm_fleet.gateway.relay.upstream import EngineConnection, Framing, Pools
 from vllm_fleet.registry import Upstream
 
 log = logging.getLogger(__name__)
+
+# Connect errors that are the gateway's own lack of resources (open files, buffers), not
+# the engine's fault: the request still goes on to another replica, but none is ejected.
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class Downstream(Protocol):
@@ -60,10 +74,11 @@ class Exchange:
         "core",
         "done",
         "engine",
+        "failed_from",
+        "failures",
         "forward",
         "headers",
         "is_sse",
-        "last_error",
         "pools",
         "relay_headers",
         "request",
@@ -71,6 +86,7 @@ class Exchange:
         "retried",
         "state",
         "tried",
+        "unanswered",
         "upstream",
     )
 
@@ -93,8 +109,10 @@ class Exchange:
         self.headers = headers  # the request's header lines for the engine, less Host
         self.upstream: Upstream | None = None
         self.engine: EngineConnection | None = None
-        self.tried: set[Upstream] = set()
-        self.last_error = ""
+        self.tried: set[Upstream] = set()  # the replicas this request was sent to
+        self.failures: tuple[str, ...] = ()  # why each one tried failed, before any answer
+        self.unanswered = False  # one of them took the connection and closed it unanswered
+        self.failed_from: Upstream | None = None  # the replica the next try fails over from
         self.retried = False
         self.responded = False  # the response head went to the client
         self.chunked = False  # re-framing the body as chunked to the client
@@ -111,14 +129,19 @@ class Exchange:
         dep_id = self.forward.deployment
         upstream = core.pick(dep_id, self.tried)
         if upstream is None:
-            if self.tried:
-                reply = core.unreachable(dep_id, self.last_error)
-            else:
+            if not self.failures:
                 reply = core.unavailable(dep_id)
+            elif self.unanswered:
+                reply = core.unanswered(dep_id, self.failures)
+            else:
+                reply = core.unreachable(dep_id, self.failures)
             self.done = True
             core.counted(dep_id, self.forward.style, reply.status)
             self.client.reply(reply)
             return
+        if self.failed_from is not None:
+            core.failed_over(self.failed_from)
+            self.failed_from = None
         self.tried.add(upstream)
         self.upstream = upstream
         self.relay_headers = upstream_headers(upstream.name)
@@ -147,11 +170,8 @@ class Exchange:
             return
         if not isinstance(result, OSError | TimeoutError):
             log.error("unexpected error connecting to an engine", exc_info=result)
-        upstream = self.upstream
-        name = upstream.name if upstream is not None else "?"
-        reason = str(result) or type(result).__name__
-        log.info("engine %s unreachable, trying another: %s", name, reason)
-        self._next_replica(f"{name}: {reason}")
+        local = isinstance(result, OSError) and result.errno in _LOCAL_ERRNOS
+        self._fail_over(str(result) or type(result).__name__, took_it=False, eject=not local)
 
     def _send(self, conn: EngineConnection) -> None:
         upstream = self.upstream
@@ -169,8 +189,26 @@ class Exchange:
         if self.client.write_paused:
             conn.pause()
 
-    def _next_replica(self, error: str) -> None:
-        self.last_error = error
+    def _fail_over(self, reason: str, took_it: bool, eject: bool = True) -> None:
+        """The replica failed before any byte of its answer (`took_it`: after it took the
+        connection): out of the rotation, and the request goes to the next one."""
+        upstream = self.upstream
+        assert upstream is not None
+        name = upstream.name
+        if not eject:
+            log.warning("no connection to engine %s: %s", name, reason)
+        elif upstream.eject(reason):
+            log.warning(
+                "engine %s failed before answering (%s): out of the rotation until a health "
+                "check passes",
+                name,
+                reason,
+            )
+        else:
+            log.info("engine %s failed before answering again: %s", name, reason)
+        self.failures += (f"{name}: {reason}",)
+        self.unanswered = self.unanswered or took_it
+        self.failed_from = upstream
         self._release()
         self.engine = None
         self.start()
@@ -245,9 +283,8 @@ class Exchange:
                 self._connect_later()
                 return
             if isinstance(exc, ConnectionError):
-                # Taken and dropped before any byte: down, as a refused connection is.
-                log.info("engine %s closed the connection unanswered: %s", name, exc)
-                self._next_replica(f"{name}: {exc}")
+                # Taken and dropped (closed, reset) before the client got anything.
+                self._fail_over(f"{type(exc).__name__}: {exc}", took_it=True)
                 return
             self.done = True
             core = self.core

@@ -31,6 +31,7 @@ class Request:
     __slots__ = (
         "api_key",
         "authorization",
+        "authorized",
         "body",
         "chunked",
         "complete",
@@ -75,6 +76,7 @@ class Request:
         self.content_type: str | None = None
         self.authorization: str | None = None
         self.api_key: str | None = None
+        self.authorized = False  # its key was checked at the head
         self.host = b""
         self.forwarded_for: bytes | None = None
         self.connection: bytes | None = None
