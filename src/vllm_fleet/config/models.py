@@ -75,6 +75,10 @@ class GatewayConfig(_Strict):
     # Client connections served at once; beyond, a 503. None: what the open-files limit
     # allows (two sockets per stream).
     max_connections: Annotated[int, Field(ge=1)] | None = None
+    # A request head (request line and headers) must arrive whole within this many seconds
+    # of its first byte, or the client gets 408 and the connection closes (slowloris;
+    # nginx's client_header_timeout). Checked every few seconds.
+    header_timeout: Annotated[float, Field(gt=0)] = 60.0
     # On SIGTERM/SIGINT: requests in flight get this long to finish before engines stop.
     drain_timeout: Annotated[float, Field(ge=0)] = 30.0
     # After an answer given before the whole request was read (413, 401, 400, 503): what

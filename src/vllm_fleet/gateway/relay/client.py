@@ -214,7 +214,9 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.progress = True
-        self.queue.append(Request())
+        request = Request()
+        request.began = self.last_active  # this read's time: no clock reading of its own
+        self.queue.append(request)
 
     def on_url(self, url: bytes) -> None:
         request = self.queue[-1]
@@ -364,6 +366,26 @@ class ClientConnection(asyncio.Protocol):
         request.error = reply
         request.complete = True
         request.keep_alive = False
+
+    def head_overdue(self, since: float) -> bool:
+        """A request head still arriving that began before `since` (the sweep's test)."""
+        queue = self.queue
+        return bool(queue) and not queue[-1].headers_done and queue[-1].began < since
+
+    def head_timed_out(self, seconds: float) -> None:
+        """Its request head took over `seconds` (a slowloris client, nginx's
+        client_header_timeout): 408, and the connection closes at once, not lingering."""
+        if self.linger is None:
+            self.linger = Linger(0.0, 1.0, 0)  # lingering_time 0: close at once
+        self._break(
+            error_reply(
+                408,
+                f"the request head did not arrive whole within {seconds:g} s "
+                "(gateway.header_timeout); send the head at once",
+                "request_timeout",
+            )
+        )
+        self._advance()
 
     def _will_linger(self) -> None:
         """The parser stopped inside a request: the client may still be sending, so the

@@ -32,6 +32,7 @@ class Request:
         "api_key",
         "authorization",
         "authorized",
+        "began",
         "body",
         "chunked",
         "complete",
@@ -84,6 +85,7 @@ class Request:
         self.expect: bytes | None = None
         self.continued = False
         self.error: Reply | None = None  # answer this, then close
+        self.began = 0.0  # time.monotonic() of the read its head began in
 
     @property
     def expect_continue(self) -> bool:

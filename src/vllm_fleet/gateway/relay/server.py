@@ -92,11 +92,16 @@ class RelayServer:
         return [s.getsockname()[:2] for s in self._server.sockets]
 
     def _sweep(self) -> None:
-        limit = time.monotonic() - KEEPALIVE_TIMEOUT
+        now = time.monotonic()
+        limit = now - KEEPALIVE_TIMEOUT
+        header_timeout = self.state.core.config.gateway.header_timeout
+        head_limit = now - header_timeout
         for conn in list(self.state.connections):
             # Idle between requests, or stalled inside one before it could be answered.
             if not conn.busy and conn.last_active < limit:
                 conn.close()
+            elif conn.head_overdue(head_limit):  # trickling a head in (slowloris)
+                conn.head_timed_out(header_timeout)
         self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_EVERY, self._sweep)
 
     async def stop_accepting(self) -> None:

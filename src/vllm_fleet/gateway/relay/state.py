@@ -28,6 +28,14 @@ class Connection(Protocol):
         """Close once what is written has gone out."""
         ...
 
+    def head_overdue(self, since: float) -> bool:
+        """A request head still arriving that began before `since`."""
+        ...
+
+    def head_timed_out(self, seconds: float) -> None:
+        """Answer 408 and close: its head took over `seconds`."""
+        ...
+
 
 class ServerState:
     __slots__ = ("closing", "connections", "core", "drained", "max_connections", "tasks")
