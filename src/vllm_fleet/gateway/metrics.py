@@ -23,7 +23,7 @@ class _UpstreamCollector(Collector):
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         ready = GaugeMetricFamily(
             "fleet_upstream_ready",
             "1 when the upstream is ready",
@@ -42,6 +42,11 @@ class _UpstreamCollector(Collector):
         restarts = GaugeMetricFamily(
             "fleet_upstream_restarts", "restarts of the engine", labels=["deployment", "upstream"]
         )
+        stalls = CounterMetricFamily(
+            "fleet_engine_stalls",
+            "times the engine was found stalled (busy, no token progress) and restarted",
+            labels=["deployment", "upstream"],
+        )
         for up in self.registry.all():
             labels = [up.deployment, up.name]
             ready.add_metric(labels, 1.0 if up.state is State.READY else 0.0)
@@ -49,10 +54,13 @@ class _UpstreamCollector(Collector):
                 state.add_metric([*labels, s.value], 1.0 if up.state is s else 0.0)
             outstanding.add_metric(labels, float(up.outstanding))
             restarts.add_metric(labels, float(up.restarts))
+            if up.managed:
+                stalls.add_metric(labels, float(up.stalls))
         yield ready
         yield state
         yield outstanding
         yield restarts
+        yield stalls
 
 
 class _RequestCollector(Collector):
