@@ -44,22 +44,59 @@ def test_check_seed_example_prints_each_engine_exactly(tmp_path: Path) -> None:
     logs = SEED.parent / ".fleet" / "logs"
     assert f"qwen-0  GPUs: 0  listens: 127.0.0.1:8100  log: {logs / 'qwen-0.log'}" in lines
     assert (
-        "  CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=0 "
+        "  CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=0 VLLM_PORT=20000 "
         "vllm serve Qwen/Qwen2.5-1.5B-Instruct --host 127.0.0.1 "
         "--port 8100 --served-model-name Qwen/Qwen2.5-1.5B-Instruct qwen qwen2.5 --enforce-eager"
     ) in lines
     assert f"mistral-0  GPUs: 1,2  listens: 127.0.0.1:8101  log: {logs / 'mistral-0.log'}" in lines
     assert (
-        "  HF_TOKEN='****' CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=1,2 vllm serve "
+        "  HF_TOKEN='****' CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=1,2 VLLM_PORT=20100 "
+        "vllm serve "
         "mistralai/Mistral-Small-3.1-24B-Instruct-2503 --host 127.0.0.1 --port 8101 "
         "--served-model-name mistralai/Mistral-Small-3.1-24B-Instruct-2503 mistral "
         "--tokenizer-mode mistral --config-format mistral --load-format mistral "
         "--tool-call-parser mistral --enable-auto-tool-choice "
         "--limit-mm-per-prompt '{\"image\":10}' --tensor-parallel-size 2"
     ) in lines
+    # Each engine's own range of vLLM's internal ports, and its stall check.
+    watched = "stall check: on: restarted when busy 120s without token progress (vLLM's /metrics)"
+    assert f"  vLLM internal ports: 20000-20099 (VLLM_PORT=20000); {watched}" in lines
+    assert f"  vLLM internal ports: 20100-20199 (VLLM_PORT=20100); {watched}" in lines
     # the token reached the plan (masked), and its value is printed nowhere
     assert SECRET not in out and SECRET not in done.stderr
     assert SECRET[:8] not in out
+
+
+def test_check_says_which_engines_are_watched_for_stalls_and_whose_vllm_port_wins(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(
+        "engine_command: [python3, -m, vllm_fleet.testing.fake_vllm, '{model}']\n"
+        "deployments:\n"
+        "  fake: {model: m}\n"
+        "  own: {model: n, env: {VLLM_PORT: '25000'}, stall_timeout: 30}\n"
+        "  quiet: {model: o, command: [vllm, serve, '{model}'], args: [--disable-log-stats]}\n"
+    )
+    done = fleet_check(path, tmp_path, VLLM_PORT="29000")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert (
+        "  vLLM internal ports: 20000-20099 (VLLM_PORT=20000); stall check: off: the command "
+        "is not vLLM (no vLLM metrics to read); health checks only (set the deployment's "
+        "stall_timeout if it runs vLLM)"
+    ) in lines
+    assert (
+        "  vLLM internal ports: from VLLM_PORT=25000, set in the deployment's env (it wins; no "
+        "range reserved); stall check: on: restarted when busy 30s without token progress "
+        "(vLLM's /metrics)"
+    ) in lines
+    assert (
+        "  vLLM internal ports: 20100-20199 (VLLM_PORT=20100); stall check: off: "
+        "--disable-log-stats turns vLLM's metrics off; health checks only"
+    ) in lines
+    # The fleet's own VLLM_PORT (29000 here) is not what engines get: theirs is in the plan.
+    assert "VLLM_PORT=29000" not in done.stdout
 
 
 def test_check_with_a_gpu_inventory_lists_the_gpus(tmp_path: Path) -> None:

@@ -279,6 +279,63 @@ def test_replica_port_past_65535_is_refused() -> None:
     assert "replica 1 would get port 65536, past 65535; lower `port`" in issue.message
 
 
+def test_a_deployment_port_inside_the_vllm_port_ranges_is_refused() -> None:
+    # Engines a-0, a-1, b-0 take VLLM_PORT ranges 20000-20099, 20100-20199, 20200-20299.
+    err = problems(
+        """
+        deployments:
+          a:
+            model: m1
+            replicas: 2
+          b:
+            model: m2
+            port: 20150
+        """
+    )
+    issue = only_issue(err, "deployments.b.port", 8)
+    assert issue.message == (
+        "port 20150 lies in 20100-20199, the range of vLLM's internal ports (VLLM_PORT) of "
+        "engine `a-1`; the engines' ranges take 20000-20299 (engines.vllm_port_base, "
+        "vllm_port_span): pick a port outside them, or move them with engines.vllm_port_base"
+    )
+
+
+def test_the_gateway_and_base_port_inside_the_vllm_port_ranges_are_refused() -> None:
+    err = problems(
+        """
+        gateway: {port: 30005}
+        engines: {base_port: 30050, vllm_port_base: 30000}
+        deployments: {a: {model: m}}
+        """
+    )
+    assert places(err) == ["gateway.port", "engines.base_port"]
+    assert "port 30005 lies in 30000-30099" in err.issues[0].message
+    assert "port 30050 lies in 30000-30099" in err.issues[1].message
+
+
+def test_vllm_port_ranges_past_65535_are_refused() -> None:
+    err = problems("engines: {vllm_port_base: 65500}\ndeployments: {a: {model: m}}\n")
+    issue = only_issue(err, "engines.vllm_port_base", 1)
+    assert "the VLLM_PORT ranges of 1 engine(s), 100 ports each from 65500, run past 65535" in (
+        issue.message
+    )
+
+
+def test_a_vllm_port_in_env_that_is_not_a_port_is_refused() -> None:
+    err = problems("deployments:\n  a:\n    model: m\n    env: {VLLM_PORT: tcp://x:1}\n")
+    issue = only_issue(err, "deployments.a.env.VLLM_PORT", 4)
+    assert "VLLM_PORT 'tcp://x:1' is not a port number" in issue.message
+
+
+def test_a_remote_deployment_with_a_stall_timeout_is_refused() -> None:
+    err = problems(
+        "deployments:\n  r:\n    model: m\n    endpoints: [http://10.0.0.1:8000]\n"
+        "    stall_timeout: 10\n"
+    )
+    issue = only_issue(err, "deployments.r.stall_timeout", 5)
+    assert "remove `stall_timeout`" in issue.message
+
+
 @pytest.mark.parametrize("port", ["0", "65536", "true", "http"])
 def test_port_out_of_range_or_not_a_number_is_refused(port: str) -> None:
     err = problems(f"deployments:\n  a:\n    model: m\n    port: {port}\n")

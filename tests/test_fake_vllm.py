@@ -4,6 +4,7 @@ real HTTP clients."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import aiohttp
 import pytest
 from openai import NotFoundError, OpenAI
 
+from vllm_fleet.engines.vllm_metrics import EngineLoad, parse_load
 from vllm_fleet.testing.harness import FakeEngine, fake_vllm_argv, free_port, port_open, wait_port
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -227,3 +229,63 @@ def test_crash_exits_with_the_asked_status(status: int) -> None:
         assert eng.proc.wait(10) == status
     finally:
         eng.stop()
+
+
+def _load(eng: FakeEngine) -> EngineLoad:
+    status, _, body = _get(f"{eng.url}/metrics")
+    assert status == 200
+    load = parse_load(body.decode())
+    assert load is not None, body.decode()
+    return load
+
+
+def test_metrics_count_requests_and_tokens_as_vllm_names_them() -> None:
+    with FakeEngine(MODEL, ["smol"], "--tokens", "5") as eng:
+        client = OpenAI(base_url=f"{eng.url}/v1", api_key="x")
+        client.chat.completions.create(
+            model="smol", messages=[{"role": "user", "content": "one two three"}]
+        )
+        client.embeddings.create(model="smol", input="four five")
+        page = _get(f"{eng.url}/metrics")[2].decode()
+        assert 'vllm:generation_tokens_total{engine="0",model_name="smol"} 5.0' in page
+        assert "# TYPE vllm:num_requests_running gauge" in page
+        assert _load(eng) == EngineLoad(
+            running=0.0, waiting=0.0, generation_tokens=5.0, prompt_tokens=5.0
+        )
+
+
+def test_a_hung_engine_answers_health_but_computes_no_token() -> None:
+    with FakeEngine(MODEL, ["smol"], "--token-delay", "0.02", "--tokens", "100000") as eng:
+
+        async def go() -> None:
+            body = json.dumps({"prompt": "x", "stream": True})
+            async with aiohttp.ClientSession() as session:
+                first = asyncio.ensure_future(session.post(f"{eng.url}/v1/completions", data=body))
+                deadline = time.monotonic() + 10
+                while (await asyncio.to_thread(_load, eng)).generation_tokens < 3:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+                async with session.post(f"{eng.url}/fake/hang") as resp:
+                    assert resp.status == 200
+                frozen = await asyncio.to_thread(_load, eng)
+                second = asyncio.ensure_future(session.post(f"{eng.url}/v1/completions", data=body))
+                await asyncio.sleep(0.5)
+                later = await asyncio.to_thread(_load, eng)
+                assert later.generation_tokens == frozen.generation_tokens
+                assert (later.running, later.waiting) == (1.0, 1.0)
+                async with session.get(f"{eng.url}/health") as resp:
+                    assert resp.status == 200
+                assert not second.done()
+                for task in (first, second):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        (await task).close()
+
+        asyncio.run(go())
+
+
+def test_disable_log_stats_leaves_metrics_without_vllms_own() -> None:
+    with FakeEngine(MODEL, [], "--disable-log-stats") as eng:
+        status, _, body = _get(f"{eng.url}/metrics")
+        assert status == 200
+        assert parse_load(body.decode()) is None

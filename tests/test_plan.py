@@ -56,7 +56,11 @@ def test_seed_example_plans_exactly_the_two_vllm_serve_commands() -> None:
         "--served-model-name", "Qwen/Qwen2.5-1.5B-Instruct", "qwen", "qwen2.5",
         "--enforce-eager",
     )  # fmt: skip
-    assert dict(qwen.env) == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "0"}
+    assert dict(qwen.env) == {
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": "0",
+        "VLLM_PORT": "20000",
+    }
     assert (qwen.gpus, qwen.host, qwen.port) == ((0,), "127.0.0.1", 8100)
     assert qwen.url == "http://127.0.0.1:8100"
     assert mistral.argv == (
@@ -72,8 +76,11 @@ def test_seed_example_plans_exactly_the_two_vllm_serve_commands() -> None:
         "HF_TOKEN": "",
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
         "CUDA_VISIBLE_DEVICES": "1,2",
+        "VLLM_PORT": "20100",
     }
     assert (mistral.gpus, mistral.port) == ((1, 2), 8101)
+    assert (qwen.vllm_ports, mistral.vllm_ports) == (range(20000, 20100), range(20100, 20200))
+    assert qwen.stall_timeout == mistral.stall_timeout == 120.0  # `vllm serve`: watched
     logs = SEED.parent / ".fleet" / "logs"
     assert (qwen.log_path, mistral.log_path) == (logs / "qwen-0.log", logs / "mistral-0.log")
     assert qwen.served_names == ("Qwen/Qwen2.5-1.5B-Instruct", "qwen", "qwen2.5")
@@ -185,8 +192,10 @@ def test_env_holds_the_deployments_env_and_cuda_visible_devices() -> None:
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",  # indices as nvidia-smi numbers them
         "CUDA_VISIBLE_DEVICES": "3,1",
+        "VLLM_PORT": "20000",
     }
-    assert dict(engine(p, "b-0").env) == {}  # no `gpus`: CUDA_VISIBLE_DEVICES left alone
+    # no `gpus`: CUDA_VISIBLE_DEVICES left alone
+    assert dict(engine(p, "b-0").env) == {"VLLM_PORT": "20100"}
     assert engine(p, "b-0").gpus is None
 
 
@@ -346,3 +355,110 @@ def test_start_timeout_per_deployment_overrides_the_default() -> None:
 def test_engine_url_is_reachable_from_the_gateway(host: str, url: str) -> None:
     p = plan(f"deployments: {{a: {{model: m, host: '{host}'}}}}\n")
     assert p.engines[0].url == url
+
+
+# ---------------------------------------------------------------- VLLM_PORT ranges
+
+
+def test_every_replica_gets_its_own_vllm_port_range_in_file_order() -> None:
+    p = plan(
+        """
+        engines: {vllm_port_base: 24000, vllm_port_span: 50}
+        deployments:
+          a: {model: m, replicas: 2}
+          r: {model: r, endpoints: ["http://10.0.0.1:8000"]}
+          b: {model: n}
+        """
+    )
+    got = {e.name: (e.env["VLLM_PORT"], e.vllm_ports) for e in p.engines}
+    assert got == {
+        "a-0": ("24000", range(24000, 24050)),
+        "a-1": ("24050", range(24050, 24100)),
+        "b-0": ("24100", range(24100, 24150)),
+    }
+    assert p.warnings == ()
+
+
+def test_a_vllm_port_in_the_deployments_env_wins_and_takes_no_range() -> None:
+    p = plan(
+        """
+        deployments:
+          a: {model: m, env: {VLLM_PORT: 25000}}
+          b: {model: n}
+        """
+    )
+    a, b = p.engines
+    assert (a.env["VLLM_PORT"], a.vllm_ports) == ("25000", None)
+    assert (b.env["VLLM_PORT"], b.vllm_ports) == ("20000", range(20000, 20100))
+
+
+def test_replicas_sharing_a_vllm_port_from_env_are_warned_about() -> None:
+    p = plan("deployments:\n  a: {model: m, replicas: 2, env: {VLLM_PORT: 25000}}\n")
+    (warning,) = p.warnings
+    assert "the 2 replicas of `a` all get VLLM_PORT=25000" in warning
+    assert "remove VLLM_PORT from `env`" in warning
+
+
+def test_serving_ports_counted_up_skip_the_vllm_port_ranges() -> None:
+    p = plan(
+        """
+        engines: {base_port: 20099, vllm_port_base: 20100, vllm_port_span: 10}
+        deployments:
+          a: {model: m, replicas: 3}
+        """
+    )
+    assert [e.port for e in p.engines] == [20099, 20130, 20131]
+
+
+def test_ranges_reaching_into_the_ephemeral_ports_are_warned_about() -> None:
+    p = plan("engines: {vllm_port_base: 32700}\ndeployments: {a: {model: m}, b: {model: n}}\n")
+    (warning,) = p.warnings
+    assert warning.startswith("the VLLM_PORT ranges of a-0, b-0 reach into Linux's ephemeral")
+    assert "32768-60999" in warning and "lower engines.vllm_port_base" in warning
+
+
+# ---------------------------------------------------------------- stall detection
+
+
+@pytest.mark.parametrize(
+    ("command", "watched"),
+    [
+        (["vllm", "serve", "{model}"], True),
+        (["/opt/venv/bin/vllm", "serve", "{model}"], True),
+        (["uv", "run", "vllm", "serve", "{model}"], True),
+        (["{python}", "-m", "vllm.entrypoints.openai.api_server", "--model", "{model}"], True),
+        (["{python}", "-m", "vllm", "serve", "{model}"], True),
+        (["{python}", "-m", "vllm_fleet.testing.fake_vllm", "{model}"], False),
+        (["sglang", "serve", "{model}"], False),
+        (["./serve-vllm.sh", "{model}"], False),
+    ],
+)
+def test_stall_detection_applies_to_vllm_commands_only(command: list[str], watched: bool) -> None:
+    p = build_plan(
+        config.FleetConfig.model_validate(
+            {"engine_command": command, "deployments": {"a": {"model": "m"}}}
+        ),
+        NO_INVENTORY,
+        PY,
+    )
+    assert p.engines[0].stall_timeout == (120.0 if watched else None)
+
+
+def test_a_deployments_stall_timeout_watches_any_command_and_zero_turns_it_off() -> None:
+    p = plan(
+        """
+        engines: {stall_timeout: 30}
+        engine_command: ["./serve-vllm.sh", "{model}"]
+        deployments:
+          wrapped: {model: m, stall_timeout: 45}
+          plain: {model: n}
+          unwatched: {model: o, stall_timeout: 0, command: [vllm, serve, "{model}"]}
+          vllm: {model: v, command: [vllm, serve, "{model}"]}
+        """
+    )
+    got = {e.deployment: e.stall_timeout for e in p.engines}
+    assert got == {"wrapped": 45.0, "plain": None, "unwatched": None, "vllm": 30.0}
+    assert (
+        plan("engines: {stall_timeout: 0}\ndeployments: {a: {model: m}}\n").engines[0].stall_timeout
+        is None
+    )

@@ -99,3 +99,17 @@ def test_status_without_a_gateway_says_what_to_check() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(StatusError, match="is `fleet up` running there"):
         fetch_status(url, timeout=2)
+
+
+def test_status_says_why_a_ready_engine_was_restarted_and_shows_a_stalled_one() -> None:
+    data = copy.deepcopy(SNAPSHOT)
+    qwen0, qwen1 = data["deployments"]["qwen"]["upstreams"]
+    qwen0.update(last_failure="stalled: 2 request(s) running", last_failure_at=790.0, stalls=1)
+    reason = "stalled: 1 request(s) running and 0 waiting, but no token computed for 121s"
+    qwen1.update(state="stalled", message=reason, pid=4343)
+    text = render(data)
+    assert "qwen-0: ready; last restarted after: stalled: 2 request(s) running (5m ago)" in text
+    row = next(line for line in text.splitlines() if "qwen-1" in line)
+    assert "stalled" in row and "4343" in row
+    assert f"qwen-1: {reason}" in text
+    assert "log: /logs/qwen-1.log" in text

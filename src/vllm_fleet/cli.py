@@ -14,7 +14,7 @@ from vllm_fleet import __version__
 from vllm_fleet.config import ConfigError, FleetConfig, load
 from vllm_fleet.gpus import Inventory, read_inventory
 from vllm_fleet.masking import mask_argv, mask_env
-from vllm_fleet.plan import Plan, build_plan
+from vllm_fleet.plan import EngineSpec, Plan, build_plan, stall_watch
 
 app = typer.Typer(
     help="Serve several vLLM models behind one OpenAI- and Azure-compatible endpoint.",
@@ -47,10 +47,25 @@ def _describe_inventory(inventory: Inventory) -> str:
     return f"{len(inventory.gpus)} GPU(s): {listed}"
 
 
+def _describe_engine_watch(config: FleetConfig, engine: EngineSpec) -> str:
+    """The engine's VLLM_PORT range and whether its stalls are watched, in one line."""
+    ports = engine.vllm_ports
+    if ports is not None:
+        vllm = f"vLLM internal ports: {ports.start}-{ports.stop - 1} (VLLM_PORT={ports.start})"
+    else:
+        vllm = (
+            f"vLLM internal ports: from VLLM_PORT={engine.env.get('VLLM_PORT')}, set in the "
+            "deployment's env (it wins; no range reserved)"
+        )
+    _, stalls = stall_watch(config, config.deployments[engine.deployment])
+    return f"{vllm}; stall check: {stalls}"
+
+
 @app.command()
 def check(fleet_file: FleetFile) -> None:
     """Validate a fleet file and print the plan: every engine's GPUs, port, command line
-    and environment (secrets masked). Exit code 0 when valid, 1 when not."""
+    and environment (secrets masked), its range of vLLM's internal ports and whether its
+    stalls are watched. Exit code 0 when valid, 1 when not."""
     config, plan = _load_plan(fleet_file)
     console.print(f"[bold green]ok[/] {fleet_file}: {len(config.deployments)} deployment(s)")
     console.print(f"gateway: http://{config.gateway.host}:{config.gateway.port}")
@@ -71,6 +86,7 @@ def check(fleet_file: FleetFile) -> None:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in mask_env(dict(engine.env)).items())
         line = shlex.join(mask_argv(engine.argv))
         console.print(f"  {env} {line}" if env else f"  {line}", highlight=False, soft_wrap=True)
+        console.print(f"  {_describe_engine_watch(config, engine)}", highlight=False)
     for remote in plan.remotes:
         console.print(f"\n[bold]{remote.name}[/]  remote: {remote.url} (routed to, not started)")
     console.print()

@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_fleet.config import ConfigError, ConfigIssue, Deployment, FleetConfig
-from vllm_fleet.config.checks import engine_ports
+from vllm_fleet.config.checks import engine_ports, flag_name, vllm_port_blocks
 from vllm_fleet.gpus import Inventory
 
 _PLACEHOLDER = re.compile(r"\{(model|host|port|python|id)\}")
+# Linux's default ephemeral ports (net.ipv4.ip_local_port_range): outgoing connections
+# take ports here at random, so a VLLM_PORT range inside it can lose a port to one.
+EPHEMERAL_PORTS = range(32768, 61000)
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,12 @@ class EngineSpec:
     # model folder, the command) are relative to the file, wherever `fleet up` runs.
     cwd: Path
     served_names: tuple[str, ...]
+    # The engine's own block for vLLM's internal ports (VLLM_PORT is its first port);
+    # None when the deployment's `env` sets VLLM_PORT itself.
+    vllm_ports: range | None
+    # Seconds busy without token progress before it counts as stalled; None when not
+    # watched (stall_timeout 0, or a command that is not vLLM: health checks only).
+    stall_timeout: float | None
 
     @property
     def name(self) -> str:
@@ -79,7 +88,8 @@ def build_plan(config: FleetConfig, inventory: Inventory, python: str) -> Plan:
     issues: list[ConfigIssue] = []
     warnings: list[str] = []
     gpu_plan = _assign_gpus(config, inventory, issues, warnings)
-    port_plan = _assign_ports(config, issues)
+    blocks = vllm_port_blocks(config)
+    port_plan = _assign_ports(config, issues, blocks)
     engines: list[EngineSpec] = []
     remotes: list[RemoteSpec] = []
     log_dir = config.log_dir()
@@ -90,12 +100,13 @@ def build_plan(config: FleetConfig, inventory: Inventory, python: str) -> Plan:
         for replica in range(dep.replicas):
             port = port_plan[(dep_id, replica)]
             gpus = gpu_plan.get((dep_id, replica))
+            block = blocks.get((dep_id, replica))
             engines.append(
                 EngineSpec(
                     deployment=dep_id,
                     replica=replica,
                     argv=tuple(engine_argv(config, dep_id, dep, port, python)),
-                    env=engine_env(config, dep, gpus),
+                    env=engine_env(config, dep, gpus, block),
                     host=dep.host,
                     port=port,
                     gpus=gpus,
@@ -103,6 +114,8 @@ def build_plan(config: FleetConfig, inventory: Inventory, python: str) -> Plan:
                     cwd=Path(config.base_dir),
                     start_timeout=dep.start_timeout or config.engines.start_timeout,
                     served_names=tuple(served_names(dep_id, dep)),
+                    vllm_ports=block,
+                    stall_timeout=stall_watch(config, dep)[0],
                 )
             )
     unpinned = [e.name for e in engines if e.gpus is None]
@@ -111,6 +124,7 @@ def build_plan(config: FleetConfig, inventory: Inventory, python: str) -> Plan:
             f"engines {', '.join(unpinned)} set no `gpus`: each sees every GPU and they will "
             "compete for GPU memory; give each deployment `gpus:`"
         )
+    warnings.extend(_vllm_port_warnings(config, blocks))
     if issues:
         for issue in issues:
             issue.line = issue.line or config.line_of(issue.loc)
@@ -148,8 +162,45 @@ def engine_argv(
     return argv
 
 
+def runs_vllm(command: list[str]) -> bool:
+    """Whether a command template runs vLLM's server, whose /metrics the stall check
+    reads: a program named `vllm` anywhere in it (`vllm serve`, `uv run vllm serve`,
+    `/opt/venv/bin/vllm`), or `-m vllm` / `-m vllm.<module>` (the CPU build's
+    `python -m vllm.entrypoints.openai.api_server`)."""
+    for index, part in enumerate(command):
+        if Path(part).name == "vllm":
+            return True
+        module = command[index + 1] if part == "-m" and index + 1 < len(command) else ""
+        if module == "vllm" or module.startswith("vllm."):
+            return True
+    return False
+
+
+def stall_watch(config: FleetConfig, dep: Deployment) -> tuple[float | None, str]:
+    """The engines' stall timeout (None: not watched, health checks only) and what
+    `fleet check` says about it. The deployment's own `stall_timeout` also watches a
+    command not recognised as vLLM; else `engines.stall_timeout` for vLLM commands. 0 is
+    off, and so is `--disable-log-stats` (vLLM then exports none of its metrics)."""
+    template = dep.command if dep.command is not None else config.engine_command
+    own = dep.stall_timeout is not None
+    timeout = dep.stall_timeout if dep.stall_timeout is not None else config.engines.stall_timeout
+    if not timeout:
+        return None, "off (stall_timeout: 0); health checks only"
+    if any(flag_name(arg) == "--disable-log-stats" for arg in dep.args):
+        return None, "off: --disable-log-stats turns vLLM's metrics off; health checks only"
+    if not own and not runs_vllm(template):
+        return None, (
+            "off: the command is not vLLM (no vLLM metrics to read); health checks only "
+            "(set the deployment's stall_timeout if it runs vLLM)"
+        )
+    return timeout, f"on: restarted when busy {timeout:g}s without token progress (vLLM's /metrics)"
+
+
 def engine_env(
-    config: FleetConfig, dep: Deployment, gpus: tuple[int, ...] | None
+    config: FleetConfig,
+    dep: Deployment,
+    gpus: tuple[int, ...] | None,
+    vllm_ports: range | None = None,
 ) -> dict[str, str]:
     env = dict(dep.env)
     if gpus is not None:
@@ -159,13 +210,45 @@ def engine_env(
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
     if config.gateway.accept_any_model:
         env["VLLM_SKIP_MODEL_NAME_VALIDATION"] = "1"
+    if vllm_ports is not None:
+        # Set even when the fleet's own environment has one: every engine inheriting the
+        # same VLLM_PORT would scan from the same port and collide for certain.
+        env["VLLM_PORT"] = str(vllm_ports.start)
     return env
 
 
-def _assign_ports(config: FleetConfig, issues: list[ConfigIssue]) -> dict[tuple[str, int], int]:
+def _vllm_port_warnings(config: FleetConfig, blocks: dict[tuple[str, int], range]) -> list[str]:
+    warnings = []
+    eph = EPHEMERAL_PORTS
+    reaching = [
+        f"{d}-{r}" for (d, r), b in blocks.items() if b.start < eph.stop and eph.start < b.stop
+    ]
+    if reaching:
+        warnings.append(
+            f"the VLLM_PORT ranges of {', '.join(reaching)} reach into Linux's ephemeral "
+            f"ports ({EPHEMERAL_PORTS.start}-{EPHEMERAL_PORTS.stop - 1}), where outgoing "
+            "connections take ports at random; lower engines.vllm_port_base or "
+            "engines.vllm_port_span"
+        )
+    for dep_id, dep in config.deployments.items():
+        if "VLLM_PORT" in dep.env and dep.replicas > 1 and not dep.remote:
+            warnings.append(
+                f"the {dep.replicas} replicas of `{dep_id}` all get VLLM_PORT="
+                f"{dep.env['VLLM_PORT']} from its env: started together they scan from the "
+                "same port and can collide; remove VLLM_PORT from `env` to give each its "
+                "own range"
+            )
+    return warnings
+
+
+def _assign_ports(
+    config: FleetConfig, issues: list[ConfigIssue], blocks: dict[tuple[str, int], range]
+) -> dict[tuple[str, int], int]:
     """Fixed ports as written; the rest counted up from `engines.base_port`, skipping
-    every port the file names (including the gateway's)."""
+    every port the file names (including the gateway's) and the VLLM_PORT ranges."""
     taken = {config.gateway.port}
+    for block in blocks.values():
+        taken.update(block)
     for dep in config.deployments.values():
         taken.update(engine_ports(dep))
     ports: dict[tuple[str, int], int] = {}

@@ -28,6 +28,9 @@ class State(StrEnum):
     FAILED = "failed"
     STOPPING = "stopping"
     UNREACHABLE = "unreachable"  # a remote endpoint that stopped answering its probes
+    # A ready engine busy without token progress (engines/stall.py): out of the
+    # rotation while it is stopped, then restarted like any failure.
+    STALLED = "stalled"
 
 
 @dataclass(eq=False)
@@ -45,6 +48,11 @@ class Upstream:
     since: float = field(default_factory=time.time)
     ejected: str | None = None  # why the gateway took it out of the rotation; None: in it
     ejected_at: float = 0.0  # time.monotonic() of the last failure that ejected it
+    stalls: int = 0  # times it was found stalled and restarted
+    # The last failure that restarted it (exit, unhealthy, stalled), kept once it is
+    # ready again so `fleet status` can say why it restarted; and when (time.time()).
+    last_failure: str = ""
+    last_failure_at: float | None = None
 
     def set_state(self, state: State, message: str = "") -> None:
         if state != self.state:
@@ -83,6 +91,12 @@ class Upstream:
             "message": self.message,
             "ejected": self.ejected,
         }
+        if self.managed:
+            data["stalls"] = self.stalls
+            data["last_failure"] = self.last_failure
+            data["last_failure_at"] = (
+                round(self.last_failure_at, 3) if self.last_failure_at is not None else None
+            )
         if isinstance(spec, EngineSpec):
             data["port"] = spec.port
             data["gpus"] = list(spec.gpus) if spec.gpus is not None else None

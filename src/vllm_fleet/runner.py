@@ -114,7 +114,7 @@ class Progress:
         elif event.state is State.STARTING and event.message != "starting":
             # A failure and the restart it leads to (a plain spawn says only "starting").
             self.console.print(f"[yellow]![/] {name} {escape(event.message)}")
-        elif event.state is State.UNREACHABLE:
+        elif event.state in (State.UNREACHABLE, State.STALLED):
             self.console.print(f"[yellow]![/] {name} {escape(event.message)}")
         elif event.state is State.FAILED:
             self.console.print(f"[bold red]✗ {name} failed:[/] {escape(event.message)}")

@@ -19,6 +19,7 @@ STATE_STYLES = {
     "stopped": "dim",
     "failed": "bold red",
     "unreachable": "red",
+    "stalled": "bold red",
 }
 
 
@@ -66,7 +67,8 @@ def _age(since: Any, now: float) -> str:
 
 def render_status(data: dict[str, Any], now: float | None = None) -> Group:
     """One row per upstream, then a note under the table for each one not ready or
-    ejected by the gateway (its message and log file)."""
+    ejected by the gateway (its message and log file), and for each ready one that was
+    restarted (why, and when)."""
     now = time.time() if now is None else now
     table = Table(header_style="bold")
     for column in ("deployment", "engine", "state", "for", "pid", "port", "GPUs"):
@@ -106,5 +108,11 @@ def render_status(data: dict[str, Any], now: float | None = None) -> Group:
                     note.append(f" (remote {up.get('url', '')})")
                 elif up.get("log"):
                     note.append(f"\n  log: {up['log']}", style="dim")
+                notes.append(note)
+            elif up.get("last_failure"):
+                note = Text(f"{up.get('name', '')}: ", style="bold")
+                note.append(f"ready; last restarted after: {up['last_failure']}")
+                ago = _age(up.get("last_failure_at"), now)
+                note.append(f" ({ago} ago)" if ago else "", style="dim")
                 notes.append(note)
     return Group(table, *notes)

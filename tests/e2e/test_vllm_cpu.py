@@ -76,7 +76,9 @@ def two_server_ports() -> int:
     SO_REUSEADDR: after a busy test run thousands of loopback ports sit in TIME_WAIT, which
     blocks a plain bind but not a server's."""
     for _ in range(200):
-        first = random.randrange(20000, 32000)  # below Linux's ephemeral range (32768+)
+        # Above the engines' default VLLM_PORT ranges (20000, 100 ports per engine: the
+        # fleet refuses a base_port inside them), below Linux's ephemeral range (32768+).
+        first = random.randrange(21000, 32000)
         try:
             with contextlib.ExitStack() as stack:
                 for port in (first, first + 1):
@@ -87,7 +89,7 @@ def two_server_ports() -> int:
         except OSError:
             continue
         return first
-    raise RuntimeError("found no two consecutive free ports in 20000-32000")
+    raise RuntimeError("found no two consecutive free ports in 21000-32000")
 
 
 @dataclass

@@ -60,6 +60,36 @@ def engine_ports(dep: Deployment) -> list[int]:
     return [dep.port + i for i in range(dep.replicas)]
 
 
+def vllm_port_blocks(config: FleetConfig) -> dict[tuple[str, int], range]:
+    """Each local engine's own block of ports for vLLM's internal ports, by (deployment,
+    replica): VLLM_PORT is the block's first port. Blocks follow one another from
+    `engines.vllm_port_base`, `engines.vllm_port_span` ports each, in file order; an
+    engine whose deployment's `env` sets VLLM_PORT itself gets none (its value wins).
+
+    Why a block, and how wide (vLLM 0.32, vllm/utils/network_utils.py): with VLLM_PORT
+    set, `get_open_port()` returns the first port at or above VLLM_PORT that it can bind
+    (it binds, releases, and the caller binds again later), and `get_open_ports_list(5)`
+    takes five ports upward from it. An engine asks for one port per torch.distributed
+    TCPStore it opens (the Ray executor's, ROCm's AITER all-reduce's), five more with
+    data parallelism, tensor-parallel-size + 1 with fault tolerance: under 20 even on
+    8 GPUs. 100 leaves room for ports already taken (the scan skips them) without
+    reaching the next engine's block. Without VLLM_PORT every engine takes these ports
+    from the kernel's ephemeral range, and between the release and the bind another
+    engine starting at the same moment can take the same port (vLLM #39015, #43206);
+    with one VLLM_PORT inherited by every engine, two engines find the same first free
+    port for certain."""
+    engines = config.engines
+    blocks: dict[tuple[str, int], range] = {}
+    start = engines.vllm_port_base
+    for dep_id, dep in config.deployments.items():
+        if dep.remote or "VLLM_PORT" in dep.env:
+            continue
+        for replica in range(dep.replicas):
+            blocks[(dep_id, replica)] = range(start, start + engines.vllm_port_span)
+            start += engines.vllm_port_span
+    return blocks
+
+
 def check(config: FleetConfig) -> list[ConfigIssue]:
     """Checks that span fields or deployments; pure, returns every problem found."""
     issues: list[ConfigIssue] = []
@@ -75,7 +105,16 @@ def check(config: FleetConfig) -> list[ConfigIssue]:
         at: Loc = ("deployments", dep_id)
         issues.extend(_check_id(dep_id, at))
         if dep.remote:
-            for key in ("gpus", "share_gpus", "args", "env", "host", "port", "command"):
+            for key in (
+                "gpus",
+                "share_gpus",
+                "args",
+                "env",
+                "host",
+                "port",
+                "command",
+                "stall_timeout",
+            ):
                 if key in dep.model_fields_set:
                     add(
                         ConfigIssue(
@@ -197,6 +236,61 @@ def check(config: FleetConfig) -> list[ConfigIssue]:
                 issues.extend(_check_shared_memory(config, gpu, users, (*at, "gpus", index)))
         issues.extend(_check_parallelism(dep, at))
     issues.extend(_check_names(config))
+    issues.extend(_check_vllm_ports(config))
+    return issues
+
+
+def _check_vllm_ports(config: FleetConfig) -> list[ConfigIssue]:
+    """The engines' VLLM_PORT blocks fit below 65536 and hold no port the file declares
+    (the gateway's, a deployment's, `engines.base_port`); a VLLM_PORT in `env` is a port."""
+    issues: list[ConfigIssue] = []
+    for dep_id, dep in config.deployments.items():
+        value = dep.env.get("VLLM_PORT")
+        if value is not None and not (value.isdigit() and 1 <= int(value) <= 65535):
+            issues.append(
+                ConfigIssue(
+                    loc=("deployments", dep_id, "env", "VLLM_PORT"),
+                    message=f"VLLM_PORT {value!r} is not a port number (vLLM fails at "
+                    "start); give a port, e.g. 25000, or remove it to have the fleet "
+                    "give each engine its own range",
+                )
+            )
+    blocks = vllm_port_blocks(config)
+    if not blocks:
+        return issues
+    first = min(b.start for b in blocks.values())
+    last = max(b.stop for b in blocks.values()) - 1
+    span = f"{first}-{last}"
+    if last > 65535:
+        issues.append(
+            ConfigIssue(
+                loc=("engines", "vllm_port_base"),
+                message=f"the VLLM_PORT ranges of {len(blocks)} engine(s), "
+                f"{config.engines.vllm_port_span} ports each from {first}, run past 65535; "
+                "lower engines.vllm_port_base or engines.vllm_port_span",
+            )
+        )
+        return issues
+    declared: list[tuple[Loc, int]] = [(("gateway", "port"), config.gateway.port)]
+    declared.append((("engines", "base_port"), config.engines.base_port))
+    for dep_id, dep in config.deployments.items():
+        declared.extend((("deployments", dep_id, "port"), p) for p in engine_ports(dep))
+    reported: set[Loc] = set()
+    for loc, port in declared:
+        hit = next((key for key, block in blocks.items() if port in block), None)
+        if hit is None or loc in reported:
+            continue
+        reported.add(loc)
+        block = blocks[hit]
+        issues.append(
+            ConfigIssue(
+                loc=loc,
+                message=f"port {port} lies in {block.start}-{block.stop - 1}, the range of "
+                f"vLLM's internal ports (VLLM_PORT) of engine `{hit[0]}-{hit[1]}`; the "
+                f"engines' ranges take {span} (engines.vllm_port_base, vllm_port_span): "
+                "pick a port outside them, or move them with engines.vllm_port_base",
+            )
+        )
     return issues
 
 

@@ -117,6 +117,17 @@ class EnginesConfig(_Strict):
     # An engine's log over this size is copied to <log>.1 and emptied; log_keep copies.
     log_max_mb: Annotated[float, Field(gt=0)] = 100.0
     log_keep: Annotated[int, Field(ge=0)] = 3
+    # A ready vLLM engine with requests running or waiting whose token counters (its
+    # /metrics) do not move for this long is stalled: out of the rotation, restarted.
+    # 0 turns it off. Generous: a long prompt's prefill counts no token until it ends.
+    stall_timeout: Annotated[float, Field(ge=0)] = 120.0
+    # vLLM's internal ports (torch.distributed stores, data-parallel ports) are found by
+    # scanning up from VLLM_PORT; each engine gets a block of its own, so engines started
+    # together never race for one port. Engine i (in file order) gets VLLM_PORT =
+    # vllm_port_base + i * vllm_port_span. Default 20000-: above the serving ports
+    # (base_port 8100, gateway 8080) and below Linux's ephemeral ports (32768-60999).
+    vllm_port_base: Port = 20000
+    vllm_port_span: Annotated[int, Field(ge=1, le=10000)] = 100
 
     @property
     def log_max_bytes(self) -> int:
@@ -139,6 +150,9 @@ class Deployment(_Strict):
     command: list[str] | None = None
     endpoints: list[str] = Field(default_factory=list)
     start_timeout: Annotated[float, Field(gt=0)] | None = None
+    # Per deployment `engines.stall_timeout`; set here, it also watches a command the
+    # fleet does not recognise as vLLM (a wrapper script). 0 turns it off.
+    stall_timeout: Annotated[float, Field(ge=0)] | None = None
 
     _coerce_args = field_validator("args", "env", "command", mode="before")(
         lambda v: _stringify_scalars(v)

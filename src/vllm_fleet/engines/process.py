@@ -3,8 +3,14 @@
 States (written into the engine's `registry.Upstream`):
 
     stopped --start()--> starting --/health 200--> ready
-    starting|ready --stop()--> stopping --> stopped
+    ready --busy, no token progress for stall_timeout--> stalled (engines/stall.py)
+    starting|ready --stop()--> stopping --> stopped     (stalled --stop()--> stopped)
     (the supervisor decides what an exit means: restart -> starting, or failed)
+
+While ready, every `engines.health_interval` the engine's `/health` is checked and, when
+its spec has a `stall_timeout`, its `/metrics` read (engines/vllm_metrics.py): busy
+with no token computed for that long is a stall. An engine whose /metrics lacks vLLM's
+metrics is left to the health check (said once in the log).
 
 The stop sequence, always the same:
 
@@ -43,6 +49,8 @@ import aiohttp
 
 from vllm_fleet.config import EnginesConfig
 from vllm_fleet.engines.logs import rotate_if_over
+from vllm_fleet.engines.stall import Progress, judge
+from vllm_fleet.engines.vllm_metrics import EngineLoad, parse_load
 from vllm_fleet.masking import mask_argv
 from vllm_fleet.plan import EngineSpec
 from vllm_fleet.registry import State, Upstream
@@ -61,6 +69,8 @@ START_POLL_TIMEOUT = 2.0
 READY_POLL_TIMEOUT = 10.0
 # After SIGKILL, how long to wait for the group to vanish before giving up on it.
 KILL_WAIT = 5.0
+# A /metrics page is a few hundred lines; read at most this much of it.
+METRICS_MAX_BYTES = 4 * 2**20
 
 
 class Outcome(enum.Enum):
@@ -70,6 +80,7 @@ class Outcome(enum.Enum):
     EXITED = "exited"
     TIMEOUT = "timeout"
     UNHEALTHY = "unhealthy"
+    STALLED = "stalled"  # busy without token progress for its stall_timeout
     STOPPED = "stopped"  # the fleet is stopping
 
 
@@ -226,6 +237,16 @@ class EngineProcess:
         self._stopped = False
         log.info("%s: started pid %d, log %s", spec.name, self.proc.pid, spec.log_path)
 
+    def note(self, text: str) -> None:
+        """Append a line of the fleet's own to the engine's log (a LOG_MARK line, left
+        out of the tails shown after failures)."""
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        try:
+            with open(self.spec.log_path, "ab") as logf:
+                logf.write(f"{LOG_MARK} {self.spec.name} at {stamp}: {text}\n".encode())
+        except OSError as exc:
+            log.warning("%s: cannot write to its log: %s", self.spec.name, exc)
+
     async def _wait(self, seconds: float, stop: asyncio.Event) -> bool:
         """Sleep up to `seconds`; True when the engine exited or the fleet is stopping."""
         assert self._exited is not None
@@ -249,6 +270,22 @@ class EngineProcess:
                 return None if resp.status == 200 else f"/health answered {resp.status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
             return f"/health: {type(exc).__name__}: {exc}".rstrip(": ")
+
+    async def _load(self, timeout: float) -> EngineLoad | str:
+        """The engine's load from /metrics, or why there is none: a str starting
+        "no vLLM metrics" when the page lacks them, else the failed read."""
+        url = f"{self.spec.url}/metrics"
+        try:
+            async with self.session.get(
+                url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
+            ) as resp:
+                body = await resp.content.read(METRICS_MAX_BYTES)
+                if resp.status != 200:
+                    return f"no vLLM metrics: /metrics answered {resp.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return f"/metrics: {type(exc).__name__}: {exc}".rstrip(": ")
+        load = parse_load(body.decode("utf-8", errors="replace"))
+        return load if load is not None else "no vLLM metrics in its /metrics page"
 
     async def _probe(self, timeout: float, stop: asyncio.Event) -> tuple[bool, str | None]:
         """One health check, abandoned early if the engine exits or the fleet stops.
@@ -293,9 +330,12 @@ class EngineProcess:
 
     async def watch(self, stop: asyncio.Event) -> Outcome:
         """Health-check a ready engine every `health_interval` until it exits (EXITED),
-        fails UNHEALTHY_AFTER checks in a row (UNHEALTHY) or the fleet stops. A check
-        that passes readmits an engine the gateway ejected before the check began."""
+        fails UNHEALTHY_AFTER checks in a row (UNHEALTHY), is found stalled (STALLED; the
+        reason in `upstream.message`) or the fleet stops. A check that passes readmits an
+        engine the gateway ejected before the check began."""
         failures = 0
+        stall_timeout = self.spec.stall_timeout
+        progress = Progress()
         while True:
             if await self._wait(self.settings.health_interval, stop):
                 return Outcome.STOPPED if stop.is_set() else Outcome.EXITED
@@ -312,6 +352,20 @@ class EngineProcess:
                 failures = 0
                 if self.upstream.readmit(began):
                     log.warning("%s: health check passed: back in the rotation", self.spec.name)
+                if stall_timeout is None:
+                    continue
+                load = await self._load(READY_POLL_TIMEOUT)
+                if isinstance(load, str):
+                    if load.startswith("no vLLM metrics"):
+                        log.warning("%s: %s; left to its health check", self.spec.name, load)
+                        stall_timeout = None
+                    # A failed read is no reading: the clock runs on from the last one.
+                    continue
+                verdict = judge(progress, load, time.monotonic(), stall_timeout)
+                progress = verdict.progress
+                if verdict.reason is not None:
+                    self.upstream.message = verdict.reason
+                    return Outcome.STALLED
                 continue
             failures += 1
             log.warning(
@@ -347,7 +401,8 @@ class EngineProcess:
         if proc is None or exited is None or self._stopped:
             return  # never started, or already stopped (its group number may be reused)
         pgid = proc.pid  # start_new_session: the engine leads its own group
-        if proc.returncode is None:
+        if proc.returncode is None and self.upstream.state is not State.STALLED:
+            # A stalled engine stays `stalled` (with its reason) until it is gone.
             self.upstream.set_state(State.STOPPING, "stopping")
         name, grace = self.spec.name, self.settings.stop_timeout
         if killpg(pgid, signal.SIGTERM):

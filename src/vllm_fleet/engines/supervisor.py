@@ -1,9 +1,12 @@
 """All engines of a fleet: one task per engine starts it, restarts it, and stops it.
 
 Restart policy: any exit is a failure (vLLM can exit 0 when its engine core dies), and
-so are a start that passes its `start_timeout` and a ready engine whose /health fails
-several times in a row. After a failure the engine is restarted after a backoff that
-starts at `engines.backoff_initial` seconds and doubles up to `engines.backoff_max`.
+so are a start that passes its `start_timeout`, a ready engine whose /health fails
+several times in a row, and a ready engine found stalled (busy without token progress
+for its `stall_timeout`; it is marked `stalled`, so out of the rotation, while it is
+stopped, and counted in `Upstream.stalls`). After a failure the engine is restarted
+after a backoff that starts at `engines.backoff_initial` seconds and doubles up to
+`engines.backoff_max`.
 When an engine has failed more than `engines.max_restarts` times in a row it is marked
 failed and the tail of its log is reported. An engine that stayed ready for
 `engines.stable_after` seconds has its count of failures in a row reset.
@@ -93,8 +96,8 @@ def _describe(outcome: Outcome, engine: EngineProcess) -> str:
         return f"exited with status {engine.returncode}"
     if outcome is Outcome.TIMEOUT:
         return f"not ready after its start_timeout of {engine.spec.start_timeout:g}s"
-    if outcome is Outcome.UNHEALTHY:
-        return str(engine.upstream.message or "unhealthy")
+    if outcome in (Outcome.UNHEALTHY, Outcome.STALLED):
+        return str(engine.upstream.message or outcome.value)
     return str(outcome.value)
 
 
@@ -231,9 +234,16 @@ class Supervisor:
                     return
                 why = _describe(outcome, engine)
                 log.warning("%s: %s", spec.name, why)
+                if outcome is Outcome.STALLED:
+                    upstream.stalls += 1
+                    upstream.set_state(State.STALLED, why)  # out of the rotation
+                    self._emit(upstream)
+                if outcome is not Outcome.EXITED:  # the fleet stops it: say why, in its log
+                    engine.note(f"stopping it: {why}")
                 await engine.stop()
                 if self._stop.is_set():
                     return
+            upstream.last_failure, upstream.last_failure_at = why, time.time()
             failures += 1
             if failures > settings.max_restarts:
                 tail = read_log_tail(spec.log_path)

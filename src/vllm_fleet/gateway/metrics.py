@@ -57,6 +57,11 @@ class _UpstreamCollector(Collector):
             labels=["deployment", "upstream"],
         )
         counted = self.failovers
+        stalls = CounterMetricFamily(
+            "fleet_engine_stalls",
+            "times the engine was found stalled (busy, no token progress) and restarted",
+            labels=["deployment", "upstream"],
+        )
         for up in self.registry.all():
             labels = [up.deployment, up.name]
             ready.add_metric(labels, 1.0 if up.state is State.READY else 0.0)
@@ -66,12 +71,15 @@ class _UpstreamCollector(Collector):
             restarts.add_metric(labels, float(up.restarts))
             ejected.add_metric(labels, 0.0 if up.ejected is None else 1.0)
             failovers.add_metric(labels, float(counted.get((up.deployment, up.name), 0)))
+            if up.managed:
+                stalls.add_metric(labels, float(up.stalls))
         yield ready
         yield state
         yield outstanding
         yield restarts
         yield ejected
         yield failovers
+        yield stalls
 
 
 class _RequestCollector(Collector):

@@ -2,7 +2,7 @@
 
     python -m vllm_fleet.testing.fake_vllm MODEL --host H --port P \\
         --served-model-name NAME [NAME ...] [--startup-delay S] [--token-delay S] \\
-        [--tokens N] [--fail-start] [--api-key KEY] [--max-model-len N]
+        [--tokens N] [--fail-start] [--api-key KEY] [--max-model-len N] [--disable-log-stats]
 
 Unknown flags (vLLM's own) are ignored. Like vLLM (see shared/notes/vllm-facts.md): the
 port stays closed while "loading"; an unknown body `model` gets vLLM's exact 404 unless
@@ -10,9 +10,16 @@ port stays closed while "loading"; an unknown body `model` gets vLLM's exact 404
 with `data: [DONE]`; `--api-key` protects `/v1*` only. Generated text is deterministic
 ("tok0 tok1 ..."); `system_fingerprint` is `fake-<port>` and every response carries
 `X-Fake-Engine: <first served name>:<port>`, so tests can tell which engine answered.
+`/metrics` has vLLM's request gauges and token counters, named and labelled as vLLM 0.32
+exports them (`vllm:num_requests_running`, `vllm:num_requests_waiting`,
+`vllm:generation_tokens_total`, `vllm:prompt_tokens_total`); `--disable-log-stats` turns
+them off, as it does in vLLM.
 
 Test hooks: `GET /fake/stats` (counts, the last request as received; `?reset=1` clears),
-`GET /fake/env` (pid, CUDA_VISIBLE_DEVICES, argv), `POST /fake/crash?status=N` (exits N).
+`GET /fake/env` (pid, CUDA_VISIBLE_DEVICES, argv), `POST /fake/crash?status=N` (exits N),
+`POST /fake/hang`: from then on the engine behaves like vLLM with a deadlocked engine core
+(vLLM #39863): requests in flight stop getting tokens and stay `running`, new ones wait
+(`waiting`) forever, while `/health` keeps answering 200.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 EMBED_DIMS = 384
 # Request headers /fake/stats reports, so tests can see what a proxy forwarded.
@@ -61,6 +71,12 @@ class Engine:
     # The connections of requests being answered, aborted on SIGTERM (as vLLM aborts them).
     answering: set[asyncio.Transport] = field(default_factory=set)
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while none in flight
+    log_stats: bool = True  # False: --disable-log-stats, no vllm: metrics
+    waiting: int = 0  # requests that arrived after /fake/hang
+    hung: bool = False
+    generation_tokens: int = 0
+    prompt_tokens: int = 0
+    started: float = field(default_factory=time.time)
 
     @property
     def fingerprint(self) -> str:
@@ -165,6 +181,20 @@ def _disconnected(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
 
+async def _stuck_if_hung(engine: Engine) -> None:
+    """Never return once /fake/hang was called (until the client goes away)."""
+    if engine.hung:
+        await asyncio.get_running_loop().create_future()  # never set
+
+
+async def _next_token(engine: Engine) -> None:
+    """Wait for the next token to be computed, and count it."""
+    if engine.token_delay:
+        await asyncio.sleep(engine.token_delay)
+    await _stuck_if_hung(engine)
+    engine.generation_tokens += 1
+
+
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     engine = request.app[ENGINE]
     parsed = await _parse(request)
@@ -185,18 +215,24 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         "model": engine.names[0],
         "system_fingerprint": engine.fingerprint,
     }
+    if engine.hung:  # a deadlocked engine core never schedules it
+        engine.waiting += 1
+        try:
+            await _stuck_if_hung(engine)
+        finally:
+            engine.waiting -= 1
     engine.in_flight += 1
     engine.idle.clear()
     transport = request.transport
     if transport is not None:
         engine.answering.add(transport)
+    engine.prompt_tokens += prompt
     try:
         if body.get("stream"):
             return await _stream(request, engine, head, chat, count, finish, usage, body)
         try:
             for _ in range(count):
-                if engine.token_delay:
-                    await asyncio.sleep(engine.token_delay)
+                await _next_token(engine)
                 if _disconnected(request):
                     raise asyncio.CancelledError
         except asyncio.CancelledError:
@@ -244,8 +280,7 @@ async def _stream(
                                           "logprobs": None, "finish_reason": None}]}  # fmt: skip
             await response.write(b"data: " + json.dumps(first).encode() + b"\n\n")
         for index in range(count):
-            if engine.token_delay:
-                await asyncio.sleep(engine.token_delay)
+            await _next_token(engine)
             if _disconnected(request):
                 raise ConnectionResetError
             await response.write(before + json.dumps(_token(index)).encode() + after)
@@ -318,6 +353,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
             value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
         data.append({"index": index, "object": "embedding", "embedding": value})
     prompt = _prompt_tokens(inputs)
+    engine.prompt_tokens += prompt
     engine.counter += 1
     return web.json_response(
         {
@@ -369,14 +405,52 @@ async def version(request: web.Request) -> web.Response:
     return web.json_response({"version": "0.0.0+fake"})
 
 
+class _VllmStats(Collector):
+    """vLLM's request gauges and token counters (vllm/v1/metrics/loggers.py), read from
+    the engine at scrape time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Any:
+        engine = self.engine
+        labels = ["engine", "model_name"]
+        values = ["0", engine.names[0]]
+        running = GaugeMetricFamily(
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+            labels=labels,
+        )
+        running.add_metric(values, float(engine.in_flight))
+        waiting = GaugeMetricFamily(
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            labels=labels,
+        )
+        waiting.add_metric(values, float(engine.waiting))
+        generated = CounterMetricFamily(
+            "vllm:generation_tokens", "Number of generation tokens processed.", labels=labels
+        )
+        generated.add_metric(values, float(engine.generation_tokens), created=engine.started)
+        prompt = CounterMetricFamily(
+            "vllm:prompt_tokens", "Number of prefill tokens processed.", labels=labels
+        )
+        prompt.add_metric(values, float(engine.prompt_tokens), created=engine.started)
+        yield from (running, waiting, prompt, generated)
+
+
+METRICS: web.AppKey[CollectorRegistry] = web.AppKey("metrics", CollectorRegistry)
+
+
 async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS])
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")
+
+
+async def hang(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    label = f'model_name="{engine.names[0]}"'
-    text = (
-        f"vllm:num_requests_running{{{label}}} {float(engine.in_flight)}\n"
-        f"vllm:num_requests_waiting{{{label}}} 0.0\n"
-    )
-    return web.Response(text=text, content_type="text/plain")
+    engine.hung = True
+    return web.json_response({"hung": True, "running": engine.in_flight})
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -421,6 +495,9 @@ async def not_found(request: web.Request) -> web.Response:
 def create_app(engine: Engine) -> web.Application:
     app = web.Application(middlewares=[_auth], client_max_size=64 * 1024 * 1024)
     app[ENGINE] = engine
+    app[METRICS] = CollectorRegistry(auto_describe=True)
+    if engine.log_stats:
+        app[METRICS].register(_VllmStats(engine))
     app.on_response_prepare.append(_engine_header)
     app.router.add_get("/health", health)
     app.router.add_get("/ping", health)
@@ -436,6 +513,7 @@ def create_app(engine: Engine) -> web.Application:
     app.router.add_get("/fake/stats", stats)
     app.router.add_get("/fake/env", env)
     app.router.add_post("/fake/crash", crash)
+    app.router.add_post("/fake/hang", hang)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 
@@ -455,6 +533,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--fail-start", action="store_true")
     # As vLLM's (0.18+, default 0): on SIGTERM, requests in flight get this long, then abort.
     parser.add_argument("--shutdown-timeout", type=float, default=0.0)
+    parser.add_argument("--disable-log-stats", action="store_true")
     args, _unknown = parser.parse_known_args(argv)
     # `--model M` wins: a stray value of an unknown flag may land in the positional slot.
     args.model = args.model_flag or args.model_tag
@@ -485,6 +564,7 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> int:
         api_key=args.api_key or os.environ.get("VLLM_API_KEY") or None,
         any_model=os.environ.get("VLLM_SKIP_MODEL_NAME_VALIDATION", "") not in ("", "0"),
         argv=argv,
+        log_stats=not args.disable_log_stats,
     )
     runner = web.AppRunner(create_app(engine), access_log=None, handler_cancellation=True)
     await runner.setup()
