@@ -1,0 +1,112 @@
+"""Cases the fuzzer (`make fuzz`, tests/fuzz/) found, one test each, named for the case.
+
+Each ran against the real gateway (a GatewayThread) in front of the fuzzer's recording
+engine (tests/fuzz/upstream.py), over raw sockets; the answers are read with h11.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import socket
+import time
+from collections.abc import Iterator
+
+import aiohttp
+import h11
+import pytest
+
+from tests.fuzz.oracle import LEAKS
+from tests.fuzz.upstream import RecordingEngine, Seen
+from tests.gateway_harness import GatewayThread
+from vllm_fleet.engines.remote import probe
+from vllm_fleet.testing.harness import free_port
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[RecordingEngine]:
+    started = RecordingEngine()
+    yield started
+    started.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(engine: RecordingEngine) -> Iterator[GatewayThread]:
+    fleet = (
+        "gateway:\n  max_body_mb: 0.0625\ndeployments:\n  raw:\n    model: org/raw\n"
+        f"    endpoints: ['http://127.0.0.1:{engine.port}/e/raw']\n"
+    )
+    gw = GatewayThread(fleet).start()
+    yield gw
+    gw.stop()
+
+
+def records(engine: RecordingEngine) -> list[Seen]:
+    time.sleep(0.05)  # what the gateway forwards (if anything) lands
+    seen = []
+    while True:
+        try:
+            seen.append(engine.records.get_nowait())
+        except queue.Empty:
+            return seen
+
+
+@pytest.fixture
+def clean(engine: RecordingEngine) -> RecordingEngine:
+    records(engine)
+    return engine
+
+
+def exchange(
+    gateway: GatewayThread, wire: bytes, methods: tuple[str, ...] = ("GET",)
+) -> list[tuple[h11.Response, bytes]]:
+    """Send `wire`; the answers to `methods` (one per request), read with h11."""
+    conn = h11.Connection(h11.CLIENT)
+    answers: list[tuple[h11.Response, bytes]] = []
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=3) as sock:
+        sock.sendall(wire)
+        for method in methods:
+            if answers:
+                conn.start_next_cycle()
+            conn.send(h11.Request(method=method, target="/", headers=[("Host", "t")]))
+            conn.send(h11.EndOfMessage())
+            head, body = None, b""
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(sock.recv(65536))
+                elif isinstance(event, h11.Response):
+                    head = event
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    return answers
+            assert head is not None
+            answers.append((head, body))
+    return answers
+
+
+def envelope(body: bytes) -> dict[str, object]:
+    error: dict[str, object] = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def request(target: str = "/raw/v1/x", extra: bytes = b"", version: bytes = b"HTTP/1.1") -> bytes:
+    return b"GET %s %s\r\nHost: t\r\nX-Fuzz-Id: r0\r\n%s\r\n" % (target.encode(), version, extra)
+
+
+def test_fuzz_unreachable_remote_endpoint_message_names_no_exception_class() -> None:
+    """The 503 for a remote endpoint that stopped answering carries the probe's words:
+    `ClientConnectorError: Cannot connect ...` was sent to clients."""
+
+    async def run() -> str | None:
+        async with aiohttp.ClientSession() as session:
+            return await probe(session, f"http://127.0.0.1:{free_port()}", 1.0)
+
+    problem = asyncio.run(run())
+    assert problem is not None and "Cannot connect" in problem
+    assert not LEAKS.search(problem.encode()), problem
