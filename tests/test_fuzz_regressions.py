@@ -110,3 +110,14 @@ def test_fuzz_unreachable_remote_endpoint_message_names_no_exception_class() -> 
     problem = asyncio.run(run())
     assert problem is not None and "Cannot connect" in problem
     assert not LEAKS.search(problem.encode()), problem
+
+
+def test_fuzz_invalid_engine_answer_502_names_no_exception_class(
+    gateway: GatewayThread, clean: RecordingEngine
+) -> None:
+    """An engine answering `HTTP/1.1 2x0`: the 502 said `HttpParserInvalidStatusError`."""
+    ((head, body),) = exchange(gateway, request(extra=b"X-Fuzz-Answer: bad\r\n"))
+    assert head.status_code == 502
+    message = str(envelope(body)["message"])
+    assert "failed before answering: Invalid status code" in message
+    assert not LEAKS.search(body), body

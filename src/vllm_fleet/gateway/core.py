@@ -361,7 +361,7 @@ class Core:
         return error_reply(
             502,
             f"engine {upstream.name} ({upstream.url}) failed before answering: "
-            f"{type(exc).__name__}: {exc}",
+            f"{exc or 'the connection broke'}",
             "upstream_error",
         )
 
