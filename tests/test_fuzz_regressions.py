@@ -121,3 +121,14 @@ def test_fuzz_invalid_engine_answer_502_names_no_exception_class(
     message = str(envelope(body)["message"])
     assert "failed before answering: Invalid status code" in message
     assert not LEAKS.search(body), body
+
+
+def test_fuzz_broken_stream_event_names_no_exception_class(
+    gateway: GatewayThread, clean: RecordingEngine
+) -> None:
+    """An engine breaking off an SSE stream: the error event said `UpstreamClosed`."""
+    ((head, body),) = exchange(gateway, request(extra=b"X-Fuzz-Answer: ssecut\r\n"))
+    assert head.status_code == 200
+    assert b"broke off the stream: the engine closed the connection" in body
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert not LEAKS.search(body), body
