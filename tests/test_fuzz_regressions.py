@@ -132,3 +132,15 @@ def test_fuzz_broken_stream_event_names_no_exception_class(
     assert b"broke off the stream: the engine closed the connection" in body
     assert body.endswith(b"data: [DONE]\n\n")
     assert not LEAKS.search(body), body
+
+
+@pytest.mark.parametrize(("body", "kind"), [(b"null", "null"), (b"[1]", "an array")])
+def test_fuzz_json_body_that_is_no_object_is_named_in_json_words(
+    gateway: GatewayThread, clean: RecordingEngine, body: bytes, kind: str
+) -> None:
+    """`null` as the body: the 400 said `not NoneType`."""
+    wire = b"POST /raw/v1/x HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    ((head, answer),) = exchange(gateway, wire, ("POST",))
+    assert head.status_code == 400
+    assert envelope(answer)["message"] == f"the request body must be a JSON object, not {kind}"
+    assert records(clean) == []

@@ -438,10 +438,21 @@ def _parse_object(body: bytes) -> _Body | Reply:
     if not isinstance(parsed, dict):
         return error_reply(
             400,
-            f"the request body must be a JSON object, not {type(parsed).__name__}",
+            f"the request body must be a JSON object, not {_json_kind(parsed)}",
             "invalid_json",
         )
     return _Body(parsed, False)
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words (never Python's `NoneType`)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "a string" if isinstance(value, str) else "an array"
 
 
 def _with_model(parsed: _Body, body: bytes, served: str) -> bytes:
