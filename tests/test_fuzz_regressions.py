@@ -144,3 +144,16 @@ def test_fuzz_json_body_that_is_no_object_is_named_in_json_words(
     assert head.status_code == 400
     assert envelope(answer)["message"] == f"the request body must be a JSON object, not {kind}"
     assert records(clean) == []
+
+
+def test_fuzz_json_nested_deeper_than_the_json_module_writes_is_400_not_500(
+    gateway: GatewayThread, clean: RecordingEngine
+) -> None:
+    """1000 nested arrays: orjson reads them (up to 1024), cannot write them back (254), and
+    the json module's fallback ran out of recursion: a 500."""
+    body = b'{"model":"x","x":%s%s}' % (b"[" * 1000, b"]" * 1000)
+    wire = b"POST /raw/v1/x HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    ((head, answer),) = exchange(gateway, wire, ("POST",))
+    assert head.status_code == 400
+    assert envelope(answer)["code"] == "invalid_json"
+    assert records(clean) == []
