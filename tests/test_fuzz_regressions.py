@@ -157,3 +157,16 @@ def test_fuzz_json_nested_deeper_than_the_json_module_writes_is_400_not_500(
     assert head.status_code == 400
     assert envelope(answer)["code"] == "invalid_json"
     assert records(clean) == []
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"deflate, chunked", b"identity, chunked"])
+def test_fuzz_transfer_coding_besides_chunked_is_501_never_forwarded(
+    gateway: GatewayThread, clean: RecordingEngine, coding: bytes
+) -> None:
+    """`Transfer-Encoding: gzip, chunked`: llhttp decoded the chunks and the engine got a
+    body still gzip-coded, with nothing saying so."""
+    wire = request(extra=b"Transfer-Encoding: %s\r\n" % coding).replace(b"GET", b"POST")
+    ((head, body),) = exchange(gateway, wire + b"5\r\nhello\r\n0\r\n\r\n", ("POST",))
+    assert head.status_code == 501
+    assert envelope(body)["code"] == "unsupported_transfer_coding"
+    assert records(clean) == []

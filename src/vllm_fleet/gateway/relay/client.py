@@ -252,6 +252,11 @@ class ClientConnection(asyncio.Protocol):
         elif kind == UPGRADE:
             request.upgrade = value
         elif kind == TE:
+            codings = [c.strip().lower() for c in value.split(b",")]
+            if codings != [b"chunked"]:
+                # llhttp takes any codings that end in chunked (`gzip, chunked`); the
+                # engine would get a body still in a coding nobody names (RFC 9112 6.1).
+                raise Reject(_unsupported_coding(value, chunked_last=codings[-1] == b"chunked"))
             request.chunked = True
 
     def on_headers_complete(self) -> None:
@@ -515,6 +520,18 @@ def _over_limit(limit: int) -> Reply:
         "shortly (gateway.max_connections, or the open-files limit, sets it)",
         "too_many_connections",
         headers={"Retry-After": "1"},
+    )
+
+
+def _unsupported_coding(value: bytes, chunked_last: bool) -> Reply:
+    """RFC 9112 6.1 and 6.3: a coding the server does not know is a 501; a request whose
+    codings do not end in chunked has no length at all, a 400."""
+    return error_reply(
+        501 if chunked_last else 400,
+        f"the gateway takes no transfer coding but chunked (Transfer-Encoding: "
+        f"{value.decode('latin-1')[:100]}); send the body as it is, with Content-Length "
+        "or Transfer-Encoding: chunked",
+        "unsupported_transfer_coding",
     )
 
 
