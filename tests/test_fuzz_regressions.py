@@ -170,3 +170,34 @@ def test_fuzz_transfer_coding_besides_chunked_is_501_never_forwarded(
     assert head.status_code == 501
     assert envelope(body)["code"] == "unsupported_transfer_coding"
     assert records(clean) == []
+
+
+@pytest.mark.parametrize("host", [b"a b", b"a/b", b"a@b", b"t:80:80", b"[::1", b"<t>", b"t?x"])
+def test_fuzz_host_that_names_no_host_is_400_never_forwarded(
+    gateway: GatewayThread, clean: RecordingEngine, host: bytes
+) -> None:
+    """`Host: a b` was forwarded (as the engine's X-Forwarded-Host); RFC 9112 3.2: 400."""
+    wire = request().replace(b"Host: t", b"Host: " + host)
+    ((head, body),) = exchange(gateway, wire)
+    assert head.status_code == 400 and envelope(body)["param"] == "Host"
+    assert records(clean) == []
+
+
+@pytest.mark.parametrize("host", [b"t", b"example.com:8080", b"[::1]:80", b"10.0.0.1", b""])
+def test_fuzz_host_check_lets_every_host_form_through(
+    gateway: GatewayThread, clean: RecordingEngine, host: bytes
+) -> None:
+    wire = request().replace(b"Host: t", b"Host: " + host)
+    ((head, _),) = exchange(gateway, wire)
+    assert head.status_code == 200
+    (seen,) = records(clean)
+    assert seen.header(b"x-forwarded-host") == [host]
+
+
+def test_fuzz_http_1_0_request_with_two_hosts_is_400(
+    gateway: GatewayThread, clean: RecordingEngine
+) -> None:
+    wire = request(extra=b"Host: u\r\n", version=b"HTTP/1.0")
+    ((head, _),) = exchange(gateway, wire)
+    assert head.status_code == 400
+    assert records(clean) == []

@@ -32,6 +32,7 @@ from vllm_fleet.gateway.relay.request import (
     EXPECT,
     HEADER_KIND,
     HOST,
+    HOST_VALUE,
     LENGTH,
     MAX_HEAD,
     MAX_HEADERS,
@@ -285,11 +286,17 @@ class ClientConnection(asyncio.Protocol):
             )
             request.keep_alive = False
             return
-        if request.http11 and request.hosts != 1:
+        if request.hosts > 1 or (request.http11 and request.hosts != 1):
             raise Reject(
                 error_reply(
                     400, "an HTTP/1.1 request needs exactly one Host header", "invalid_request"
                 )
+            )
+        if request.hosts and not HOST_VALUE.fullmatch(request.host):
+            # RFC 9112 3.2: a Host that names no host is a 400 (it would be the engine's
+            # X-Forwarded-Host).
+            raise Reject(
+                error_reply(400, "the Host header is not a host[:port]", "invalid_request", "Host")
             )
         if request.length is not None:
             length = int(request.length)  # llhttp checked it is a number
