@@ -201,3 +201,15 @@ def test_fuzz_http_1_0_request_with_two_hosts_is_400(
     ((head, _),) = exchange(gateway, wire)
     assert head.status_code == 400
     assert records(clean) == []
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9"])
+def test_fuzz_request_line_of_http_2_0_or_0_9_is_505_never_forwarded(
+    gateway: GatewayThread, clean: RecordingEngine, version: bytes
+) -> None:
+    """llhttp reads `HTTP/2.0` and `HTTP/0.9` request lines; the gateway forwarded them
+    (as HTTP/1.1, to the engine)."""
+    ((head, body),) = exchange(gateway, request(version=version))
+    assert head.status_code == 505
+    assert envelope(body)["code"] == "unsupported_version"
+    assert records(clean) == []

@@ -26,6 +26,7 @@ _TYPES = {
     502: "bad_gateway_error",
     503: "service_unavailable_error",
     504: "timeout_error",
+    505: "invalid_request_error",
 }
 
 

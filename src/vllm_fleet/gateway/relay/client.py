@@ -266,10 +266,19 @@ class ClientConnection(asyncio.Protocol):
         request = self.queue[-1]
         request.headers_done = True
         request.method = parser.get_method().decode("ascii", "replace")
-        request.http11 = parser.get_http_version() == "1.1"
+        version = parser.get_http_version()
+        request.http11 = version == "1.1"
         request.keep_alive = parser.should_keep_alive()
         if self.over_limit:  # answered 503 at once (no body read, no 100 Continue)
             raise Reject(_over_limit(self.state.max_connections))
+        if version not in ("1.1", "1.0"):
+            # llhttp reads `HTTP/0.9` and `HTTP/2.0` request lines too; neither is a
+            # version this HTTP/1.1 relay (or the engine behind it) speaks.
+            raise Reject(
+                error_reply(
+                    505, f"HTTP/{version} is not supported; send HTTP/1.1", "unsupported_version"
+                )
+            )
         if parser.should_upgrade():
             # feed_data raises HttpParserUpgrade once this message is complete. An h2c
             # offer without a body (curl --http2) is ignored: answered over HTTP/1.1.
