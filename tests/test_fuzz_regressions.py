@@ -213,3 +213,34 @@ def test_fuzz_request_line_of_http_2_0_or_0_9_is_505_never_forwarded(
     assert head.status_code == 505
     assert envelope(body)["code"] == "unsupported_version"
     assert records(clean) == []
+
+
+def test_fuzz_no_100_continue_before_the_head_is_whole(
+    gateway: GatewayThread, clean: RecordingEngine
+) -> None:
+    """`Expect:` arrived in a read that ended inside the head: the gateway sent `100
+    Continue` at once, before it knew what was expected (here a 417) or for which head."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=1) as sock:
+        sock.sendall(b"GET /raw/v1/x HTTP/1.1\r\nHost: t\r\nExpect: something-else\r\nA")
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            sock.recv(65536)  # nothing yet: the head is not whole
+        sock.settimeout(3)
+        sock.sendall(b": b\r\n\r\n")
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 417 "), answer
+    assert records(clean) == []
+
+
+def test_fuzz_100_continue_still_comes_once_the_head_is_whole(
+    gateway: GatewayThread, clean: RecordingEngine
+) -> None:
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=3) as sock:
+        sock.sendall(b"POST /raw/v1/x HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n")
+        time.sleep(0.05)
+        sock.sendall(b"Content-Type: text/plain\r\nContent-Length: 5\r\n\r\n")
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"hello")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    (seen,) = records(clean)
+    assert seen.body == b"hello"

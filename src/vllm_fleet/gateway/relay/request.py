@@ -93,7 +93,9 @@ class Request:
 
     @property
     def expect_continue(self) -> bool:
-        return self.expect is not None
+        # Only once the whole head is in and checked (on_headers_complete): a head still
+        # arriving may yet be refused, or expect something else (417), or be HTTP/1.0.
+        return self.expect is not None and self.headers_done
 
 
 # Request headers the relay looks at (lower-case name -> what it is); all others are
