@@ -244,3 +244,29 @@ def test_fuzz_100_continue_still_comes_once_the_head_is_whole(
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
     (seen,) = records(clean)
     assert seen.body == b"hello"
+
+
+def test_fuzz_garbage_after_a_head_request_gets_a_whole_400(
+    gateway: GatewayThread, clean: RecordingEngine
+) -> None:
+    """A HEAD, then bytes that are no request: their 400 went out as a head alone (llhttp
+    still reported the HEAD's method), so its announced body never came."""
+    wire = request().replace(b"GET", b"HEAD") + b"\x01junk\r\n\r\n"
+    (head_answer, junk_answer) = exchange(gateway, wire, ("HEAD", "GET"))
+    assert head_answer[0].status_code == 200 and head_answer[1] == b""
+    assert junk_answer[0].status_code == 400
+    assert envelope(junk_answer[1])["code"] == "invalid_request"
+
+
+def test_fuzz_head_with_a_bad_target_is_still_answered_with_a_head_alone(
+    gateway: GatewayThread, clean: RecordingEngine
+) -> None:
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=3) as sock:
+        sock.sendall(request(target="raw:443").replace(b"GET", b"HEAD"))
+        answer = b""
+        while data := sock.recv(65536):  # the gateway closes after it
+            answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"Content-Length: " in head
+    assert body == b""
+    assert records(clean) == []

@@ -68,6 +68,7 @@ class ClientConnection(asyncio.Protocol):
         "closed",
         "exchange",
         "last_active",
+        "method_before",
         "over_limit",
         "parser",
         "peer_bytes",
@@ -102,6 +103,7 @@ class ClientConnection(asyncio.Protocol):
         self.progress = False  # this read began a request, ended a head, a body or a chunk
         self.stalled = 0  # bytes of reads since, that ended inside a request
         self.waiting = False  # in the admission's queue, waiting for a turn
+        self.method_before = b""
         self.over_limit = False  # accepted past gateway.max_connections: answered 503
         self._advancing = False
 
@@ -199,6 +201,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.progress = True
+        self.method_before = self.parser.get_method()  # the last request's (see _parsed_head)
         self.queue.append(Request())
 
     def on_url(self, url: bytes) -> None:
@@ -354,11 +357,18 @@ class ClientConnection(asyncio.Protocol):
         request = queue[-1] if queue and not queue[-1].complete else Request()
         if request not in queue:
             queue.append(request)
-        elif not request.headers_done and self.parser.get_method() == b"HEAD":
+        elif not request.headers_done and self._parsed_head():
             request.method = "HEAD"  # refused mid-head: the answer is still a head alone
         request.error = reply
         request.complete = True
         request.keep_alive = False
+
+    def _parsed_head(self) -> bool:
+        """Whether the request being parsed is a HEAD. llhttp keeps the last request's
+        method until it has read this one's: a method that did not change is only this
+        request's once its URL has begun."""
+        method = self.parser.get_method()
+        return method == b"HEAD" and (self.method_before != b"HEAD" or bool(self.queue[-1].url))
 
     def _send_continue(self, request: Request) -> None:
         request.continued = True
