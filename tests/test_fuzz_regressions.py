@@ -270,3 +270,26 @@ def test_fuzz_head_with_a_bad_target_is_still_answered_with_a_head_alone(
     assert head.startswith(b"HTTP/1.1 400 ") and b"Content-Length: " in head
     assert body == b""
     assert records(clean) == []
+
+
+@pytest.mark.parametrize(
+    ("second", "status"),
+    [
+        (b"Expect: something-else\r\n", 417),
+        (b"Content-Length: 99999999\r\n", 413),
+        (b"Host: u\r\n", 400),
+    ],
+    ids=["417", "413", "two-hosts"],
+)
+def test_fuzz_request_refused_after_a_declined_h2c_offer_is_not_a_500(
+    gateway: GatewayThread, clean: RecordingEngine, second: bytes, status: int
+) -> None:
+    """`Upgrade: h2c` on a bodiless request is declined (answered over HTTP/1.1); a request
+    pipelined after it and refused at its head was parsed inside the handler of llhttp's
+    upgrade signal, so the refusal surfaced as that signal: a 500."""
+    offer = b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    (first, refused) = exchange(gateway, offer + request(extra=second), ("GET", "GET"))
+    assert first[0].status_code == 200
+    assert refused[0].status_code == status
+    envelope(refused[1])
+    assert records(clean) == []

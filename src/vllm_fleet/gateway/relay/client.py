@@ -137,6 +137,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.last_active = time.monotonic()
         self.progress = False
+        rest = b""  # bytes after a declined h2c offer, parsed as HTTP/1.1
         try:
             self.parser.feed_data(data)
             if not self.queue or self.queue[-1].complete or self.progress:
@@ -163,9 +164,7 @@ class ClientConnection(asyncio.Protocol):
                 # the bytes after it as HTTP/1.1 too.
                 last.complete = True
                 offset = int(exc.args[0]) if exc.args else len(data)
-                if offset < len(data):
-                    self.data_received(data[offset:])
-                    return
+                rest = data[offset:]
             else:
                 # The Upgrade request carries its error (on_headers_complete); what
                 # follows it is another protocol's bytes: stop reading.
@@ -185,6 +184,11 @@ class ClientConnection(asyncio.Protocol):
                     400, f"malformed HTTP request ({exc}); send HTTP/1.1", "invalid_request"
                 )
             )
+        if rest:
+            # Outside the except block: parsed inside it, a callback's Reject would reach
+            # us as the HttpParserUpgrade (its __context__), hence a 500.
+            self.data_received(rest)
+            return
         self._advance()
 
     def pause_writing(self) -> None:
