@@ -293,3 +293,35 @@ def test_fuzz_request_refused_after_a_declined_h2c_offer_is_not_a_500(
     assert refused[0].status_code == status
     envelope(refused[1])
     assert records(clean) == []
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET /raw/v1/x HTTP/1.1\r\n", 400),  # no Host
+        (b"GET /raw/v1/x HTTP/1.1\r\nHost: t\r\nHost: u\r\n", 400),
+        (b"GET /raw/v1/x HTTP/1.1\r\nHost: a b\r\n", 400),
+        (b"GET /raw/v1/x HTTP/1.1\r\nHost: t\r\nExpect: something-else\r\n", 417),
+    ],
+    ids=["no-host", "two-hosts", "bad-host", "expect"],
+)
+def test_fuzz_h2c_offer_is_checked_like_any_request(
+    gateway: GatewayThread, clean: RecordingEngine, head: bytes, status: int
+) -> None:
+    """A request without a Host, offering h2c: the offer was declined and the request
+    forwarded, every check after the Upgrade one skipped."""
+    wire = head + b"X-Fuzz-Id: r0\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    ((answer, body),) = exchange(gateway, wire)
+    assert answer.status_code == status
+    envelope(body)
+    assert records(clean) == []
+
+
+def test_fuzz_h2c_offer_with_a_good_head_is_still_served(
+    gateway: GatewayThread, clean: RecordingEngine
+) -> None:
+    wire = request(extra=b"Connection: Upgrade\r\nUpgrade: h2c\r\n")
+    ((answer, _),) = exchange(gateway, wire)
+    assert answer.status_code == 200
+    (seen,) = records(clean)
+    assert seen.header(b"upgrade") == []

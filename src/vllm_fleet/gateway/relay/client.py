@@ -292,16 +292,17 @@ class ClientConnection(asyncio.Protocol):
             upgrade = (request.upgrade or b"").strip().lower()
             bodiless = not request.chunked and request.length in (None, b"0")
             if upgrade == b"h2c" and bodiless and request.method != "CONNECT":
+                # Declined, and then checked as any request is (its Host included).
                 request.h2c_offer = True
+            else:
+                request.error = error_reply(
+                    400,
+                    "the gateway does not upgrade connections (Upgrade / CONNECT); "
+                    "send plain HTTP/1.1 requests",
+                    "upgrade_not_supported",
+                )
+                request.keep_alive = False
                 return
-            request.error = error_reply(
-                400,
-                "the gateway does not upgrade connections (Upgrade / CONNECT); "
-                "send plain HTTP/1.1 requests",
-                "upgrade_not_supported",
-            )
-            request.keep_alive = False
-            return
         if request.hosts > 1 or (request.http11 and request.hosts != 1):
             raise Reject(
                 error_reply(
