@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv lint format test test-fast demo clean bench bench-quick chaos engines-env models lock
+.PHONY: venv lint format test test-fast fuzz demo clean bench bench-quick chaos engines-env models lock
 
 # Every environment installs the exact versions pinned in requirements/ (README: Pinned
 # installs); `make lock` resolves them anew. The build backend is pinned too, hence
@@ -32,6 +32,14 @@ test-fast: venv
 
 test: lint engines-env models
 	$(PY) -m pytest -q -rs
+
+# The fuzz campaign (README: Fuzzing): FUZZ_COUNT generated cases against `fleet up` over
+# real sockets; FUZZ_SEED replays a campaign (its seed is printed). `make test` runs a
+# short one (tests/test_fuzz_gateway.py).
+FUZZ_COUNT ?= 100000
+FUZZ_SEED ?=
+fuzz: venv
+	$(PY) -m tests.fuzz --count $(FUZZ_COUNT) $(if $(FUZZ_SEED),--seed $(FUZZ_SEED))
 
 # Resolve the pins in requirements/ anew (README: Pinned installs), then review and test.
 lock:

@@ -129,8 +129,8 @@ def test_duplicate_model_keys_count_once_the_last_as_in_json(core: Core) -> None
         (b'{"model": "x",}', "not valid JSON"),
         (b"[" * 5000 + b"]" * 5000, "not valid JSON"),
         (b'{"model": "\xed\xa0\x80"}', "not valid JSON"),  # a UTF-8-encoded surrogate
-        (b"[1, 2]", "must be a JSON object, not list"),
-        (b"12345678901234567890", "must be a JSON object, not int"),
+        (b"[1, 2]", "must be a JSON object, not an array"),
+        (b"12345678901234567890", "must be a JSON object, not a number"),
     ],
 )
 def test_bodies_that_are_not_a_json_object_get_a_400(core: Core, body: bytes, says: str) -> None:

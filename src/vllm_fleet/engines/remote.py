@@ -39,7 +39,8 @@ async def probe(session: aiohttp.ClientSession, url: str, timeout: float) -> str
                 return f"/health answered {resp.status}"
             return None
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return f"{type(exc).__name__}: {exc}".rstrip(": ")
+        # Said in words, never as Python's class name: it reaches clients in the 503.
+        return str(exc) or f"no answer within {timeout:g} s"
 
 
 async def watch_remote(

@@ -214,7 +214,10 @@ class Core:
                 parsed = _parse_object(body)
                 if isinstance(parsed, Reply):
                     return parsed
-                body = _with_model(parsed, body, self.names.served[dep_id])
+                rewritten = _with_model(parsed, body, self.names.served[dep_id])
+                if isinstance(rewritten, Reply):
+                    return rewritten
+                body = rewritten
             elif body and content_type is not None and is_multipart(content_type):
                 found = form.find_model(body, content_type)
                 if isinstance(found, Reply):
@@ -262,7 +265,10 @@ class Core:
         dep_id = self.names.resolve(parsed.get("model"))
         if isinstance(dep_id, RouteError):
             return self.route_error(dep_id)
-        return dep_id, _with_model(parsed, body, self.names.served[dep_id])
+        rewritten = _with_model(parsed, body, self.names.served[dep_id])
+        if isinstance(rewritten, Reply):
+            return rewritten
+        return dep_id, rewritten
 
     def repeated_header(self, name: str) -> Reply:
         """A header the gateway decides on came twice: the engine might read the other
@@ -380,7 +386,7 @@ class Core:
         return error_reply(
             502,
             f"engine {upstream.name} ({upstream.url}) failed before answering: "
-            f"{type(exc).__name__}: {exc}",
+            f"{exc or 'the connection broke'}",
             "upstream_error",
         )
 
@@ -457,13 +463,24 @@ def _parse_object(body: bytes) -> _Body | Reply:
     if not isinstance(parsed, dict):
         return error_reply(
             400,
-            f"the request body must be a JSON object, not {type(parsed).__name__}",
+            f"the request body must be a JSON object, not {_json_kind(parsed)}",
             "invalid_json",
         )
     return _Body(parsed, False)
 
 
-def _with_model(parsed: _Body, body: bytes, served: str) -> bytes:
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words (never Python's `NoneType`)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "a string" if isinstance(value, str) else "an array"
+
+
+def _with_model(parsed: _Body, body: bytes, served: str) -> bytes | Reply:
     obj = parsed.obj
     if obj.get("model") == served:
         return body  # already right: forward the client's bytes as they are
@@ -473,4 +490,14 @@ def _with_model(parsed: _Body, body: bytes, served: str) -> bytes:
             return orjson.dumps(obj)
         except orjson.JSONEncodeError:
             pass  # nested deeper than orjson writes (it reads deeper than it writes)
-    return _encode(obj).encode("ascii")
+    try:
+        return _encode(obj).encode("ascii")
+    except RecursionError:
+        # orjson reads up to 1024 levels; the json module writes fewer (its depth is
+        # Python's recursion limit, less the stack already in use).
+        return error_reply(
+            400,
+            "the request body is nested too deeply for the gateway to rewrite its `model`; "
+            "send a JSON object nested less than 900 levels deep",
+            "invalid_json",
+        )

@@ -22,9 +22,11 @@ _TYPES = {
     417: "invalid_request_error",
     431: "invalid_request_error",
     500: "internal_error",
+    501: "invalid_request_error",
     502: "bad_gateway_error",
     503: "service_unavailable_error",
     504: "timeout_error",
+    505: "invalid_request_error",
 }
 
 

@@ -35,6 +35,7 @@ from vllm_fleet.gateway.relay.request import (
     EXPECT,
     HEADER_KIND,
     HOST,
+    HOST_VALUE,
     LENGTH,
     MAX_HEAD,
     MAX_HEADERS,
@@ -75,6 +76,7 @@ class ClientConnection(asyncio.Protocol):
         "exchange",
         "last_active",
         "linger",
+        "method_before",
         "over_limit",
         "parser",
         "peer_bytes",
@@ -109,6 +111,7 @@ class ClientConnection(asyncio.Protocol):
         self.progress = False  # this read began a request, ended a head, a body or a chunk
         self.stalled = 0  # bytes of reads since, that ended inside a request
         self.waiting = False  # in the admission's queue, waiting for a turn
+        self.method_before = b""
         self.over_limit = False  # accepted past gateway.max_connections: answered 503
         self.linger: Linger | None = None  # made when the parser stops inside a request
         self._advancing = False
@@ -149,6 +152,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.last_active = time.monotonic()
         self.progress = False
+        rest = b""  # bytes after a declined h2c offer, parsed as HTTP/1.1
         try:
             self.parser.feed_data(data)
             if not self.queue or self.queue[-1].complete or self.progress:
@@ -175,9 +179,7 @@ class ClientConnection(asyncio.Protocol):
                 # the bytes after it as HTTP/1.1 too.
                 last.complete = True
                 offset = int(exc.args[0]) if exc.args else len(data)
-                if offset < len(data):
-                    self.data_received(data[offset:])
-                    return
+                rest = data[offset:]
             else:
                 # The Upgrade request carries its error (on_headers_complete); what
                 # follows it is another protocol's bytes: stop reading.
@@ -198,6 +200,11 @@ class ClientConnection(asyncio.Protocol):
                     400, f"malformed HTTP request ({exc}); send HTTP/1.1", "invalid_request"
                 )
             )
+        if rest:
+            # Outside the except block: parsed inside it, a callback's Reject would reach
+            # us as the HttpParserUpgrade (its __context__), hence a 500.
+            self.data_received(rest)
+            return
         self._advance()
 
     def pause_writing(self) -> None:
@@ -214,6 +221,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.progress = True
+        self.method_before = self.parser.get_method()  # the last request's (see _parsed_head)
         request = Request()
         request.began = self.last_active  # this read's time: no clock reading of its own
         self.queue.append(request)
@@ -270,6 +278,11 @@ class ClientConnection(asyncio.Protocol):
         elif kind == UPGRADE:
             request.upgrade = value
         elif kind == TE:
+            codings = [c.strip().lower() for c in value.split(b",")]
+            if codings != [b"chunked"]:
+                # llhttp takes any codings that end in chunked (`gzip, chunked`); the
+                # engine would get a body still in a coding nobody names (RFC 9112 6.1).
+                raise Reject(_unsupported_coding(value, chunked_last=codings[-1] == b"chunked"))
             request.chunked = True
 
     def on_headers_complete(self) -> None:
@@ -278,31 +291,47 @@ class ClientConnection(asyncio.Protocol):
         request = self.queue[-1]
         request.headers_done = True
         request.method = parser.get_method().decode("ascii", "replace")
-        request.http11 = parser.get_http_version() == "1.1"
+        version = parser.get_http_version()
+        request.http11 = version == "1.1"
         request.keep_alive = parser.should_keep_alive()
         if self.over_limit:  # answered 503 at once (no body read, no 100 Continue)
             raise Reject(_over_limit(self.state.max_connections))
+        if version not in ("1.1", "1.0"):
+            # llhttp reads `HTTP/0.9` and `HTTP/2.0` request lines too; neither is a
+            # version this HTTP/1.1 relay (or the engine behind it) speaks.
+            raise Reject(
+                error_reply(
+                    505, f"HTTP/{version} is not supported; send HTTP/1.1", "unsupported_version"
+                )
+            )
         if parser.should_upgrade():
             # feed_data raises HttpParserUpgrade once this message is complete. An h2c
             # offer without a body (curl --http2) is ignored: answered over HTTP/1.1.
             upgrade = (request.upgrade or b"").strip().lower()
             bodiless = not request.chunked and request.length in (None, b"0")
             if upgrade == b"h2c" and bodiless and request.method != "CONNECT":
+                # Declined, and then checked as any request is (its Host included).
                 request.h2c_offer = True
+            else:
+                request.error = error_reply(
+                    400,
+                    "the gateway does not upgrade connections (Upgrade / CONNECT); "
+                    "send plain HTTP/1.1 requests",
+                    "upgrade_not_supported",
+                )
+                request.keep_alive = False
                 return
-            request.error = error_reply(
-                400,
-                "the gateway does not upgrade connections (Upgrade / CONNECT); "
-                "send plain HTTP/1.1 requests",
-                "upgrade_not_supported",
-            )
-            request.keep_alive = False
-            return
-        if request.http11 and request.hosts != 1:
+        if request.hosts > 1 or (request.http11 and request.hosts != 1):
             raise Reject(
                 error_reply(
                     400, "an HTTP/1.1 request needs exactly one Host header", "invalid_request"
                 )
+            )
+        if request.hosts and not HOST_VALUE.fullmatch(request.host):
+            # RFC 9112 3.2: a Host that names no host is a 400 (it would be the engine's
+            # X-Forwarded-Host).
+            raise Reject(
+                error_reply(400, "the Host header is not a host[:port]", "invalid_request", "Host")
             )
         core = self.state.core
         body_follows = request.chunked
@@ -361,7 +390,7 @@ class ClientConnection(asyncio.Protocol):
         request = queue[-1] if queue and not queue[-1].complete else Request()
         if request not in queue:
             queue.append(request)
-        elif not request.headers_done and self.parser.get_method() == b"HEAD":
+        elif not request.headers_done and self._parsed_head():
             request.method = "HEAD"  # refused mid-head: the answer is still a head alone
         request.error = reply
         request.complete = True
@@ -395,6 +424,13 @@ class ClientConnection(asyncio.Protocol):
             self.linger = Linger(
                 gateway.lingering_time, gateway.lingering_timeout, gateway.lingering_max_bytes
             )
+
+    def _parsed_head(self) -> bool:
+        """Whether the request being parsed is a HEAD. llhttp keeps the last request's
+        method until it has read this one's: a method that did not change is only this
+        request's once its URL has begun."""
+        method = self.parser.get_method()
+        return method == b"HEAD" and (self.method_before != b"HEAD" or bool(self.queue[-1].url))
 
     def _send_continue(self, request: Request) -> None:
         request.continued = True
@@ -581,6 +617,18 @@ def _over_limit(limit: int) -> Reply:
         "shortly (gateway.max_connections, or the open-files limit, sets it)",
         "too_many_connections",
         headers={"Retry-After": "1"},
+    )
+
+
+def _unsupported_coding(value: bytes, chunked_last: bool) -> Reply:
+    """RFC 9112 6.1 and 6.3: a coding the server does not know is a 501; a request whose
+    codings do not end in chunked has no length at all, a 400."""
+    return error_reply(
+        501 if chunked_last else 400,
+        f"the gateway takes no transfer coding but chunked (Transfer-Encoding: "
+        f"{value.decode('latin-1')[:100]}); send the body as it is, with Content-Length "
+        "or Transfer-Encoding: chunked",
+        "unsupported_transfer_coding",
     )
 
 

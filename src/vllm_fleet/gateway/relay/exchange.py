@@ -299,7 +299,7 @@ class Exchange:
         log.warning("engine %s broke off mid-response: %s", name, exc)
         if self.is_sse and (self.chunked or self.close_after):
             event = sse_error_event(
-                f"engine {name} broke off the stream: {type(exc).__name__}",
+                f"engine {name} broke off the stream: {exc or 'the connection broke'}",
                 "upstream_disconnected",
             )
             if self.chunked:

@@ -8,12 +8,20 @@ with an answer and closes the connection.
 
 from __future__ import annotations
 
+import re
+
 from vllm_fleet.gateway.errors import Reply
 from vllm_fleet.gateway.relay import wire
 
 MAX_URL = 8192  # bytes of request target (nginx's order of size)
 MAX_HEAD = 32768  # bytes of header names and values in one request
 MAX_HEADERS = 128  # header lines in one request
+
+# A Host header's value: uri-host [ ":" port ] (RFC 9112 3.2, RFC 3986 3.2.2); an IP literal
+# in brackets, or a reg-name (unreserved, sub-delims, percent-encoded), possibly empty.
+HOST_VALUE = re.compile(
+    rb"(?:\[[0-9A-Za-z:._~!$&'()*+,;=-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?"
+)
 
 
 class Reject(Exception):
@@ -89,7 +97,9 @@ class Request:
 
     @property
     def expect_continue(self) -> bool:
-        return self.expect is not None
+        # Only once the whole head is in and checked (on_headers_complete): a head still
+        # arriving may yet be refused, or expect something else (417), or be HTTP/1.0.
+        return self.expect is not None and self.headers_done
 
 
 # Request headers the relay looks at (lower-case name -> what it is); all others are
