@@ -264,3 +264,28 @@ def test_a_request_read_whole_never_lingers(patient: GatewayThread) -> None:
         assert client.read().status == 200
         assert client.closed()
         wait_until(lambda: patient.connection_count() == 0, what="closed, the client still there")
+
+
+def test_an_answer_closing_the_connection_ends_it_before_a_broken_request_behind(
+    engine: FakeEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by fuzzing: a request answered with `Connection: close` while a malformed
+    request pipelined behind it had already stopped the parser. The first answer started
+    the lingering close (the write side shut); the second's 400 was then written after
+    it, which raised inside data_received (a traceback, the connection reset)."""
+    gw = gateway_for(engine, "  max_body_mb: 1\n")
+    try:
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+            sock.sendall(
+                b"GET /nowhere/v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                b"POST /m/v1/chat/completions HTTP/1.1\r\nHost: x\r\nBad Header\r\n"
+            )
+            answer = bytearray()
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 404 "), bytes(answer[:200])
+        assert answer.count(b"HTTP/1.1 ") == 1, bytes(answer)  # nothing after the close
+        wait_until(lambda: gw.connection_count() == 0, what="the connection closed")
+        assert not [r for r in caplog.records if r.exc_info or "Fatal error" in r.getMessage()]
+    finally:
+        gw.stop()

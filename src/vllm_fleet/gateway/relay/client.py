@@ -85,6 +85,7 @@ class ClientConnection(asyncio.Protocol):
         "queue",
         "queued_bytes",
         "read_paused",
+        "shut",
         "stalled",
         "state",
         "transport",
@@ -107,6 +108,7 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.read_paused = False
         self.broken = False  # the parser stopped: answer what is queued, then close
+        self.shut = False  # close() was called: nothing more is written, lingering or not
         self.last_active = time.monotonic()
         self.progress = False  # this read began a request, ended a head, a body or a chunk
         self.stalled = 0  # bytes of reads since, that ended inside a request
@@ -372,7 +374,7 @@ class ClientConnection(asyncio.Protocol):
     def _closing(self) -> bool:
         """Closed, or closing once what is written has gone (no more requests start)."""
         transport = self.transport
-        return self.closed or (transport is not None and transport.is_closing())
+        return self.closed or self.shut or (transport is not None and transport.is_closing())
 
     def _bytes_behind(self) -> int:
         """Body bytes held by requests queued behind the one answered first (which keeps
@@ -558,7 +560,7 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------ output
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self.shut:
             self.transport.write(data)
 
     def reply(self, reply: Reply) -> None:
@@ -591,6 +593,7 @@ class ClientConnection(asyncio.Protocol):
         """Close once what is written has gone out; lingering, after a request refused
         before it was read whole (already lingering: it ends at one of its bounds)."""
         self.broken = True
+        self.shut = True  # a lingering transport is half-closed, not is_closing()
         transport = self.transport
         if transport is None or transport.is_closing():
             return
