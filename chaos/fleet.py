@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,39 +21,7 @@ from typing import Any
 
 import yaml
 
-# The fake `vllm serve` (vllm_fleet.testing.fake_vllm) as an engine command.
-FAKE_ENGINE = ["{python}", "-m", "vllm_fleet.testing.fake_vllm", "{model}"]
-# Quick restarts and health checks, as the tests use.
-FAST_ENGINES: dict[str, Any] = {
-    "health_interval": 0.2,
-    "backoff_initial": 0.1,
-    "backoff_max": 0.5,
-    "stop_timeout": 5,
-    "start_timeout": 30,
-}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive ports free right now."""
-    for _ in range(100):
-        first = free_port()
-        try:
-            with contextlib.ExitStack() as stack:
-                for port in range(first, first + count):
-                    sock = stack.enter_context(socket.socket())
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return first
-    raise RuntimeError(f"no {count} consecutive free ports")
+from vllm_fleet.testing.harness import FAKE_ENGINE, FAST_ENGINES, free_port, free_ports
 
 
 def new_marker(prefix: str) -> str:

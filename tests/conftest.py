@@ -5,7 +5,6 @@ Import them directly (`from tests.conftest import free_port, fake_fleet_file, wa
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import time
@@ -15,19 +14,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from vllm_fleet.testing.harness import FAKE_ENGINE, FAST_ENGINES, free_ports
+
+# Re-exported: tests import them from here with the rest.
+__all__ = ["FAKE_ENGINE", "FAST_ENGINES", "free_ports"]
+
 T = TypeVar("T")
-
-# The fake engine, as an `engine_command` template.
-FAKE_ENGINE = ["{python}", "-m", "vllm_fleet.testing.fake_vllm", "{model}"]
-
-# Engine settings that keep tests quick: fast backoff and health checks, short grace.
-FAST_ENGINES: dict[str, Any] = {
-    "health_interval": 0.2,
-    "backoff_initial": 0.1,
-    "backoff_max": 0.5,
-    "stop_timeout": 5,
-    "start_timeout": 30,
-}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -36,26 +28,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> int:
-    """The first of `count` consecutive ports that are all free right now."""
-    for _ in range(100):
-        first = free_port(host)
-        if first + count > 65536:
-            continue
-        try:
-            with contextlib.ExitStack() as stack:
-                for port in range(first, first + count):
-                    sock = stack.enter_context(socket.socket())
-                    # As the engines' servers bind: ports held only by connections in
-                    # TIME_WAIT (plenty after a full run) are free to them.
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    sock.bind((host, port))
-        except OSError:
-            continue
-        return first
-    raise RuntimeError(f"found no {count} consecutive free ports")
 
 
 def fake_fleet_file(

@@ -1,8 +1,10 @@
 """Small helpers for tests that run real processes on 127.0.0.1: free ports, waiting for
-a port to open, and a fake engine started as a subprocess (`FakeEngine`)."""
+a port to open, a fake engine started as a subprocess (`FakeEngine`), and the settings a
+fleet file of fake engines uses (`FAKE_ENGINE`, `FAST_ENGINES`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -11,6 +13,19 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
+from typing import Any
+
+# The fake engine, as an `engine_command` template.
+FAKE_ENGINE = ["{python}", "-m", "vllm_fleet.testing.fake_vllm", "{model}"]
+
+# Engine settings that keep tests quick: fast backoff and health checks, short grace.
+FAST_ENGINES: dict[str, Any] = {
+    "health_interval": 0.2,
+    "backoff_initial": 0.1,
+    "backoff_max": 0.5,
+    "stop_timeout": 5,
+    "start_timeout": 30,
+}
 
 
 def free_port() -> int:
@@ -19,6 +34,26 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> int:
+    """The first of `count` consecutive ports that are all free right now."""
+    for _ in range(100):
+        first = free_port()
+        if first + count > 65536:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(first, first + count):
+                    sock = stack.enter_context(socket.socket())
+                    # As the engines' servers bind: ports held only by connections in
+                    # TIME_WAIT (plenty after a full run) are free to them.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind((host, port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"found no {count} consecutive free ports")
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
