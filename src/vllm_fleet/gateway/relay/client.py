@@ -21,7 +21,7 @@ from urllib.parse import unquote
 
 import httptools
 
-from vllm_fleet.gateway.core import OWN_ENDPOINTS, Forward
+from vllm_fleet.gateway.core import OWN_ENDPOINTS
 from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.relay import wire
 from vllm_fleet.gateway.relay.admission import Admission
@@ -45,6 +45,10 @@ from vllm_fleet.gateway.relay.request import (
     XFF,
     Reject,
     Request,
+    engine_headers,
+    internal_error,
+    over_limit,
+    unsupported_coding,
 )
 from vllm_fleet.gateway.relay.state import ServerState
 from vllm_fleet.gateway.relay.upstream import Pools
@@ -59,7 +63,6 @@ log = logging.getLogger(__name__)
 MAX_QUEUED = 8
 MAX_QUEUED_BYTES = 1 << 20
 OVER_LIMIT_GRACE = 5.0  # seconds an over-the-limit connection may take to send a head
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # A request with a body has its key checked at its head (401 there, the body never read),
 # but for these methods, checked once the request is read: a GET or HEAD may be for an
 # endpoint of the gateway's own that needs no key (/health, /metrics).
@@ -195,7 +198,7 @@ class ClientConnection(asyncio.Protocol):
                 self._break(cause.reply)
             else:
                 log.error("unexpected error parsing a request", exc_info=cause or exc)
-                self._break(_internal_error())
+                self._break(internal_error())
         except httptools.HttpParserError as exc:
             self._break(
                 error_reply(
@@ -284,7 +287,7 @@ class ClientConnection(asyncio.Protocol):
             if codings != [b"chunked"]:
                 # llhttp takes any codings that end in chunked (`gzip, chunked`); the
                 # engine would get a body still in a coding nobody names (RFC 9112 6.1).
-                raise Reject(_unsupported_coding(value, chunked_last=codings[-1] == b"chunked"))
+                raise Reject(unsupported_coding(value, chunked_last=codings[-1] == b"chunked"))
             request.chunked = True
 
     def on_headers_complete(self) -> None:
@@ -297,7 +300,7 @@ class ClientConnection(asyncio.Protocol):
         request.http11 = version == "1.1"
         request.keep_alive = parser.should_keep_alive()
         if self.over_limit:  # answered 503 at once (no body read, no 100 Continue)
-            raise Reject(_over_limit(self.state.max_connections))
+            raise Reject(over_limit(self.state.max_connections))
         if version not in ("1.1", "1.0"):
             # llhttp reads `HTTP/0.9` and `HTTP/2.0` request lines too; neither is a
             # version this HTTP/1.1 relay (or the engine behind it) speaks.
@@ -486,7 +489,7 @@ class ClientConnection(asyncio.Protocol):
                 self.exchange = None
             request.keep_alive = False
             if self.busy and self.queue and self.queue[0] is request:
-                self.reply(_internal_error())
+                self.reply(internal_error())
 
     def _dispatch(self, request: Request) -> None:
         core = self.state.core
@@ -528,34 +531,9 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(decided, Reply):
             self.reply(decided)
             return
-        headers = self._engine_headers(request, decided)
+        headers = engine_headers(request, self.peer_bytes, decided.body)
         self.exchange = Exchange(self, self.state, core, self.pools, request, decided, headers)
         self.exchange.start()
-
-    def _engine_headers(self, request: Request, forward: Forward) -> bytes:
-        """The header lines for the engine (less Host, which depends on the engine)."""
-        lines = request.lines  # name, ": ", value, CRLF for each header forwarded
-        if request.connection is not None:
-            # Headers the client's `Connection` names are for this hop only.
-            listed = wire.connection_tokens(request.connection)
-            if listed:
-                kept = [i for i in range(0, len(lines), 4) if lines[i].lower() not in listed]
-                lines = [part for i in kept for part in lines[i : i + 4]]
-        if request.api_key and request.authorization is None:
-            # Azure clients send their key as `api-key`; engines started with --api-key
-            # expect a bearer token.
-            lines.append(b"Authorization: Bearer %s\r\n" % request.api_key.encode("latin-1"))
-        peer = self.peer_bytes
-        prior = request.forwarded_for
-        lines.append(
-            b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n"
-            b"X-Real-IP: %s\r\n" % (prior + b", " + peer if prior else peer, request.host, peer)
-        )
-        if forward.body or request.method in _BODY_METHODS:
-            lines.append(b"Content-Length: %d\r\n\r\n" % len(forward.body))
-        else:
-            lines.append(b"\r\n")
-        return b"".join(lines)
 
     # ------------------------------------------------------------ output
 
@@ -611,29 +589,3 @@ class ClientConnection(asyncio.Protocol):
         """An over-the-limit connection that has not sent a request head yet: closed."""
         if not self.closed and not any(r.headers_done for r in self.queue):
             self.close()
-
-
-def _over_limit(limit: int) -> Reply:
-    return error_reply(
-        503,
-        f"the gateway serves {limit} connections at once and is at that limit; retry "
-        "shortly (gateway.max_connections, or the open-files limit, sets it)",
-        "too_many_connections",
-        headers={"Retry-After": "1"},
-    )
-
-
-def _unsupported_coding(value: bytes, chunked_last: bool) -> Reply:
-    """RFC 9112 6.1 and 6.3: a coding the server does not know is a 501; a request whose
-    codings do not end in chunked has no length at all, a 400."""
-    return error_reply(
-        501 if chunked_last else 400,
-        f"the gateway takes no transfer coding but chunked (Transfer-Encoding: "
-        f"{value.decode('latin-1')[:100]}); send the body as it is, with Content-Length "
-        "or Transfer-Encoding: chunked",
-        "unsupported_transfer_coding",
-    )
-
-
-def _internal_error() -> Reply:
-    return error_reply(500, "internal gateway error; see the gateway log", "internal_error")

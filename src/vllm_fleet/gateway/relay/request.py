@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import re
 
-from vllm_fleet.gateway.errors import Reply
+from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.relay import wire
 
 MAX_URL = 8192  # bytes of request target (nginx's order of size)
 MAX_HEAD = 32768  # bytes of header names and values in one request
 MAX_HEADERS = 128  # header lines in one request
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # always sent with a Content-Length
 
 # A Host header's value: uri-host [ ":" port ] (RFC 9112 3.2, RFC 3986 3.2.2); an IP literal
 # in brackets, or a reg-name (unreserved, sub-delims, percent-encoded), possibly empty.
@@ -120,3 +121,58 @@ HEADER_KIND = {name: DROP for name in wire.REQUEST_DROP} | {
     b"upgrade": UPGRADE,
     b"transfer-encoding": TE,
 }
+
+
+def engine_headers(request: Request, peer: bytes, body: bytes) -> bytes:
+    """The header lines for the engine (less Host, which depends on the engine): those
+    forwarded, the key as a bearer token, the X-Forwarded set, the body's length."""
+    lines = request.lines  # name, ": ", value, CRLF for each header forwarded
+    if request.connection is not None:
+        # Headers the client's `Connection` names are for this hop only.
+        listed = wire.connection_tokens(request.connection)
+        if listed:
+            kept = [i for i in range(0, len(lines), 4) if lines[i].lower() not in listed]
+            lines = [part for i in kept for part in lines[i : i + 4]]
+    if request.api_key and request.authorization is None:
+        # Azure clients send their key as `api-key`; engines started with --api-key
+        # expect a bearer token.
+        lines.append(b"Authorization: Bearer %s\r\n" % request.api_key.encode("latin-1"))
+    prior = request.forwarded_for
+    lines.append(
+        b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n"
+        b"X-Real-IP: %s\r\n" % (prior + b", " + peer if prior else peer, request.host, peer)
+    )
+    if body or request.method in BODY_METHODS:
+        lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
+    else:
+        lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+# ---------------------------------------------------------------- the relay's own refusals
+
+
+def over_limit(limit: int) -> Reply:
+    return error_reply(
+        503,
+        f"the gateway serves {limit} connections at once and is at that limit; retry "
+        "shortly (gateway.max_connections, or the open-files limit, sets it)",
+        "too_many_connections",
+        headers={"Retry-After": "1"},
+    )
+
+
+def unsupported_coding(value: bytes, chunked_last: bool) -> Reply:
+    """RFC 9112 6.1 and 6.3: a coding the server does not know is a 501; a request whose
+    codings do not end in chunked has no length at all, a 400."""
+    return error_reply(
+        501 if chunked_last else 400,
+        f"the gateway takes no transfer coding but chunked (Transfer-Encoding: "
+        f"{value.decode('latin-1')[:100]}); send the body as it is, with Content-Length "
+        "or Transfer-Encoding: chunked",
+        "unsupported_transfer_coding",
+    )
+
+
+def internal_error() -> Reply:
+    return error_reply(500, "internal gateway error; see the gateway log", "internal_error")
