@@ -223,8 +223,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             engine.waiting -= 1
     engine.in_flight += 1
     engine.idle.clear()
-    transport = request.transport
-    if transport is not None:
+    if (transport := request.transport) is not None:
         engine.answering.add(transport)
     engine.prompt_tokens += prompt
     try:
