@@ -322,6 +322,10 @@ def test_every_replica_failing_is_tried_once_then_a_502_naming_the_deployment() 
         assert caught.value.response.headers["X-Fleet-Error"] == "gateway"
         for word in ("`mixed`", "mixed-0", "mixed-1", "mixed-2"):
             assert word in error["message"], error["message"]
+        # Each failure said in words, never as Python's class name.
+        assert "closed the connection" in error["message"], error["message"]
+        assert "reset the connection" in error["message"], error["message"]
+        assert "Error" not in error["message"], error["message"]
         assert len(closing.requests()) == 1 and len(resetting.requests()) == 1
         # All three are out of the rotation now: answered at once, naming them.
         again = httpx.post(f"{gw.url}/mixed/v1/completions", json={"prompt": "x"})

@@ -269,7 +269,8 @@ class EngineProcess:
                 await resp.read()
                 return None if resp.status == 200 else f"/health answered {resp.status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return f"/health: {type(exc).__name__}: {exc}".rstrip(": ")
+            # Said in words, never as Python's class name: it reaches clients in the 503.
+            return f"/health: {exc or f'no answer within {timeout:g} s'}"
 
     async def _load(self, timeout: float) -> EngineLoad | str:
         """The engine's load from /metrics, or why there is none: a str starting
@@ -283,7 +284,7 @@ class EngineProcess:
                 if resp.status != 200:
                     return f"no vLLM metrics: /metrics answered {resp.status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return f"/metrics: {type(exc).__name__}: {exc}".rstrip(": ")
+            return f"/metrics: {exc or f'no answer within {timeout:g} s'}"
         load = parse_load(body.decode("utf-8", errors="replace"))
         return load if load is not None else "no vLLM metrics in its /metrics page"
 

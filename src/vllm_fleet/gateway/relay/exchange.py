@@ -171,7 +171,8 @@ class Exchange:
         if not isinstance(result, OSError | TimeoutError):
             log.error("unexpected error connecting to an engine", exc_info=result)
         local = isinstance(result, OSError) and result.errno in _LOCAL_ERRNOS
-        self._fail_over(str(result) or type(result).__name__, took_it=False, eject=not local)
+        why = str(result) or "no connection within gateway.connect_timeout"
+        self._fail_over(why, took_it=False, eject=not local)
 
     def _send(self, conn: EngineConnection) -> None:
         upstream = self.upstream
@@ -284,7 +285,9 @@ class Exchange:
                 return
             if isinstance(exc, ConnectionError):
                 # Taken and dropped (closed, reset) before the client got anything.
-                self._fail_over(f"{type(exc).__name__}: {exc}", took_it=True)
+                # Said in words (the 502 quotes it), never as Python's class name.
+                how = "reset" if isinstance(exc, ConnectionResetError) else "closed"
+                self._fail_over(f"{how} the connection before answering", took_it=True)
                 return
             self.done = True
             core = self.core
