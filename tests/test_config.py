@@ -137,6 +137,13 @@ def test_the_removed_gateway_server_key_is_refused_saying_it_is_gone(value: str)
     assert "unknown key" not in issue.message
 
 
+def test_gateway_drain_timeout_is_refused_saying_where_it_moved() -> None:
+    err = problems("gateway:\n  drain_timeout: 5\ndeployments: {a: {model: m}}\n")
+    issue = only_issue(err, "gateway.drain_timeout", 2)
+    assert "moved to `engines.drain_timeout`" in issue.message
+    assert "unknown key" not in issue.message
+
+
 def test_lingering_defaults_follow_nginx_and_bad_bounds_are_refused() -> None:
     gateway = load("deployments: {a: {model: m}}\n").gateway
     assert (gateway.lingering_time, gateway.lingering_timeout) == (30.0, 5.0)  # nginx's

@@ -337,7 +337,7 @@ def test_a_drain_timeout_cuts_a_long_stream_off_and_still_stops(
     path = fake_fleet_file(
         tmp_path,
         {"chat": {"model": "org/chat", "args": ["--token-delay", "0.05"]}},
-        drain_timeout=0.5,
+        engines={"drain_timeout": 0.5},
     )
     fleet = FleetUp(path)
     fleets.append(fleet)

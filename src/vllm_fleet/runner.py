@@ -9,7 +9,7 @@ Order of events:
 3. The supervisor starts every engine; progress shows which are loading, for how long,
    which are ready; then a "ready" line with the three URL styles.
 4. On the first signal: stop accepting connections and let the requests in flight
-   finish, for up to `gateway.drain_timeout` seconds (engines keep serving them); then
+   finish, for up to `engines.drain_timeout` seconds (engines keep serving them); then
    stop every engine concurrently (SIGTERM to its group, `engines.stop_timeout` grace,
    SIGKILL, reap), close the gateway (cutting off what is left), exit 0. A second
    signal cuts the drain short and skips the grace period (SIGKILL at once).
@@ -246,7 +246,7 @@ async def _run(config: FleetConfig, plan: Plan, console: Console) -> int:
         if signals == 1:
             console.print(
                 f"\n{sig.name}: stopping (requests in flight get up to "
-                f"{config.gateway.drain_timeout:g}s to finish, then engines get SIGTERM, "
+                f"{config.engines.drain_timeout:g}s to finish, then engines get SIGTERM, "
                 f"SIGKILL after {config.engines.stop_timeout:g}s; again to kill at once)",
                 highlight=False,
             )
@@ -292,7 +292,7 @@ async def _run(config: FleetConfig, plan: Plan, console: Console) -> int:
         await stop.wait()
     finally:
         # Engines stop only once the requests they serve are done (or the drain timed out).
-        await gateway.drain(config.gateway.drain_timeout, cut_short=hurry)
+        await gateway.drain(config.engines.drain_timeout, cut_short=hurry)
         stopping = asyncio.create_task(supervisor.stop())
         await asyncio.sleep(0)  # stop() has begun: no engine is restarted any more
         if hurry.is_set():  # the second signal came during the drain

@@ -100,6 +100,8 @@ def loads(
 REMOVED_KEYS: dict[Loc, str] = {
     ("gateway", "server"): "`server` was removed: the gateway has one HTTP server now (the "
     "protocol-level relay, which was the default `fast`); delete this key",
+    ("gateway", "drain_timeout"): "`drain_timeout` moved to `engines.drain_timeout` (it also "
+    "bounds the drain of an engine a reload stops); move it there",
 }
 
 # pydantic names the branch of the `gpus: list | int` union right after `gpus` in a loc.

@@ -79,8 +79,6 @@ class GatewayConfig(_Strict):
     # of its first byte, or the client gets 408 and the connection closes (slowloris;
     # nginx's client_header_timeout). Checked every few seconds.
     header_timeout: Annotated[float, Field(gt=0)] = 60.0
-    # On SIGTERM/SIGINT: requests in flight get this long to finish before engines stop.
-    drain_timeout: Annotated[float, Field(ge=0)] = 30.0
     # After an answer given before the whole request was read (413, 401, 400, 503): what
     # the client still sends is read and dropped, then the connection closes (nginx's
     # lingering close, its defaults): for at most lingering_time seconds in all, until
@@ -108,6 +106,10 @@ class EnginesConfig(_Strict):
     base_port: Port = 8100
     start_timeout: Annotated[float, Field(gt=0)] = 1800.0
     stop_timeout: Annotated[float, Field(ge=0)] = 30.0
+    # Requests in flight get this long to finish before an engine is stopped: on
+    # SIGTERM/SIGINT (for every engine), and on a reload (for an engine removed or
+    # replaced). vLLM engines also get it as `--shutdown-timeout`.
+    drain_timeout: Annotated[float, Field(ge=0)] = 30.0
     health_interval: Annotated[float, Field(gt=0)] = 2.0
     max_restarts: Annotated[int, Field(ge=0)] = 5
     backoff_initial: Annotated[float, Field(ge=0)] = 1.0
