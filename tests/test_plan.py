@@ -54,6 +54,7 @@ def test_seed_example_plans_exactly_the_two_vllm_serve_commands() -> None:
         "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct",
         "--host", "127.0.0.1", "--port", "8100",
         "--served-model-name", "Qwen/Qwen2.5-1.5B-Instruct", "qwen", "qwen2.5",
+        "--shutdown-timeout", "30",
         "--enforce-eager",
     )  # fmt: skip
     assert dict(qwen.env) == {
@@ -67,6 +68,7 @@ def test_seed_example_plans_exactly_the_two_vllm_serve_commands() -> None:
         "vllm", "serve", "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
         "--host", "127.0.0.1", "--port", "8101",
         "--served-model-name", "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "mistral",
+        "--shutdown-timeout", "30",
         "--tokenizer-mode", "mistral", "--config-format", "mistral", "--load-format", "mistral",
         "--tool-call-parser", "mistral", "--enable-auto-tool-choice",
         "--limit-mm-per-prompt", '{"image":10}',
@@ -122,6 +124,7 @@ def test_default_template_appends_host_port_names_then_args() -> None:
     assert engine(p, "a-0").argv == (
         "vllm", "serve", "org/m", "--host", "10.0.0.5", "--port", "9001",
         "--served-model-name", "org/m", "a", "m",  # model code, id, aliases; no repeats
+        "--shutdown-timeout", "30",
         "--max-model-len", "4096", "{model}",  # args pass through verbatim
     )  # fmt: skip
 
@@ -140,7 +143,7 @@ def test_template_placeholders_take_the_place_of_the_appended_flags() -> None:
     assert engine(p, "a-0").argv == (
         PY, "-m", "vllm.entrypoints.openai.api_server", "--model", "org/m",
         "--host", "127.0.0.1", "--port=8100", "--tag", "a",
-        "--served-model-name", "org/m", "a", "--enforce-eager",
+        "--served-model-name", "org/m", "a", "--shutdown-timeout", "30", "--enforce-eager",
     )  # fmt: skip
 
 
@@ -155,6 +158,7 @@ def test_template_with_only_port_gets_host_appended() -> None:
     assert engine(p, "a-0").argv == (
         "vllm", "serve", "m", "--port", "8100", "--host", "127.0.0.1",
         "--served-model-name", "m", "a",
+        "--shutdown-timeout", "30",
     )  # fmt: skip
 
 

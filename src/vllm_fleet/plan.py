@@ -2,10 +2,17 @@
 
 Each replica of each deployment becomes one EngineSpec: its argv, the environment it adds
 over the parent's, its port and GPUs. Deployments with `endpoints:` become RemoteSpecs.
+
+The plan is stable across reloads: given the running plan as `prior`, an engine whose
+process would be the same (`process_key`) keeps its port, GPUs and VLLM_PORT range, so
+adding a deployment before it renumbers nothing. An engine that changes gets a port and
+a range no running engine holds, so its replacement can start beside it (a rolling
+replace); GPUs counted by number avoid the running engines' GPUs while others are free.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,6 +51,9 @@ class EngineSpec:
     # Seconds busy without token progress before it counts as stalled; None when not
     # watched (stall_timeout 0, or a command that is not vLLM: health checks only).
     stall_timeout: float | None
+    # The names in `served_names` that come only from the deployment's `aliases`: the
+    # gateway rewrites `model` on every route, so they do not make a different engine.
+    alias_names: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -82,40 +92,39 @@ class Plan:
         return found
 
 
-def build_plan(config: FleetConfig, inventory: Inventory, python: str) -> Plan:
+def build_plan(
+    config: FleetConfig, inventory: Inventory, python: str, prior: Plan | None = None
+) -> Plan:
     """Decide every engine's ports, GPUs, argv and env. Raises ConfigError on what the
-    machine cannot satisfy (a GPU index it does not have, a GPU count it cannot fill)."""
+    machine cannot satisfy (a GPU index it does not have, a GPU count it cannot fill).
+    `prior`: the running plan, whose unchanged engines keep their places (see above)."""
     issues: list[ConfigIssue] = []
     warnings: list[str] = []
-    gpu_plan = _assign_gpus(config, inventory, issues, warnings)
-    blocks = vllm_port_blocks(config)
-    port_plan = _assign_ports(config, issues, blocks)
+    kept = _keep_prior(config, inventory, python, prior)
+    held = [e for e in prior.engines] if prior is not None else []
+    gpu_plan = _assign_gpus(config, inventory, issues, warnings, kept, held)
+    blocks = _assign_blocks(config, issues, kept, held)
+    port_plan = _assign_ports(config, issues, blocks, kept, held)
     engines: list[EngineSpec] = []
     remotes: list[RemoteSpec] = []
-    log_dir = config.log_dir()
     for dep_id, dep in config.deployments.items():
         if dep.remote:
             remotes.extend(RemoteSpec(dep_id, i, url) for i, url in enumerate(dep.endpoints))
             continue
         for replica in range(dep.replicas):
-            port = port_plan[(dep_id, replica)]
-            gpus = gpu_plan.get((dep_id, replica))
-            block = blocks.get((dep_id, replica))
+            key = (dep_id, replica)
+            if key in kept:
+                engines.append(kept[key])
+                continue
             engines.append(
-                EngineSpec(
-                    deployment=dep_id,
-                    replica=replica,
-                    argv=tuple(engine_argv(config, dep_id, dep, port, python)),
-                    env=engine_env(config, dep, gpus, block),
-                    host=dep.host,
-                    port=port,
-                    gpus=gpus,
-                    log_path=log_dir / f"{dep_id}-{replica}.log",
-                    cwd=Path(config.base_dir),
-                    start_timeout=dep.start_timeout or config.engines.start_timeout,
-                    served_names=tuple(served_names(dep_id, dep)),
-                    vllm_ports=block,
-                    stall_timeout=stall_watch(config, dep)[0],
+                _engine_spec(
+                    config,
+                    dep_id,
+                    replica,
+                    python,
+                    port_plan[key],
+                    gpu_plan.get(key),
+                    blocks.get(key),
                 )
             )
     unpinned = [e.name for e in engines if e.gpus is None]
@@ -124,12 +133,104 @@ def build_plan(config: FleetConfig, inventory: Inventory, python: str) -> Plan:
             f"engines {', '.join(unpinned)} set no `gpus`: each sees every GPU and they will "
             "compete for GPU memory; give each deployment `gpus:`"
         )
-    warnings.extend(_vllm_port_warnings(config, blocks))
+    warnings.extend(
+        _vllm_port_warnings(
+            config,
+            {(e.deployment, e.replica): e.vllm_ports for e in engines if e.vllm_ports is not None},
+        )
+    )
     if issues:
         for issue in issues:
             issue.line = issue.line or config.line_of(issue.loc)
         raise ConfigError(config.source, issues)
     return Plan(tuple(engines), tuple(remotes), inventory, tuple(warnings))
+
+
+def _engine_spec(
+    config: FleetConfig,
+    dep_id: str,
+    replica: int,
+    python: str,
+    port: int,
+    gpus: tuple[int, ...] | None,
+    block: range | None,
+) -> EngineSpec:
+    dep = config.deployments[dep_id]
+    names = served_names(dep_id, dep)
+    return EngineSpec(
+        deployment=dep_id,
+        replica=replica,
+        argv=tuple(engine_argv(config, dep_id, dep, port, python)),
+        env=engine_env(config, dep, gpus, block),
+        host=dep.host,
+        port=port,
+        gpus=gpus,
+        log_path=config.log_dir() / f"{dep_id}-{replica}.log",
+        cwd=Path(config.base_dir),
+        start_timeout=dep.start_timeout or config.engines.start_timeout,
+        served_names=tuple(names),
+        vllm_ports=block,
+        stall_timeout=stall_watch(config, dep)[0],
+        alias_names=tuple(n for n in names if n not in (dep.served_as, dep.model, dep_id)),
+    )
+
+
+def process_key(spec: EngineSpec) -> tuple[object, ...]:
+    """What makes the engine's process: two specs with the same key run the same engine
+    (what differs, if anything, is the fleet's own: log file, timeouts, alias names)."""
+    argv = list(spec.argv)
+    names = list(spec.served_names)
+    for i, part in enumerate(argv):
+        if part == "--served-model-name" and argv[i + 1 : i + 1 + len(names)] == names:
+            argv[i + 1 : i + 1 + len(names)] = [n for n in names if n not in spec.alias_names]
+            break
+    env = tuple(sorted(spec.env.items()))
+    return (tuple(argv), env, spec.host, spec.port, spec.gpus, spec.cwd, spec.vllm_ports)
+
+
+def _keep_prior(
+    config: FleetConfig, inventory: Inventory, python: str, prior: Plan | None
+) -> dict[tuple[str, int], EngineSpec]:
+    """The engines of `prior` that the new file leaves as they are, by (deployment,
+    replica): built again on their old port, GPUs and range, with the same process."""
+    if prior is None:
+        return {}
+    kept: dict[tuple[str, int], EngineSpec] = {}
+    declared = {config.gateway.port}
+    for each in config.deployments.values():
+        declared.update(engine_ports(each))
+    known = set(inventory.indices) if inventory.gpus is not None else None
+    for old in prior.engines:
+        dep = config.deployments.get(old.deployment)
+        if dep is None or dep.remote or old.replica >= dep.replicas:
+            continue
+        fixed = engine_ports(dep)
+        if fixed and fixed[old.replica] != old.port:
+            continue
+        if not fixed and old.port in declared:
+            continue
+        gpus = old.gpus
+        if isinstance(dep.gpus, int):
+            if (
+                gpus is None
+                or len(gpus) != dep.gpus
+                or (known is not None and not known >= set(gpus))
+            ):
+                continue
+        elif isinstance(dep.gpus, list):
+            share = len(dep.gpus) // dep.replicas
+            gpus = tuple(dep.gpus[old.replica * share : (old.replica + 1) * share])
+        else:
+            gpus = None
+        block = old.vllm_ports
+        if ("VLLM_PORT" in dep.env) != (block is None):
+            continue
+        if block is not None and (declared & set(block)):
+            continue
+        again = _engine_spec(config, old.deployment, old.replica, python, old.port, gpus, block)
+        if process_key(again) == process_key(old):
+            kept[(old.deployment, old.replica)] = again
+    return kept
 
 
 def served_names(dep_id: str, dep: Deployment) -> list[str]:
@@ -158,6 +259,10 @@ def engine_argv(
     if "{port}" not in joined:
         argv += ["--port", str(port)]
     argv += ["--served-model-name", *served_names(dep_id, dep)]
+    if runs_vllm(template) and not any(flag_name(a) == "--shutdown-timeout" for a in dep.args):
+        # On SIGTERM vLLM then lets its requests in flight finish (for this long) instead of
+        # aborting them; the gateway drains first, so this covers what the drain cut off.
+        argv += ["--shutdown-timeout", f"{math.ceil(config.engines.drain_timeout)}"]
     argv += dep.args
     return argv
 
@@ -241,23 +346,84 @@ def _vllm_port_warnings(config: FleetConfig, blocks: dict[tuple[str, int], range
     return warnings
 
 
+def _assign_blocks(
+    config: FleetConfig,
+    issues: list[ConfigIssue],
+    kept: Mapping[tuple[str, int], EngineSpec],
+    held: list[EngineSpec],
+) -> dict[tuple[str, int], range]:
+    """Each local engine's VLLM_PORT range: the kept engines' own; without a running
+    plan, one after another in file order (`vllm_port_blocks`); on a reload, the first
+    ranges from `engines.vllm_port_base` that no running engine holds and that hold no
+    port the file declares or a running engine listens on."""
+    if not held:
+        return vllm_port_blocks(config)
+    wanted = vllm_port_blocks(config)  # which engines get one, and how wide
+    span, base = config.engines.vllm_port_span, config.engines.vllm_port_base
+    busy: set[int] = {config.gateway.port, config.engines.base_port}
+    for dep in config.deployments.values():
+        busy.update(engine_ports(dep))
+    for engine in held:
+        busy.add(engine.port)
+        if engine.vllm_ports is not None:
+            busy.update(engine.vllm_ports)
+    blocks: dict[tuple[str, int], range] = {}
+    for key in wanted:
+        if key in kept and kept[key].vllm_ports is not None:
+            blocks[key] = kept[key].vllm_ports  # type: ignore[assignment]
+    slot = 0
+    for key in wanted:
+        if key in blocks:
+            continue
+        while True:
+            block = range(base + slot * span, base + (slot + 1) * span)
+            slot += 1
+            if block.stop - 1 > 65535:
+                issues.append(
+                    ConfigIssue(
+                        loc=("engines", "vllm_port_base"),
+                        message=f"no VLLM_PORT range of {span} ports left below 65536 for "
+                        f"`{key[0]}` replica {key[1]} beside the running engines; lower "
+                        "engines.vllm_port_base or engines.vllm_port_span",
+                    )
+                )
+                return blocks
+            if busy.isdisjoint(block) and all(
+                b.stop <= block.start or block.stop <= b.start for b in blocks.values()
+            ):
+                blocks[key] = block
+                break
+    return blocks
+
+
 def _assign_ports(
-    config: FleetConfig, issues: list[ConfigIssue], blocks: dict[tuple[str, int], range]
+    config: FleetConfig,
+    issues: list[ConfigIssue],
+    blocks: dict[tuple[str, int], range],
+    kept: Mapping[tuple[str, int], EngineSpec],
+    held: list[EngineSpec],
 ) -> dict[tuple[str, int], int]:
-    """Fixed ports as written; the rest counted up from `engines.base_port`, skipping
-    every port the file names (including the gateway's) and the VLLM_PORT ranges."""
+    """Fixed ports as written; kept engines' as they are; the rest counted up from
+    `engines.base_port`, skipping every port the file names (including the gateway's),
+    the VLLM_PORT ranges, and the ports of the running engines (`held`)."""
     taken = {config.gateway.port}
     for block in blocks.values():
         taken.update(block)
     for dep in config.deployments.values():
         taken.update(engine_ports(dep))
-    ports: dict[tuple[str, int], int] = {}
+    for engine in held:
+        taken.add(engine.port)
+        if engine.vllm_ports is not None:
+            taken.update(engine.vllm_ports)
+    ports: dict[tuple[str, int], int] = {key: spec.port for key, spec in kept.items()}
     next_port = config.engines.base_port
     for dep_id, dep in config.deployments.items():
         if dep.remote:
             continue
         fixed = engine_ports(dep)
         for replica in range(dep.replicas):
+            if (dep_id, replica) in ports:
+                continue
             if fixed:
                 ports[(dep_id, replica)] = fixed[replica]
                 continue
@@ -281,7 +447,12 @@ def _assign_gpus(
     inventory: Inventory,
     issues: list[ConfigIssue],
     warnings: list[str],
+    kept: Mapping[tuple[str, int], EngineSpec],
+    held: list[EngineSpec],
 ) -> dict[tuple[str, int], tuple[int, ...]]:
+    """GPUs as listed, split between replicas; counted ones from the GPUs nobody lists:
+    kept engines keep theirs, the others take first the GPUs no running engine holds
+    (so a replacement can start beside the engine it replaces), then any left."""
     known = set(inventory.indices) if inventory.gpus is not None else None
     used: set[int] = set()
     plan: dict[tuple[str, int], tuple[int, ...]] = {}
@@ -316,10 +487,19 @@ def _assign_gpus(
                 )
             )
         return plan
-    free = [i for i in sorted(known or ()) if i not in used]
+    for key, spec in kept.items():
+        dep = config.deployments[key[0]]
+        if isinstance(dep.gpus, int) and spec.gpus is not None:
+            plan[key] = spec.gpus
+            used.update(spec.gpus)
+    running = {g for e in held for g in e.gpus or ()}
+    # Free GPUs no running engine holds first, then those a running engine holds.
+    free = sorted((i for i in known or () if i not in used), key=lambda i: (i in running, i))
     for dep_id, dep in counted:
         assert isinstance(dep.gpus, int)
         for replica in range(dep.replicas):
+            if (dep_id, replica) in plan:
+                continue
             if len(free) < dep.gpus:
                 issues.append(
                     ConfigIssue(
@@ -331,6 +511,6 @@ def _assign_gpus(
                     )
                 )
                 break
-            plan[(dep_id, replica)] = tuple(free[: dep.gpus])
+            plan[(dep_id, replica)] = tuple(sorted(free[: dep.gpus]))
             free = free[dep.gpus :]
     return plan
