@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -102,35 +102,28 @@ def up(
 ) -> None:
     """Start every engine, wait until each is ready, and serve the gateway in front of them.
     Ctrl-C or SIGTERM stops everything."""
+    from vllm_fleet.reloader import with_overrides
     from vllm_fleet.runner import run_fleet
 
     config, plan = _load_plan(fleet_file)
-    if host is not None or port is not None:
-        gateway = config.gateway.model_copy(
-            update={k: v for k, v in (("host", host), ("port", port)) if v is not None}
-        )
-        config = config.model_copy(update={"gateway": gateway})
-    raise typer.Exit(run_fleet(config, plan, console=err_console))
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    config = with_overrides(config, overrides)
+    exit_code = run_fleet(
+        config, plan, console=err_console, file=fleet_file.resolve(), overrides=overrides
+    )
+    raise typer.Exit(exit_code)
 
 
-@app.command()
-def status(
-    fleet_file: Annotated[
-        Path | None,
-        typer.Argument(help="Read the gateway's address (and key) from this fleet file."),
-    ] = None,
-    url: Annotated[
-        str | None, typer.Option(help="The gateway, e.g. http://127.0.0.1:8080.")
-    ] = None,
-    api_key: Annotated[
-        str | None, typer.Option(envvar="FLEET_API_KEY", help="A gateway.api_keys key.")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
-) -> None:
-    """Show every engine of a running fleet: state, pid, port, GPUs, restarts, and why
-    an engine failed (from the gateway's /fleet/status). Exit code 1 when unreachable."""
+Url = Annotated[str | None, typer.Option(help="The gateway, e.g. http://127.0.0.1:8080.")]
+ApiKey = Annotated[str | None, typer.Option(envvar="FLEET_API_KEY", help="A gateway.api_keys key.")]
+
+
+def _gateway_of(
+    fleet_file: Path | None, url: str | None, api_key: str | None
+) -> tuple[str, str | None]:
+    """The gateway's URL and key: as given, else from the fleet file, else the default.
+    A fleet file with problems prints them and exits 1."""
     from vllm_fleet.runner import display_url
-    from vllm_fleet.status import StatusError, fetch_status, render_status
 
     if url is None and fleet_file is not None:
         try:
@@ -140,8 +133,27 @@ def status(
             raise typer.Exit(1) from None
         url = display_url(gateway.host, gateway.port)
         api_key = api_key or next(iter(gateway.api_keys), None)
+    return url or "http://127.0.0.1:8080", api_key
+
+
+@app.command()
+def status(
+    fleet_file: Annotated[
+        Path | None,
+        typer.Argument(help="Read the gateway's address (and key) from this fleet file."),
+    ] = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+) -> None:
+    """Show every engine of a running fleet: state, pid, port, GPUs, restarts, and why
+    an engine failed (from the gateway's /fleet/status); the fleet file's generation and
+    last reload. Exit code 1 when unreachable."""
+    from vllm_fleet.status import StatusError, fetch_status, render_status
+
+    url, api_key = _gateway_of(fleet_file, url, api_key)
     try:
-        data = fetch_status(url or "http://127.0.0.1:8080", api_key)
+        data = fetch_status(url, api_key)
     except StatusError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
@@ -149,6 +161,104 @@ def status(
         console.print_json(data=data)
     else:
         console.print(render_status(data))
+
+
+def _ask_reload(
+    fleet_file: Path | None, url: str | None, api_key: str | None, dry_run: bool
+) -> tuple[str, str | None, int, dict[str, Any]]:
+    from vllm_fleet.reload_client import plan_lines, post_reload
+    from vllm_fleet.status import StatusError
+
+    if fleet_file is not None:
+        _load_plan(fleet_file)  # a bad file: its problems, exit 1, nothing sent
+    url, api_key = _gateway_of(fleet_file, url, api_key)
+    file = str(fleet_file.resolve()) if fleet_file is not None else None
+    try:
+        status_code, data = post_reload(url, api_key, file, dry_run)
+    except StatusError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    if status_code >= 400:
+        error = data.get("error") if isinstance(data.get("error"), dict) else {}
+        message = error.get("message") if isinstance(error, dict) else None
+        err_console.print(
+            f"[bold red]error:[/] {message or data}; the fleet runs as it was",
+            highlight=False,
+            markup=True,
+        )
+        raise typer.Exit(1)
+    for line in plan_lines(data):
+        console.print(line, highlight=False, markup=False)
+    return url, api_key, status_code, data
+
+
+@app.command()
+def reload(
+    fleet_file: Annotated[
+        Path | None,
+        typer.Argument(
+            help="The fleet file to apply (default: the one `fleet up` was started with); "
+            "it is the fleet's file from then on.",
+            show_default=False,
+        ),
+    ] = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan; change nothing.")
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Follow the reload until it is done.")
+    ] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to follow it.")] = 3600.0,
+) -> None:
+    """Apply the fleet file to the running fleet, changing only what changed: new
+    engines start, removed ones drain and stop, changed ones are replaced (replica by
+    replica), the rest keeps running. Prints the plan first. Exit code 1 when the file
+    is invalid (nothing changes) or a step failed."""
+    from vllm_fleet.reload_client import follow
+    from vllm_fleet.status import StatusError
+
+    url, api_key, _, data = _ask_reload(fleet_file, url, api_key, dry_run)
+    result = data.get("result")
+    if result != "applying":
+        if result == "planned":
+            console.print("(dry run: nothing changed)", highlight=False)
+        return
+    record = data.get("reload") or {}
+    generation = int(record.get("generation", 0))
+    console.print(f"applying generation {generation}...", highlight=False)
+    if not wait:
+        return
+    try:
+        done = follow(url, api_key, generation, timeout)
+    except StatusError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    for line in done.get("done") or []:
+        console.print(f"  ✓ {line}", highlight=False, markup=False)
+    for line in done.get("failures") or []:
+        console.print(f"  ✗ {line}", highlight=False, markup=False)
+    outcome = done.get("result")
+    took = done.get("took_s")
+    if outcome == "applied":
+        console.print(f"[bold green]applied[/] generation {generation} in {took}s")
+        return
+    if outcome == "applying":
+        console.print(f"still applying after {timeout:g}s; see `fleet status`")
+        raise typer.Exit(1)
+    console.print(
+        f"[bold red]{outcome}[/]: generation {generation}, the rest is applied; see `fleet status`",
+        highlight=False,
+    )
+    raise typer.Exit(1)
+
+
+@app.command()
+def diff(fleet_file: FleetFile, url: Url = None, api_key: ApiKey = None) -> None:
+    """Print what `fleet reload FLEET_FILE` would do to the running fleet, per
+    deployment and replica, and why; change nothing."""
+    _ask_reload(fleet_file, url, api_key, dry_run=True)
 
 
 @app.command()

@@ -4,6 +4,11 @@ The supervisor owns the writes (one task per engine sets `state`); the gateway r
 states to pick a replica and counts its own outstanding requests. Everything runs on
 one event loop, so no locks. `snapshot()` is what status endpoints and the CLI show.
 
+A reload (engines/rollout.py) changes which upstreams route: `add`, `remove` (out of
+routing at once; shown as `retiring` until stopped), `swap` (a replacement takes the
+old one's place), and `reconfigure` (the new file's deployments, in its order). It also
+keeps the fleet file's generation (`fleet`) and the counts the metrics show.
+
 Passive ejection is apart from the state: the gateway `eject()`s a ready upstream whose
 connection failed before any answer (refused, connect timeout, closed unanswered), which
 takes it out of the rotation; only a health check that began after the ejection and
@@ -112,21 +117,89 @@ class Registry:
             dep_id: [] for dep_id in config.deployments
         }
         for engine in plan.engines:
-            self.by_deployment[engine.deployment].append(
-                Upstream(engine.name, engine.deployment, engine.url, True, engine)
-            )
+            self.by_deployment[engine.deployment].append(upstream_for(engine))
         for remote in plan.remotes:
-            # Remote endpoints are not started here; they count as ready until their
-            # probes fail (engines/remote.py).
-            self.by_deployment[remote.deployment].append(
-                Upstream(remote.name, remote.deployment, remote.url, False, remote, State.READY)
-            )
+            self.by_deployment[remote.deployment].append(upstream_for(remote))
+        # Out of routing, draining or stopping (a reload removed or replaced them).
+        self.retiring: list[Upstream] = []
+        # Replacements starting beside the engine they replace (not routed to yet).
+        self.standby: list[Upstream] = []
+        # The fleet file's generation and its last reload (reloader.py writes it).
+        self.fleet: dict[str, Any] = {}
+        self.reloads: dict[str, int] = {}  # result -> reloads
+        self.engine_starts: dict[tuple[str, str], int] = {}  # (deployment, reason) -> n
+        self.engine_stops: dict[tuple[str, str], int] = {}  # (deployment, reason) -> n
 
     def upstreams(self, dep_id: str) -> list[Upstream]:
         return self.by_deployment.get(dep_id, [])
 
     def all(self) -> list[Upstream]:
         return [u for ups in self.by_deployment.values() for u in ups]
+
+    # ------------------------------------------------------------ reloads
+
+    def running_plan(self) -> Plan:
+        """The plan of what runs now (routed, standby or retiring aside): the `prior` a
+        reload builds its plan against."""
+        ups = self.all()
+        engines = tuple(u.spec for u in ups if isinstance(u.spec, EngineSpec))
+        remotes = tuple(u.spec for u in ups if isinstance(u.spec, RemoteSpec))
+        return Plan(engines, remotes, self.plan.inventory, self.plan.warnings)
+
+    def held_plan(self) -> Plan:
+        """Every engine that holds a port or GPUs now, retiring and standby ones too."""
+        ups = [*self.all(), *self.retiring, *self.standby]
+        engines = tuple(u.spec for u in ups if isinstance(u.spec, EngineSpec))
+        return Plan(engines, (), self.plan.inventory)
+
+    def reconfigure(self, config: FleetConfig, plan: Plan) -> None:
+        """The new file's deployments, in its order (each removed one must be empty)."""
+        self.config = config
+        self.plan = plan
+        self.by_deployment = {
+            dep_id: self.by_deployment.get(dep_id, []) for dep_id in config.deployments
+        }
+
+    def add(self, upstream: Upstream) -> None:
+        ups = self.by_deployment.setdefault(upstream.deployment, [])
+        ups.append(upstream)
+        ups.sort(key=lambda u: u.spec.replica)
+
+    def remove(self, upstream: Upstream) -> None:
+        """Out of routing now; listed as retiring until `retired`."""
+        ups = self.by_deployment.get(upstream.deployment, [])
+        if upstream in ups:
+            ups.remove(upstream)
+        if upstream not in self.retiring:
+            self.retiring.append(upstream)
+
+    def retired(self, upstream: Upstream) -> None:
+        if upstream in self.retiring:
+            self.retiring.remove(upstream)
+        if upstream in self.standby:
+            self.standby.remove(upstream)
+
+    def swap(self, old: Upstream, new: Upstream) -> None:
+        """`new` (ready, on standby) takes `old`'s place in routing; `old` retires."""
+        if new in self.standby:
+            self.standby.remove(new)
+        ups = self.by_deployment.setdefault(new.deployment, [])
+        if old in ups:
+            ups[ups.index(old)] = new
+        else:
+            self.add(new)
+        if old not in self.retiring:
+            self.retiring.append(old)
+
+    def count_start(self, deployment: str, reason: str) -> None:
+        key = (deployment, reason)
+        self.engine_starts[key] = self.engine_starts.get(key, 0) + 1
+
+    def count_stop(self, deployment: str, reason: str) -> None:
+        key = (deployment, reason)
+        self.engine_stops[key] = self.engine_stops.get(key, 0) + 1
+
+    # ------------------------------------------------------------ status
 
     def snapshot(self) -> dict[str, Any]:
         deployments = {}
@@ -140,4 +213,17 @@ class Registry:
                 "replicas": len(ups),
                 "upstreams": [u.snapshot() for u in ups],
             }
-        return {"deployments": deployments}
+        data: dict[str, Any] = {"deployments": deployments}
+        data["retiring"] = [u.snapshot() for u in self.retiring]
+        data["standby"] = [u.snapshot() for u in self.standby]
+        if self.fleet:
+            data["fleet"] = dict(self.fleet)
+        return data
+
+
+def upstream_for(spec: EngineSpec | RemoteSpec) -> Upstream:
+    """A new upstream for a spec: an engine (stopped until started) or a remote endpoint,
+    which counts as ready until its probes fail (engines/remote.py)."""
+    if isinstance(spec, EngineSpec):
+        return Upstream(spec.name, spec.deployment, spec.url, True, spec)
+    return Upstream(spec.name, spec.deployment, spec.url, False, spec, State.READY)

@@ -25,6 +25,7 @@ import resource
 import signal
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -39,14 +40,24 @@ from vllm_fleet.gateway.relay.server import connection_limit
 from vllm_fleet.gateway.server import serve
 from vllm_fleet.plan import Plan
 from vllm_fleet.registry import Registry, State
+from vllm_fleet.reloader import Reloader
 
 log = logging.getLogger(__name__)
 
 
-def run_fleet(config: FleetConfig, plan: Plan, console: Console) -> int:
-    """Run the fleet until SIGINT/SIGTERM; the exit code (0, or 1 when it cannot start)."""
+def run_fleet(
+    config: FleetConfig,
+    plan: Plan,
+    console: Console,
+    file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> int:
+    """Run the fleet until SIGINT/SIGTERM; the exit code (0, or 1 when it cannot start).
+    `file`: the fleet file, which a reload (SIGHUP, `fleet reload`) reads again;
+    `overrides`: `--host`/`--port`, kept for every reload."""
     _setup_logging(console)
-    return _run_loop(_run(config, plan, console))
+    source = file if file is not None else Path(config.source).resolve()
+    return _run_loop(_run(config, plan, console, source, overrides or {}))
 
 
 def _run_loop(main: Coroutine[Any, Any, int]) -> int:
@@ -230,7 +241,9 @@ def _print_plan(console: Console, config: FleetConfig, registry: Registry, open_
         )
 
 
-async def _run(config: FleetConfig, plan: Plan, console: Console) -> int:
+async def _run(
+    config: FleetConfig, plan: Plan, console: Console, file: Path, overrides: dict[str, Any]
+) -> int:
     loop = asyncio.get_running_loop()
     open_files = raise_open_files_limit()
     registry = Registry(config, plan)
@@ -238,6 +251,7 @@ async def _run(config: FleetConfig, plan: Plan, console: Console) -> int:
     supervisor = Supervisor(registry, on_event=progress.on_event)
     stop = asyncio.Event()
     hurry = asyncio.Event()  # a second signal: no more waiting for anything
+    reloader = Reloader(file, config, registry, supervisor, console, overrides, hurry)
     signals = 0
 
     def on_signal(sig: signal.Signals) -> None:
@@ -246,8 +260,8 @@ async def _run(config: FleetConfig, plan: Plan, console: Console) -> int:
         if signals == 1:
             console.print(
                 f"\n{sig.name}: stopping (requests in flight get up to "
-                f"{config.engines.drain_timeout:g}s to finish, then engines get SIGTERM, "
-                f"SIGKILL after {config.engines.stop_timeout:g}s; again to kill at once)",
+                f"{reloader.config.engines.drain_timeout:g}s to finish, then engines get SIGTERM, "
+                f"SIGKILL after {reloader.config.engines.stop_timeout:g}s; again to kill at once)",
                 highlight=False,
             )
             stop.set()
@@ -259,9 +273,21 @@ async def _run(config: FleetConfig, plan: Plan, console: Console) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
 
+    reloads: set[asyncio.Task[Any]] = set()
+
+    def on_hangup() -> None:
+        # `systemctl reload`: re-read the fleet file; the reloader prints what it does.
+        if stop.is_set():
+            return
+        task = asyncio.ensure_future(reloader.reload(None, False, via="SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+
     host, port = config.gateway.host, config.gateway.port
     try:
-        gateway = await serve(config, registry, host, port)
+        gateway = await serve(config, registry, host, port, control=reloader)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             console.print(
@@ -277,6 +303,7 @@ async def _run(config: FleetConfig, plan: Plan, console: Console) -> int:
                 highlight=False,
             )
         return 1
+    reloader.server = gateway
 
     # Everything loaded so far (config, modules) lives as long as the process: keep it out
     # of the cyclic collector's scans, which otherwise walk it all on every full pass.
@@ -291,8 +318,10 @@ async def _run(config: FleetConfig, plan: Plan, console: Console) -> int:
             progress.print_ready(config)
         await stop.wait()
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        reloader.cancel()  # a reload still applying stops where it is
         # Engines stop only once the requests they serve are done (or the drain timed out).
-        await gateway.drain(config.engines.drain_timeout, cut_short=hurry)
+        await gateway.drain(reloader.config.engines.drain_timeout, cut_short=hurry)
         stopping = asyncio.create_task(supervisor.stop())
         await asyncio.sleep(0)  # stop() has begun: no engine is restarted any more
         if hurry.is_set():  # the second signal came during the drain

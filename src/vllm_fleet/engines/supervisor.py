@@ -101,8 +101,23 @@ def _describe(outcome: Outcome, engine: EngineProcess) -> str:
     return str(outcome.value)
 
 
+@dataclass(eq=False)
+class _Owner:
+    """The one task that owns an upstream: an engine's life, or a remote's probes."""
+
+    upstream: Upstream
+    stop: asyncio.Event  # set: stop this one (retire, or the whole fleet stopping)
+    engine: EngineProcess | None  # None for a remote endpoint
+    reason: str  # why it was started: "fleet up", "reload"
+    task: asyncio.Task[None] | None = None
+    stop_reason: str = "shutdown"
+
+
 class Supervisor:
-    """Starts, restarts and stops every engine in the registry."""
+    """Starts, restarts and stops every engine; one owner task per upstream.
+
+    `start()` takes every upstream in the registry; on a reload, `ensure()` adds one and
+    `retire()` drains and stops one (engines/rollout.py decides which, and when)."""
 
     def __init__(self, registry: Registry, on_event: EventCallback | None = None) -> None:
         self.registry = registry
@@ -111,10 +126,12 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._probe_session: aiohttp.ClientSession | None = None  # remote endpoints'
-        self._tasks: list[asyncio.Task[None]] = []  # one per engine
-        self._probes: list[asyncio.Task[None]] = []  # one per remote endpoint
-        self.engines: list[EngineProcess] = []
+        self._owners: dict[Upstream, _Owner] = {}
         self._stopped = False
+
+    @property
+    def engines(self) -> list[EngineProcess]:
+        return [o.engine for o in self._owners.values() if o.engine is not None]
 
     def _emit(self, upstream: Upstream, tail: list[str] | None = None) -> None:
         if self.on_event is None:
@@ -126,35 +143,101 @@ class Supervisor:
             log.exception("progress callback failed")
 
     async def start(self) -> None:
-        """Start one task per managed engine, and one probing each remote endpoint, and
+        """Start one owner per managed engine, and one probing each remote endpoint, and
         return at once (engines load in the background; watch the registry or the
         events to see them become ready)."""
         if self._session is not None or self._stopped:
             return
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
         for upstream in self.registry.all():
-            if not upstream.managed:
-                if self._probe_session is None:
-                    # Kept alive between probes (under uvicorn's 5 s): one connection per
-                    # endpoint, not one per probe.
-                    connector = aiohttp.TCPConnector(keepalive_timeout=4.0)
-                    self._probe_session = aiohttp.ClientSession(connector=connector)
-                watch = watch_remote(
-                    upstream, self._probe_session, self.config.engines.health_interval,
-                    self._stop, self._emit,
-                )  # fmt: skip
-                self._probes.append(asyncio.create_task(watch, name=f"probe {upstream.name}"))
-                continue
-            if not isinstance(upstream.spec, EngineSpec):
-                continue
+            self.ensure(upstream, "fleet up")
+
+    def ensure(self, upstream: Upstream, reason: str = "reload") -> None:
+        """Own `upstream` from now on: start its engine (or probe the remote endpoint).
+        Nothing happens when it is owned already (and not finished), or when stopping."""
+        owner = self._owners.get(upstream)
+        if self._stopped or self._session is None:
+            return
+        if owner is not None:
+            if owner.task is not None and not owner.task.done():
+                return
+            del self._owners[upstream]  # it had failed: a new owner starts it again
+        stop = asyncio.Event()
+        if not upstream.managed:
+            if self._probe_session is None:
+                # Kept alive between probes (under uvicorn's 5 s): one connection per
+                # endpoint, not one per probe.
+                connector = aiohttp.TCPConnector(keepalive_timeout=4.0)
+                self._probe_session = aiohttp.ClientSession(connector=connector)
+            owner = _Owner(upstream, stop, None, reason)
+            watch = watch_remote(
+                upstream, self._probe_session, self.config.engines.health_interval,
+                stop, self._emit,
+            )  # fmt: skip
+            owner.task = asyncio.create_task(watch, name=f"probe {upstream.name}")
+        elif isinstance(upstream.spec, EngineSpec):
             engine = EngineProcess(upstream.spec, upstream, self.config.engines, self._session)
-            self.engines.append(engine)
-            self._tasks.append(asyncio.create_task(self._own(engine), name=upstream.name))
+            owner = _Owner(upstream, stop, engine, reason)
+            owner.task = asyncio.create_task(self._own(owner), name=upstream.name)
+        else:  # pragma: no cover (a managed upstream always has an EngineSpec)
+            return
+        self._owners[upstream] = owner
+
+    def owns(self, upstream: Upstream) -> bool:
+        owner = self._owners.get(upstream)
+        return owner is not None and owner.task is not None and not owner.task.done()
+
+    async def retire(
+        self, upstream: Upstream, drain: float, cut_short: asyncio.Event | None = None
+    ) -> None:
+        """Drain and stop one upstream, already out of routing: requests in flight get
+        up to `drain` seconds to finish (or until `cut_short`), then its engine is
+        stopped by the usual sequence and its owner is gone."""
+        owner = self._owners.get(upstream)
+        if owner is None:
+            return
+        deadline = time.monotonic() + drain
+        while upstream.outstanding > 0 and time.monotonic() < deadline:
+            if self._stop.is_set() or (cut_short is not None and cut_short.is_set()):
+                break
+            await asyncio.sleep(0.05)
+        if upstream.outstanding > 0:
+            log.warning(
+                "%s: %d request(s) still in flight after the %gs drain; stopping it",
+                upstream.name, upstream.outstanding, drain,
+            )  # fmt: skip
+        owner.stop_reason = "reload"
+        owner.stop.set()
+        if owner.task is not None:
+            await asyncio.gather(owner.task, return_exceptions=True)
+        if owner.engine is not None:
+            await owner.engine.stop()
+        self._owners.pop(upstream, None)
+
+    async def until_ready(self, upstream: Upstream) -> bool:
+        """Wait until `upstream` is ready (True), or has failed or stopped for good."""
+        while True:
+            if upstream.state is State.READY:
+                return True
+            owner = self._owners.get(upstream)
+            if upstream.state is State.FAILED or owner is None or owner.task is None:
+                return False
+            if owner.task.done() or self._stop.is_set():
+                return False
+            await asyncio.sleep(0.1)
+
+    def apply_settings(self, config: FleetConfig) -> None:
+        """The new fleet file's `engines.*` settings, for every engine from now on."""
+        self.config = config
+        for owner in self._owners.values():
+            if owner.engine is not None:
+                owner.engine.settings = config.engines
 
     async def wait_settled(self) -> None:
         """Return once no engine is starting (each is ready, failed or stopped)."""
         while any(e.upstream.state in (State.STARTING, State.STOPPED) for e in self.engines):
-            if self._stop.is_set() or all(t.done() for t in self._tasks):
+            tasks = [o.task for o in self._owners.values() if o.task is not None]
+            if self._stop.is_set() or all(t.done() for t in tasks):
                 return
             await asyncio.sleep(0.1)
 
@@ -163,8 +246,12 @@ class Supervisor:
         for all of them. Idempotent; engines still loading are stopped too."""
         self._stop.set()
         self._stopped = True
-        if self._tasks or self._probes:
-            await asyncio.gather(*self._tasks, *self._probes, return_exceptions=True)
+        owners = list(self._owners.values())
+        for owner in owners:
+            owner.stop.set()
+        tasks = [o.task for o in owners if o.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         # A task that died of a bug must not leave its engine behind.
         await asyncio.gather(*(e.stop() for e in self.engines), return_exceptions=True)
         for session in (self._session, self._probe_session):
@@ -179,28 +266,36 @@ class Supervisor:
             if engine.proc is not None and engine.upstream.pid is not None:
                 killpg(engine.proc.pid, signal.SIGKILL)
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+            await asyncio.wait_for(stop.wait(), timeout=seconds)
 
-    async def _own(self, engine: EngineProcess) -> None:
+    async def _own(self, owner: _Owner) -> None:
+        engine = owner.engine
+        assert engine is not None
         try:
-            await self._run(engine)
+            await self._run(owner, engine)
         except Exception as exc:
             log.exception("%s: supervisor task failed", engine.spec.name)
             engine.upstream.set_state(State.FAILED, f"supervisor error: {exc}")
             self._emit(engine.upstream)
         finally:
+            running = engine.running
             await asyncio.shield(engine.stop())
+            if running:
+                self.registry.count_stop(engine.spec.deployment, owner.stop_reason)
             if engine.upstream.state is not State.FAILED:
                 engine.upstream.set_state(State.STOPPED, "stopped")
                 self._emit(engine.upstream)
 
-    async def _run(self, engine: EngineProcess) -> None:
-        settings = self.config.engines
-        upstream, spec = engine.upstream, engine.spec
+    async def _run(self, owner: _Owner, engine: EngineProcess) -> None:
+        stop = owner.stop
+        upstream = engine.upstream
         failures = 0
-        while not self._stop.is_set():
+        while not stop.is_set():
+            # Read each time: a reload may give the engine new settings or, for the same
+            # process, a new spec (log file, timeouts) for its next start.
+            settings, spec = engine.settings, engine.spec
             busy = port_problem(spec.host, spec.port)
             if busy is not None:
                 reason = (
@@ -217,17 +312,20 @@ class Supervisor:
             else:
                 try:
                     await engine.start()
+                    self.registry.count_start(
+                        spec.deployment, owner.reason if engine.attempts <= 1 else "restart"
+                    )
                 except SpawnError as exc:
                     upstream.set_state(State.FAILED, str(exc))
                     log.error("%s: %s", spec.name, exc)
                     self._emit(upstream)
                     return
                 self._emit(upstream)
-                outcome = await engine.wait_ready(self._stop)
+                outcome = await engine.wait_ready(stop)
                 if outcome is Outcome.READY:
                     self._emit(upstream)
                     ready_at = time.monotonic()
-                    outcome = await engine.watch(self._stop)
+                    outcome = await engine.watch(stop)
                     if time.monotonic() - ready_at >= settings.stable_after:
                         failures = 0
                 if outcome is Outcome.STOPPED:
@@ -240,8 +338,10 @@ class Supervisor:
                     self._emit(upstream)
                 if outcome is not Outcome.EXITED:  # the fleet stops it: say why, in its log
                     engine.note(f"stopping it: {why}")
+                    await engine.stop()
+                    self.registry.count_stop(spec.deployment, "failure")
                 await engine.stop()
-                if self._stop.is_set():
+                if stop.is_set():
                     return
             upstream.last_failure, upstream.last_failure_at = why, time.time()
             failures += 1
@@ -265,7 +365,7 @@ class Supervisor:
                 f"(restart {failures} of at most {settings.max_restarts} in a row)",
             )
             self._emit(upstream)
-            await self._sleep(delay)
-            if self._stop.is_set():
+            await self._sleep(stop, delay)
+            if stop.is_set():
                 return
             upstream.restarts += 1

@@ -81,14 +81,17 @@ def mime_type(content_type: str) -> str:
 class Core:
     """The request-handling state of one gateway: names, keys, metrics, tie rotation."""
 
-    def __init__(self, config: FleetConfig, registry: Registry) -> None:
+    def __init__(self, config: FleetConfig, registry: Registry, prior: Core | None = None) -> None:
+        """`prior`: the core a reload replaces, whose metrics and start time go on."""
         self.config = config
         self.registry = registry
         self.names = Names(config)
-        self.metrics = GatewayMetrics(registry)
+        self.metrics: GatewayMetrics = (
+            prior.metrics if prior is not None else GatewayMetrics(registry)
+        )
         self.keys = [k.encode() for k in config.gateway.api_keys]
         self.max_body = config.gateway.max_body_bytes
-        self.started = time.time()
+        self.started: float = prior.started if prior is not None else time.time()
         self._tie = itertools.count()
         self._counts = self.metrics.requests
         self._failovers = self.metrics.failovers

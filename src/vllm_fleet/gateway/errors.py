@@ -17,9 +17,11 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     414: "invalid_request_error",
     417: "invalid_request_error",
+    422: "invalid_request_error",
     431: "invalid_request_error",
     500: "internal_error",
     501: "invalid_request_error",
@@ -40,14 +42,21 @@ class Reply:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-def envelope(status: int, message: str, code: str, param: str | None = None) -> bytes:
+def error_object(
+    status: int, message: str, code: str, param: str | None = None
+) -> dict[str, dict[str, str | None]]:
+    """`{"error": {...}}` as a dict, for answers that carry more beside it."""
     error = {
         "message": message,
         "type": _TYPES.get(status, "api_error"),
         "param": param,
         "code": code,
     }
-    return json.dumps({"error": error}).encode()
+    return {"error": error}
+
+
+def envelope(status: int, message: str, code: str, param: str | None = None) -> bytes:
+    return json.dumps(error_object(status, message, code, param)).encode()
 
 
 def error_reply(

@@ -5,12 +5,20 @@ from __future__ import annotations
 
 from vllm_fleet.config import FleetConfig
 from vllm_fleet.gateway.relay import RelayServer
+from vllm_fleet.gateway.relay.state import Control
 from vllm_fleet.registry import Registry
 
 
-async def serve(config: FleetConfig, registry: Registry, host: str, port: int) -> RelayServer:
+async def serve(
+    config: FleetConfig,
+    registry: Registry,
+    host: str,
+    port: int,
+    control: Control | None = None,
+) -> RelayServer:
     """Start the gateway on host:port (OSError when the address is taken); stop it with
-    `stop_accepting()`, then `close()`, which lets requests in flight finish first."""
-    server = RelayServer(config, registry)
+    `stop_accepting()`, then `close()`, which lets requests in flight finish first.
+    `control`: what `POST /fleet/reload` reaches (None: that route answers 404)."""
+    server = RelayServer(config, registry, control)
     await server.start(host, port)
     return server

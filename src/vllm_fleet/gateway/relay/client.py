@@ -13,6 +13,7 @@ a lingering close (`linger.py`), so it reaches a client still sending its body.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
@@ -21,6 +22,7 @@ from urllib.parse import unquote
 
 import httptools
 
+from vllm_fleet.gateway.admin import RELOAD_PATH, reload_request
 from vllm_fleet.gateway.core import OWN_ENDPOINTS
 from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.relay import wire
@@ -517,6 +519,9 @@ class ClientConnection(asyncio.Protocol):
             path = normal
         query = raw_query.decode("latin-1")
         method = request.method
+        if path == RELOAD_PATH and self.state.control is not None:
+            self._reload(request, method, query)
+            return
         if path in OWN_ENDPOINTS and method in ("GET", "HEAD"):
             self.reply(core.endpoint(path, query, request.api_key, request.authorization))
             return
@@ -534,6 +539,34 @@ class ClientConnection(asyncio.Protocol):
         headers = engine_headers(request, self.peer_bytes, decided.body)
         self.exchange = Exchange(self, self.state, core, self.pools, request, decided, headers)
         self.exchange.start()
+
+    def _reload(self, request: Request, method: str, query: str) -> None:
+        """POST /fleet/reload: the fleet plans (and applies) the file; answered when the
+        plan is decided (the change goes on in the background)."""
+        control = self.state.control
+        assert control is not None
+        asked = reload_request(
+            self.state.core, method, query, bytes(request.body),
+            self.peer_bytes.decode("latin-1"), request.api_key, request.authorization,
+        )  # fmt: skip
+        if isinstance(asked, Reply):
+            self.reply(asked)
+            return
+        ask = asked
+
+        async def answer() -> None:
+            try:
+                status, data = await control.reload(ask.file, ask.dry_run)
+                reply = Reply(status, json.dumps(data).encode())
+            except Exception:
+                log.exception("reload failed")
+                reply = internal_error()
+            if not self.closed and self.queue and self.queue[0] is request:
+                self.reply(reply)
+
+        task = asyncio.ensure_future(answer())
+        self.state.tasks.add(task)
+        task.add_done_callback(self.state.tasks.discard)
 
     # ------------------------------------------------------------ output
 

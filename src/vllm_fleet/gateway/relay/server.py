@@ -21,7 +21,7 @@ from vllm_fleet.gateway.core import Core
 from vllm_fleet.gateway.metrics import ServerCollector
 from vllm_fleet.gateway.relay.admission import Admission
 from vllm_fleet.gateway.relay.client import ClientConnection
-from vllm_fleet.gateway.relay.state import ServerState
+from vllm_fleet.gateway.relay.state import Control, ServerState
 from vllm_fleet.gateway.relay.upstream import Pools
 from vllm_fleet.registry import Registry
 
@@ -47,9 +47,12 @@ def connection_limit(configured: int | None) -> int:
 
 
 class RelayServer:
-    def __init__(self, config: FleetConfig, registry: Registry) -> None:
+    def __init__(
+        self, config: FleetConfig, registry: Registry, control: Control | None = None
+    ) -> None:
         core = Core(config, registry)
         self.state = ServerState(core, connection_limit(config.gateway.max_connections))
+        self.state.control = control
         self.pools = Pools(config.gateway.connect_timeout)
         self.admission = Admission()
         self._server: asyncio.Server | None = None
@@ -59,6 +62,17 @@ class RelayServer:
     @property
     def core(self) -> Core:
         return self.state.core
+
+    def reconfigure(self, config: FleetConfig) -> None:
+        """A reload's new fleet file: names, keys and limits from the next request on
+        (one in flight keeps the core it began with); engine connections keep their
+        pools. The listening address is never changed here (a reload refuses that)."""
+        state = self.state
+        state.core = Core(config, state.core.registry, prior=state.core)
+        state.max_connections = connection_limit(config.gateway.max_connections)
+        self.pools.connect_timeout = config.gateway.connect_timeout
+        for pool in self.pools.pools.values():
+            pool.connect_timeout = config.gateway.connect_timeout
 
     @property
     def max_connections(self) -> int:

@@ -8,7 +8,7 @@ add and remove themselves; the server walks `connections` to sweep and to close.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Any, Protocol
 
 from vllm_fleet.gateway.core import Core
 
@@ -37,8 +37,19 @@ class Connection(Protocol):
         ...
 
 
+class Control(Protocol):
+    """The running fleet, as the gateway's admin endpoints reach it (reloader.py)."""
+
+    async def reload(self, file: str | None, dry_run: bool) -> tuple[int, dict[str, Any]]:
+        """Reload from `file` (None: the fleet's own file), or only plan it; the HTTP
+        status and the JSON answer."""
+        ...
+
+
 class ServerState:
-    __slots__ = ("closing", "connections", "core", "drained", "max_connections", "tasks")
+    __slots__ = (
+        "closing", "connections", "control", "core", "drained", "max_connections", "tasks",
+    )  # fmt: skip
 
     def __init__(self, core: Core, max_connections: int) -> None:
         self.core = core  # read once per request, where its answer is decided
@@ -47,6 +58,7 @@ class ServerState:
         self.tasks: set[asyncio.Task[None]] = set()
         self.closing = False  # stopping: no request starts, connections close when done
         self.drained = asyncio.Event()  # set once closing and nothing is in flight
+        self.control: Control | None = None  # reloads; None: not served (tests)
 
     def check_drained(self) -> None:
         """While closing: note when no connection has a request in flight any more."""
