@@ -106,6 +106,46 @@ class _RequestCollector(Collector):
         yield in_flight
 
 
+class _FleetCollector(Collector):
+    """The fleet file's generation, reloads by result, engines started and stopped."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        registry = self.registry
+        yield GaugeMetricFamily(
+            "fleet_generation",
+            "the fleet file's generation: 1 at `fleet up`, one more per reload applied",
+            value=float(registry.fleet.get("generation", 1)),
+        )
+        reloads = CounterMetricFamily(
+            "fleet_reloads",
+            "reloads of the fleet file, by result (applied, failed, invalid, refused, "
+            "unchanged, interrupted)",
+            labels=["result"],
+        )
+        for result, count in sorted(registry.reloads.items()):
+            reloads.add_metric([result], float(count))
+        yield reloads
+        starts = CounterMetricFamily(
+            "fleet_engine_starts",
+            "engine processes started, by reason (fleet up, reload, restart)",
+            labels=["deployment", "reason"],
+        )
+        for (dep_id, reason), count in sorted(registry.engine_starts.items()):
+            starts.add_metric([dep_id, reason], float(count))
+        yield starts
+        stops = CounterMetricFamily(
+            "fleet_engine_stops",
+            "engine processes stopped by the fleet, by reason (reload, failure, shutdown)",
+            labels=["deployment", "reason"],
+        )
+        for (dep_id, reason), count in sorted(registry.engine_stops.items()):
+            stops.add_metric([dep_id, reason], float(count))
+        yield stops
+
+
 class ServerGauges(Protocol):
     """What ServerCollector reads from a server."""
 
@@ -151,6 +191,7 @@ class GatewayMetrics:
         self.failovers: dict[tuple[str, str], int] = {}
         self.prometheus.register(_RequestCollector(registry, self.requests))
         self.prometheus.register(_UpstreamCollector(registry, self.failovers))
+        self.prometheus.register(_FleetCollector(registry))
 
     def render(self) -> bytes:
         return generate_latest(self.prometheus)
