@@ -113,3 +113,28 @@ def test_status_says_why_a_ready_engine_was_restarted_and_shows_a_stalled_one() 
     assert "stalled" in row and "4343" in row
     assert f"qwen-1: {reason}" in text
     assert "log: /logs/qwen-1.log" in text
+
+
+def test_status_shows_the_fleet_file_generation_and_the_last_reload_with_its_failures() -> None:
+    data = {
+        **SNAPSHOT,
+        "fleet": {
+            "file": "/srv/fleet.yaml",
+            "generation": 3,
+            "hash": "0123456789ab",
+            "reload": {
+                "result": "failed",
+                "generation": 3,
+                "took_s": 41.5,
+                "via": "SIGHUP",
+                "at": 1030.0,
+                "failures": ["chat-0: its replacement did not start (exited with status 1)"],
+            },
+        },
+        "retiring": [{"name": "chat-1", "state": "ready", "pid": 77, "outstanding": 2}],
+    }
+    text = render(data)
+    assert "fleet file /srv/fleet.yaml  generation 3 (sha256 0123456789ab)" in text
+    assert "last reload: failed, generation 3, took 41.5s (SIGHUP, 60s ago)" in text
+    assert "✗ chat-0: its replacement did not start (exited with status 1)" in text
+    assert "chat-1 (retiring): out of routing, draining, then stopped; ready, pid 77, 2" in text

@@ -115,4 +115,44 @@ def render_status(data: dict[str, Any], now: float | None = None) -> Group:
                 ago = _age(up.get("last_failure_at"), now)
                 note.append(f" ({ago} ago)" if ago else "", style="dim")
                 notes.append(note)
-    return Group(table, *notes)
+    for key, doing in (("standby", "replacing the engine of that name, not routed to yet"),
+                       ("retiring", "out of routing, draining, then stopped")):  # fmt: skip
+        for up in data.get(key) or []:
+            note = Text(f"{up.get('name', '')} ({key}): ", style="bold")
+            busy = up.get("outstanding", 0)
+            note.append(f"{doing}; {up.get('state', '?')}, pid {up.get('pid') or '-'}")
+            note.append(f", {busy} request(s) in flight" if busy else "")
+            notes.append(note)
+    head = _fleet_line(data.get("fleet"), now)
+    return Group(*head, table, *notes)
+
+
+def _fleet_line(fleet: Any, now: float) -> list[Text]:
+    """The fleet file, its generation, and the last reload (with what failed)."""
+    if not isinstance(fleet, dict):
+        return []
+    line = Text(f"fleet file {fleet.get('file', '?')}", style="bold")
+    line.append(f"  generation {fleet.get('generation', '?')}")
+    if fleet.get("hash"):
+        line.append(f" (sha256 {fleet['hash']})", style="dim")
+    out = [line]
+    record = fleet.get("reload")
+    if isinstance(record, dict):
+        result = str(record.get("result", "?"))
+        style = {"applied": "green", "unchanged": "green", "applying": "yellow"}.get(
+            result, "bold red"
+        )
+        last = Text("last reload: ")
+        last.append(result, style=style)
+        if record.get("generation") is not None and result not in ("invalid", "refused"):
+            last.append(f", generation {record['generation']}")
+        if record.get("took_s") is not None:
+            last.append(f", took {record['took_s']}s")
+        ago = _age(record.get("at"), now)
+        last.append(f" ({record.get('via', '?')}, {ago} ago)" if ago else "", style="dim")
+        out.append(last)
+        for failure in record.get("failures") or []:
+            out.append(Text(f"  ✗ {failure}", style="red"))
+        if result in ("invalid", "refused") and record.get("message"):
+            out.append(Text(f"  {record['message']}", style="red"))
+    return out

@@ -148,7 +148,8 @@ class Rollout:
     async def _replace(self, step: Step) -> None:
         old, new = self._current.get(step.name), self._new[step.name]
         gone = self._stopped[step.name]
-        if not step.managed:
+        if not step.managed:  # routed to the new endpoint since begin(); probe it
+            self.supervisor.ensure(new, "reload")
             if old is not None:
                 await self._retire(step.name, old)
             gone.set()
