@@ -249,6 +249,27 @@ def systemd(
 
 
 @app.command()
+def schema(
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the schema here.")
+    ] = None,
+) -> None:
+    """Print the fleet file's JSON Schema, for editors: save it (`fleet schema >
+    fleet.schema.json`) and start the fleet file with `# yaml-language-server:
+    $schema=./fleet.schema.json`."""
+    import json
+
+    from vllm_fleet.config.schema import fleet_schema
+
+    text = json.dumps(fleet_schema(), indent=2) + "\n"
+    if output is not None:
+        output.write_text(text, encoding="utf-8")
+        err_console.print(f"wrote {output}", highlight=False)
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     console.print(f"vllm-fleet {__version__}")
