@@ -304,6 +304,82 @@ def nginx(
 
 
 @app.command()
+def systemd(
+    fleet_file: FleetFile,
+    user: Annotated[str | None, typer.Option(help="Run the service as this user (User=).")] = None,
+    env_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="EnvironmentFile=: KEY=VALUE lines for the fleet file's ${VAR}s (HF_TOKEN, "
+            "API keys), kept out of the fleet file."
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the unit here.")
+    ] = None,
+) -> None:
+    """Render a systemd service unit that runs `fleet up FLEET_FILE`: `systemctl reload`
+    re-reads the fleet file, `systemctl stop` drains, then stops every engine. The file is
+    checked first, in the environment the service will have (exit 1 with its problems)."""
+    import os
+
+    from vllm_fleet.systemd import (
+        SystemdRenderError,
+        find_fleet_command,
+        read_service_env,
+        render_unit,
+    )
+
+    fleet_path = Path(os.path.abspath(fleet_file))
+    env_path = Path(os.path.abspath(env_file)) if env_file is not None else None
+    command = find_fleet_command(sys.executable)
+    try:
+        service = read_service_env(command, user, env_path)
+        for warning in service.warnings:
+            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        config = load(fleet_path, environ=service.environ)
+        build_plan(config, read_inventory(), sys.executable)
+        text = render_unit(config, fleet_path, command, user, env_path)
+    except ConfigError as exc:
+        err_console.print(f"[bold red]error:[/] {exc.render()}", highlight=False)
+        if any(i.message.startswith("environment variable") for i in exc.issues):
+            err_console.print(
+                f"note: ${{VAR}}s were read as the service will see them: {service.described}",
+                highlight=False,
+            )
+        raise typer.Exit(1) from None
+    except SystemdRenderError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    if output is not None:
+        output.write_text(text, encoding="utf-8")
+        err_console.print(f"wrote {output}", highlight=False)
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
+def schema(
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the schema here.")
+    ] = None,
+) -> None:
+    """Print the fleet file's JSON Schema, for editors: save it (`fleet schema >
+    fleet.schema.json`) and start the fleet file with `# yaml-language-server:
+    $schema=./fleet.schema.json`."""
+    import json
+
+    from vllm_fleet.config.schema import fleet_schema
+
+    text = json.dumps(fleet_schema(), indent=2) + "\n"
+    if output is not None:
+        output.write_text(text, encoding="utf-8")
+        err_console.print(f"wrote {output}", highlight=False)
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     console.print(f"vllm-fleet {__version__}")
