@@ -56,6 +56,17 @@ class FleetUp:
         except OSError:
             return None
 
+    def status_with_key(self, key: str) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"{self.url}/fleet/status", headers={"Authorization": f"Bearer {key}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=2) as resp:
+                data: dict[str, Any] = json.load(resp)
+                return data
+        except OSError:
+            return {}
+
     def upstreams(self) -> list[dict[str, Any]]:
         data = self.status() or {"deployments": {}}
         return [u for dep in data["deployments"].values() for u in dep["upstreams"]]

@@ -249,12 +249,12 @@ def test_an_invalid_file_changes_nothing_and_says_where(
     assert "refused" in fleet.text()
 
 
-def post_reload(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def post_reload(url: str, body: dict[str, Any], key: str = "") -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     request = urllib.request.Request(
-        f"{url}/fleet/reload",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
+        f"{url}/fleet/reload", data=json.dumps(body).encode(), headers=headers, method="POST"
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as resp:
@@ -319,3 +319,47 @@ def test_dry_run_and_diff_print_the_plan_and_change_nothing(
         assert "gateway: chat: aliases - -> c (in place)" in done.stdout
     assert pids(fleet) == before
     assert status(fleet)["fleet"]["generation"] == 1
+
+
+def test_a_new_deployment_answers_503_while_it_loads_and_one_reload_runs_at_a_time(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    path = fleet_file(tmp_path, {"chat": {"model": "org/chat"}}, api_keys=["sk-admin"])
+    fleet = FleetUp(path)
+    fleets.append(fleet)
+    wait_until(lambda: fleet.status_with_key("sk-admin"), what="the gateway")
+    wait_until(
+        lambda: all(
+            u["state"] == "ready"
+            for d in fleet.status_with_key("sk-admin")["deployments"].values()
+            for u in d["upstreams"]
+        ),
+        what="ready",
+    )
+    slow = {"model": "org/slow", "port": None, "args": ["--startup-delay", "3"]}
+    rewrite(path, lambda d: d["deployments"].update(slow=slow))
+    # With keys, a reload needs one (from this machine too).
+    assert post_reload(fleet.url, {})[0] == 401
+    code, body = post_reload(fleet.url, {}, key="sk-admin")
+    assert code == 202, body
+    assert body["result"] == "applying"
+    code, again = post_reload(fleet.url, {}, key="sk-admin")
+    assert code == 409 and again["error"]["code"] == "reload_in_progress"
+    request = urllib.request.Request(
+        f"{fleet.url}/slow/v1/chat/completions",
+        data=b'{"messages": []}',
+        headers={"Content-Type": "application/json", "Authorization": "Bearer sk-admin"},
+    )
+    try:
+        urllib.request.urlopen(request, timeout=10)
+        raise AssertionError("a deployment still loading answered")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 503
+        assert int(exc.headers["Retry-After"]) > 0
+        assert "still loading" in json.loads(exc.read())["error"]["message"]
+
+    def applied() -> bool:
+        record = fleet.status_with_key("sk-admin")["fleet"]["reload"]
+        return bool(record.get("result") == "applied")
+
+    wait_until(applied, timeout=30, what="the reload applied")

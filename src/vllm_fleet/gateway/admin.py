@@ -25,10 +25,14 @@ class ReloadAsk:
 
 
 def is_loopback(peer: str) -> bool:
+    """Whether a client address is this machine's loopback (an IPv4 client of a
+    dual-stack listener shows as `::ffff:127.0.0.1`)."""
     try:
-        return ipaddress.ip_address(peer.partition("%")[0]).is_loopback
+        address = ipaddress.ip_address(peer.partition("%")[0])
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 def reload_request(

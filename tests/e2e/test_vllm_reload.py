@@ -1,0 +1,178 @@
+"""On real vLLM: the CPU demo fleet (examples/cpu-demo.yaml, copied beside the test) is
+reloaded with a third deployment, a second SmolLM2 engine with other args, while a stream
+runs through `chat` and clients keep calling both deployments. The stream completes,
+`chat` and `embed` keep their engine processes, the new deployment answers, and no
+request fails. The reload's time and the requests made during it are printed (run with
+`-s` to see them) and written to `reload-figures.json` in the test's folder.
+
+Needs `make engines-env models`; skips without them, fails with FLEET_E2E_REQUIRED=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from openai import OpenAI
+
+from tests.conftest import free_port, wait_until
+from tests.e2e.test_vllm_cpu import (
+    DEMO_FILE,
+    ENGINE_PYTHON,
+    MESSAGES,
+    MODELS,
+    READY_TIMEOUT,
+    Fleet,
+    _missing_prerequisites,
+    _stop,
+    two_server_ports,
+)
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1200)]
+
+# The new deployment: the chat model again, with another context length and its own name.
+SECOND = {
+    "model": "${FLEET_MODELS:-../.cache/models}/smollm2-135m-instruct",
+    "served_name": "smollm2-short",
+    "env": {
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "${FLEET_EMBED_CPUS:-1}",
+        "HF_HUB_OFFLINE": "1",
+    },
+    "args": ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024"],
+}
+
+
+def test_a_reload_adds_a_deployment_while_a_stream_runs_and_nothing_else_moves(
+    tmp_path: Path,
+) -> None:
+    missing = _missing_prerequisites()
+    if missing:
+        reason = "real-vLLM e2e needs the CPU build and the demo models: " + "; ".join(missing)
+        if os.environ.get("FLEET_E2E_REQUIRED") == "1":
+            pytest.fail(reason + " (FLEET_E2E_REQUIRED=1)")
+        pytest.skip(reason)
+    engine_port = two_server_ports()
+    port = wait_until(lambda: (p := free_port()) not in (engine_port, engine_port + 1) and p)
+    path = tmp_path / "fleet.yaml"
+    path.write_text(DEMO_FILE.read_text())
+    env = os.environ | {
+        "FLEET_ENGINE_PYTHON": str(ENGINE_PYTHON),
+        "FLEET_MODELS": str(MODELS),
+        "FLEET_BASE_PORT": str(engine_port),
+        "FLEET_LOG_DIR": str(tmp_path / "logs"),
+    }
+    if (os.cpu_count() or 1) < 2:
+        env |= {"FLEET_CHAT_CPUS": "auto", "FLEET_EMBED_CPUS": "auto"}
+    output = tmp_path / "fleet-up.out"
+    with output.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm_fleet.cli", "up", str(path), "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    fleet = Fleet(base=f"http://127.0.0.1:{port}", proc=proc, output=output)
+    try:
+        wait_until(fleet.all_ready, timeout=READY_TIMEOUT, interval=1.0, what="ready")
+        before = {u["name"]: u["pid"] for u in fleet.upstreams(fleet.status())}
+        figures = _reload_under_load(fleet, path, env)
+        after = {u["name"]: u["pid"] for u in fleet.upstreams(fleet.status())}
+        assert after["chat-0"] == before["chat-0"], "chat's engine was restarted"
+        assert after["embed-0"] == before["embed-0"], "embed's engine was restarted"
+        assert after.get("chat2-0"), after
+        reply = OpenAI(base_url=f"{fleet.base}/chat2/v1", api_key="x").chat.completions.create(
+            model="anything", messages=MESSAGES, max_tokens=20, temperature=0
+        )
+        assert reply.model == "smollm2-short"
+        assert (reply.choices[0].message.content or "").strip()
+        figures["pids"] = {"before": before, "after": after}
+        (tmp_path / "reload-figures.json").write_text(json.dumps(figures, indent=2))
+        print("\nreal-vLLM reload figures:", json.dumps(figures))
+        assert figures["failed"] == 0, figures
+        assert figures["stream_finish_reason"] in ("stop", "length"), figures
+    except BaseException:
+        print(fleet.tail())
+        raise
+    finally:
+        _stop(fleet)
+
+
+def _reload_under_load(fleet: Fleet, path: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Start a stream through chat and two clients calling chat and embed, reload with a
+    third deployment, and count: the reload's time, requests made, requests failed."""
+    client = OpenAI(base_url=f"{fleet.base}/v1", api_key="x", max_retries=0, timeout=120)
+    stop = threading.Event()
+    counts = {"ok": 0, "failed": 0}
+    errors: list[str] = []
+    stream_result: dict[str, Any] = {}
+
+    def calls(dep: str) -> None:
+        while not stop.is_set():
+            try:
+                if dep == "embed":
+                    client.embeddings.create(model="embed", input="steady load")
+                else:
+                    client.chat.completions.create(
+                        model=dep, messages=MESSAGES, max_tokens=8, temperature=0
+                    )
+                counts["ok"] += 1
+            except Exception as exc:  # counted and shown: the goal is none
+                counts["failed"] += 1
+                errors.append(f"{dep}: {exc}")
+
+    def stream() -> None:
+        pieces, finish = [], None
+        for chunk in client.chat.completions.create(
+            model="chat", messages=MESSAGES, max_tokens=200, temperature=0, stream=True
+        ):
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+        stream_result.update(text="".join(pieces), finish=finish, chunks=len(pieces))
+
+    workers = [threading.Thread(target=calls, args=(d,)) for d in ("chat", "embed")]
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    for worker in workers:
+        worker.start()
+    time.sleep(1.0)
+    data = yaml.safe_load(path.read_text())
+    data["deployments"]["chat2"] = SECOND
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    began = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "vllm_fleet.cli", "reload", str(path), "--url", fleet.base],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    took = time.monotonic() - began
+    stop.set()
+    streamer.join(300)
+    for worker in workers:
+        worker.join(120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "chat: unchanged" in done.stdout and "embed: unchanged" in done.stdout
+    assert "chat2-0: start (new deployment)" in done.stdout
+    assert not streamer.is_alive(), "the stream through chat did not end"
+    return {
+        "reload_seconds": round(took, 1),
+        "requests_during_reload": counts["ok"] + counts["failed"],
+        "failed": counts["failed"],
+        "errors": errors[:5],
+        "stream_chunks": stream_result.get("chunks"),
+        "stream_finish_reason": stream_result.get("finish"),
+        "reload_output": done.stdout,
+    }
