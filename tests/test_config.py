@@ -955,3 +955,18 @@ def test_key_that_yaml_reads_as_a_number_or_yes_no_is_refused_asking_to_quote(
 ) -> None:
     issue = only_issue(problems(text), where, line)
     assert f"this key is read by YAML as {read_as}, not as text; quote it" in issue.message
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("gateway: {port: yes}\n", "gateway.port"),
+        ("engines: {max_restarts: on}\n", "engines.max_restarts"),
+        ("engines: {drain_timeout: true}\n", "engines.drain_timeout"),
+    ],
+)
+def test_yes_or_no_where_a_number_belongs_is_refused_in_gateway_and_engines(
+    text: str, where: str
+) -> None:
+    issue = only_issue(problems(text + "deployments: {a: {model: m}}\n"), where, 1)
+    assert "yes/no value where a number is expected" in issue.message

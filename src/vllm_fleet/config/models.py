@@ -89,6 +89,10 @@ class GatewayConfig(_Strict):
     lingering_max_mb: Annotated[float, Field(gt=0)] = 128.0
 
     _host = field_validator("host")(lambda v: _check_host(v))
+    _numbers = field_validator(
+        "port", "max_body_mb", "connect_timeout", "max_connections", "header_timeout",
+        "lingering_time", "lingering_timeout", "lingering_max_mb", mode="before",
+    )(lambda v: _no_bool(v))  # fmt: skip
 
     @property
     def max_body_bytes(self) -> int:
@@ -130,6 +134,12 @@ class EnginesConfig(_Strict):
     # (base_port 8100, gateway 8080) and below Linux's ephemeral ports (32768-60999).
     vllm_port_base: Port = 20000
     vllm_port_span: Annotated[int, Field(ge=1, le=10000)] = 100
+
+    _numbers = field_validator(
+        "base_port", "start_timeout", "stop_timeout", "drain_timeout", "health_interval",
+        "max_restarts", "backoff_initial", "backoff_max", "stable_after", "log_max_mb",
+        "log_keep", "stall_timeout", "vllm_port_base", "vllm_port_span", mode="before",
+    )(lambda v: _no_bool(v))  # fmt: skip
 
     @property
     def log_max_bytes(self) -> int:
