@@ -20,6 +20,7 @@ import yaml
 from tests.conftest import fake_fleet_file, free_port, pid_alive, wait_until
 from tests.test_fleet_up import FleetUp
 from tests.test_fleet_up import fleets as fleets  # the fixture
+from vllm_fleet.testing.harness import FakeEngine
 
 SLOW = ["--token-delay", "0.02"]
 
@@ -27,7 +28,10 @@ SLOW = ["--token-delay", "0.02"]
 def fleet_file(tmp_path: Path, deployments: dict[str, dict[str, Any]], **kw: Any) -> Path:
     """Engines without fixed ports (counted from a free base port), so a replace can run
     beside the engine it replaces."""
-    deps = {d: {"port": None, **spec} for d, spec in deployments.items()}
+    deps = {
+        d: spec if "endpoints" in spec else {"port": None, **spec}
+        for d, spec in deployments.items()
+    }
     engines = {"base_port": free_port(), **kw.pop("engines", {})}
     return fake_fleet_file(tmp_path, deps, engines=engines, **kw)
 
@@ -363,3 +367,37 @@ def test_a_new_deployment_answers_503_while_it_loads_and_one_reload_runs_at_a_ti
         return bool(record.get("result") == "applied")
 
     wait_until(applied, timeout=30, what="the reload applied")
+
+
+def test_remote_endpoints_are_added_replaced_and_dropped_by_a_reload(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    with FakeEngine("org/r", ["org/r"]) as a, FakeEngine("org/r", ["org/r"]) as b:
+        path = fleet_file(
+            tmp_path,
+            {"chat": {"model": "org/chat"}, "r": {"model": "org/r", "endpoints": [a.url]}},
+        )
+        fleet = FleetUp(path)
+        fleets.append(fleet)
+        fleet.wait_ready(2)
+        before = pids(fleet)
+
+        def endpoints(urls: list[str]) -> None:
+            rewrite(path, lambda d: d["deployments"]["r"].update(endpoints=urls))
+            done = fleet_cli("reload", str(path))
+            assert done.returncode == 0, done.stdout + done.stderr
+
+        endpoints([a.url, b.url])
+        ups = status(fleet)["deployments"]["r"]["upstreams"]
+        assert [u["url"] for u in ups] == [a.url, b.url]
+        endpoints([b.url])
+        wait_until(
+            lambda: [u["url"] for u in status(fleet)["deployments"]["r"]["upstreams"]] == [b.url],
+            what="r served by b alone",
+        )
+        for _ in range(4):
+            assert chat(fleet.url, "r")[0] == 200
+        a.stop()  # nothing routes to a any more: no request fails
+        for _ in range(4):
+            assert chat(fleet.url, "r")[0] == 200
+        assert pids(fleet)["chat-0"] == before["chat-0"]

@@ -128,7 +128,7 @@ class Reloader:
         digest = file_hash(path)
         config = with_overrides(load(path), self.overrides)
         plan = build_plan(config, read_inventory(), sys.executable, prior=prior)
-        changes = reconcile(self.config, self.registry.running_plan(), config, plan)
+        changes = reconcile(self.config, prior, config, plan)
         return config, plan, changes, digest
 
     def _record(self, result: str, **fields: Any) -> dict[str, Any]:
