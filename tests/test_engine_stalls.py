@@ -229,3 +229,55 @@ def test_fleet_up_routes_around_a_stalled_replica_and_shows_why_it_restarted(
         wait_until(lambda: "d-0 stalled: 1 request(s) running" in fleet.text(), what="said")
     finally:
         assert fleet.stop() == 0, fleet.text()
+
+
+# A vLLM-like engine whose /metrics page arrives in two pieces, as a busy engine sends
+# it: one request running and a token counter that never moves (stalled).
+DRIBBLED_METRICS = textwrap.dedent(
+    """
+    import http.server, sys, time
+    PAGE = (
+        "# HELP vllm:num_requests_running x\\n# TYPE vllm:num_requests_running gauge\\n"
+        + "# padding\\n" * 2000
+        + "vllm:num_requests_running{model_name=\\"x\\"} 1.0\\n"
+        "vllm:num_requests_waiting{model_name=\\"x\\"} 0.0\\n"
+        "vllm:generation_tokens_total{model_name=\\"x\\"} 5.0\\n"
+        "vllm:prompt_tokens_total{model_name=\\"x\\"} 5.0\\n"
+    ).encode()
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def do_GET(self):
+            if self.path != "/metrics":
+                self.send_response(200); self.send_header("Content-Length", "0")
+                self.end_headers(); return
+            self.send_response(200); self.send_header("Content-Length", str(len(PAGE)))
+            self.end_headers(); self.wfile.write(PAGE[:100]); self.wfile.flush()
+            time.sleep(0.05); self.wfile.write(PAGE[100:])
+        def log_message(self, *args):
+            pass
+    http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+    """
+)
+
+
+def test_a_metrics_page_that_arrives_in_pieces_is_read_whole(tmp_path: Path) -> None:
+    script = tmp_path / "dribbled.py"
+    script.write_text(DRIBBLED_METRICS)
+    deployment = {
+        "model": "x",
+        "command": ["{python}", str(script), "{port}"],
+        "stall_timeout": 0.5,
+    }
+    path = fake_fleet_file(tmp_path, {"m": deployment}, engines={"health_interval": 0.1})
+    sup, registry, _ = make_supervisor(path)
+    up = only(registry)
+
+    async def body() -> None:
+        await sup.start()
+        try:
+            await until(lambda: up.stalls >= 1, what="the engine found stalled", timeout=15)
+        finally:
+            await sup.stop()
+
+    run(body)
+    assert "busy" in up.last_failure or "stalled" in up.last_failure, up.last_failure

@@ -280,7 +280,16 @@ class EngineProcess:
             async with self.session.get(
                 url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
             ) as resp:
-                body = await resp.content.read(METRICS_MAX_BYTES)
+                # The whole page (up to the limit): read(n) would return only what has
+                # arrived so far, and a busy engine sends its page in pieces.
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in resp.content.iter_chunked(65536):
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size >= METRICS_MAX_BYTES:
+                        break
+                body = b"".join(chunks)
                 if resp.status != 200:
                     return f"no vLLM metrics: /metrics answered {resp.status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
