@@ -401,3 +401,24 @@ def test_remote_endpoints_are_added_replaced_and_dropped_by_a_reload(
         for _ in range(4):
             assert chat(fleet.url, "r")[0] == 200
         assert pids(fleet)["chat-0"] == before["chat-0"]
+
+
+def test_sigterm_during_a_reload_stops_everything_and_says_the_reload_was_interrupted(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    path = fleet_file(tmp_path, {"chat": {"model": "org/chat"}})
+    fleet = FleetUp(path)
+    fleets.append(fleet)
+    fleet.wait_ready(1)
+    slow = {"model": "org/slow", "port": None, "args": ["--startup-delay", "60"]}
+    rewrite(path, lambda d: d["deployments"].update(slow=slow))
+    assert post_reload(fleet.url, {})[0] == 202
+    loading = wait_until(
+        lambda: next((u for u in fleet.upstreams() if u["name"] == "slow-0" and u["pid"]), None),
+        what="the new engine started",
+    )
+    assert fleet.stop(signal.SIGTERM, timeout=30) == 0
+    text = fleet.text()
+    assert "reload generation 2 interrupted" in text
+    assert "applied" not in text.split("reload (POST /fleet/reload)")[1]
+    assert not pid_alive(loading["pid"])

@@ -261,7 +261,13 @@ class Reloader:
                 failures=rollout.failures,
             )
             generation = record["generation"]
-            if rollout.failures:
+            if interrupted:
+                self.console.print(
+                    f"[bold yellow]reload generation {generation} interrupted[/] after "
+                    f"{took:.0f}s: the fleet is stopping",
+                    highlight=False,
+                )
+            elif rollout.failures:
                 self.console.print(
                     f"[bold yellow]reload generation {generation} applied with failures[/] "
                     f"in {took:.0f}s (the rest is applied):",
