@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
 import signal
 import socket
 import subprocess
@@ -17,12 +19,30 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import fake_fleet_file, free_port, pid_alive, wait_until
+from tests.conftest import fake_fleet_file, pid_alive, wait_until
 from tests.test_fleet_up import FleetUp
 from tests.test_fleet_up import fleets as fleets  # the fixture
 from vllm_fleet.testing.harness import FakeEngine
 
 SLOW = ["--token-delay", "0.02"]
+
+
+def free_base_port(count: int = 16) -> int:
+    """The first of `count` free ports in a row, below Linux's ephemeral ports (a port
+    the kernel hands out, like free_port()'s, has neighbours that outgoing connections
+    take at random) and above the engines' default VLLM_PORT ranges."""
+    for _ in range(200):
+        first = random.randrange(21000, 32000 - count)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(first, first + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"found no {count} free ports in a row in 21000-32000")
 
 
 def fleet_file(tmp_path: Path, deployments: dict[str, dict[str, Any]], **kw: Any) -> Path:
@@ -32,8 +52,23 @@ def fleet_file(tmp_path: Path, deployments: dict[str, dict[str, Any]], **kw: Any
         d: spec if "endpoints" in spec else {"port": None, **spec}
         for d, spec in deployments.items()
     }
-    engines = {"base_port": free_port(), **kw.pop("engines", {})}
+    engines = {"base_port": free_base_port(), **kw.pop("engines", {})}
     return fake_fleet_file(tmp_path, deps, engines=engines, **kw)
+
+
+def up(
+    fleets: list[FleetUp],
+    tmp_path: Path,
+    deployments: dict[str, dict[str, Any]],
+    ready: int,
+    **kw: Any,
+) -> tuple[Path, FleetUp]:
+    """`fleet up` on a `fleet_file`, once `ready` engines are."""
+    path = fleet_file(tmp_path, deployments, **kw)
+    fleet = FleetUp(path)
+    fleets.append(fleet)
+    fleet.wait_ready(ready)
+    return path, fleet
 
 
 def rewrite(path: Path, change: Any) -> None:
@@ -185,10 +220,7 @@ def test_a_reload_adds_removes_and_replaces_while_streams_through_the_rest_finis
 def test_a_rolling_replace_of_two_replicas_under_steady_load_fails_no_request(
     tmp_path: Path, fleets: list[FleetUp]
 ) -> None:
-    path = fleet_file(tmp_path, {"chat": {"model": "org/chat", "replicas": 2}})
-    fleet = FleetUp(path)
-    fleets.append(fleet)
-    fleet.wait_ready(2)
+    path, fleet = up(fleets, tmp_path, {"chat": {"model": "org/chat", "replicas": 2}}, ready=2)
     before = pids(fleet)
     results: list[int] = []
     stop = threading.Event()
@@ -219,10 +251,7 @@ def test_a_rolling_replace_of_two_replicas_under_steady_load_fails_no_request(
 def test_an_invalid_file_changes_nothing_and_says_where(
     tmp_path: Path, fleets: list[FleetUp]
 ) -> None:
-    path = fleet_file(tmp_path, {"chat": {"model": "org/chat"}})
-    fleet = FleetUp(path)
-    fleets.append(fleet)
-    fleet.wait_ready(1)
+    path, fleet = up(fleets, tmp_path, {"chat": {"model": "org/chat"}}, ready=1)
     before = pids(fleet)
     good = path.read_text()
     path.write_text(good.replace("model: org/chat", "model: org/chat\n    replicas: many"))
@@ -270,10 +299,7 @@ def post_reload(url: str, body: dict[str, Any], key: str = "") -> tuple[int, dic
 def test_sighup_reloads_the_file_fleet_up_was_started_with(
     tmp_path: Path, fleets: list[FleetUp]
 ) -> None:
-    path = fleet_file(tmp_path, {"chat": {"model": "org/chat"}})
-    fleet = FleetUp(path)
-    fleets.append(fleet)
-    fleet.wait_ready(1)
+    path, fleet = up(fleets, tmp_path, {"chat": {"model": "org/chat"}}, ready=1)
     rewrite(path, lambda d: d["deployments"].update(more={"model": "org/more", "port": None}))
     fleet.proc.send_signal(signal.SIGHUP)
     record = wait_reload(fleet, 2)
@@ -291,10 +317,9 @@ def test_sighup_reloads_the_file_fleet_up_was_started_with(
 def test_a_replacement_that_fails_to_start_leaves_the_old_engine_serving(
     tmp_path: Path, fleets: list[FleetUp]
 ) -> None:
-    path = fleet_file(tmp_path, {"chat": {"model": "org/chat"}}, engines={"max_restarts": 1})
-    fleet = FleetUp(path)
-    fleets.append(fleet)
-    fleet.wait_ready(1)
+    path, fleet = up(
+        fleets, tmp_path, {"chat": {"model": "org/chat"}}, engines={"max_restarts": 1}, ready=1
+    )
     before = pids(fleet)
     rewrite(path, lambda d: d["deployments"]["chat"].update(args=["--fail-start"]))
     done = fleet_cli("reload", str(path))
@@ -309,10 +334,7 @@ def test_a_replacement_that_fails_to_start_leaves_the_old_engine_serving(
 def test_dry_run_and_diff_print_the_plan_and_change_nothing(
     tmp_path: Path, fleets: list[FleetUp]
 ) -> None:
-    path = fleet_file(tmp_path, {"chat": {"model": "org/chat", "replicas": 2}})
-    fleet = FleetUp(path)
-    fleets.append(fleet)
-    fleet.wait_ready(2)
+    path, fleet = up(fleets, tmp_path, {"chat": {"model": "org/chat", "replicas": 2}}, ready=2)
     before = pids(fleet)
     rewrite(path, lambda d: d["deployments"]["chat"].update(replicas=1, aliases=["c"]))
     for args in (("diff", str(path)), ("reload", "--dry-run", str(path))):
@@ -406,10 +428,7 @@ def test_remote_endpoints_are_added_replaced_and_dropped_by_a_reload(
 def test_sigterm_during_a_reload_stops_everything_and_says_the_reload_was_interrupted(
     tmp_path: Path, fleets: list[FleetUp]
 ) -> None:
-    path = fleet_file(tmp_path, {"chat": {"model": "org/chat"}})
-    fleet = FleetUp(path)
-    fleets.append(fleet)
-    fleet.wait_ready(1)
+    path, fleet = up(fleets, tmp_path, {"chat": {"model": "org/chat"}}, ready=1)
     slow = {"model": "org/slow", "port": None, "args": ["--startup-delay", "60"]}
     rewrite(path, lambda d: d["deployments"].update(slow=slow))
     assert post_reload(fleet.url, {})[0] == 202

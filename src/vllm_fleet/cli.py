@@ -351,11 +351,7 @@ def systemd(
     except SystemdRenderError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
-    if output is not None:
-        output.write_text(text, encoding="utf-8")
-        err_console.print(f"wrote {output}", highlight=False)
-    else:
-        sys.stdout.write(text)
+    _write_or_print(text, output)
 
 
 @app.command()
@@ -372,6 +368,10 @@ def schema(
     from vllm_fleet.config.schema import fleet_schema
 
     text = json.dumps(fleet_schema(), indent=2) + "\n"
+    _write_or_print(text, output)
+
+
+def _write_or_print(text: str, output: Path | None) -> None:
     if output is not None:
         output.write_text(text, encoding="utf-8")
         err_console.print(f"wrote {output}", highlight=False)

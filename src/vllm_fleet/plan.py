@@ -346,6 +346,19 @@ def _vllm_port_warnings(config: FleetConfig, blocks: dict[tuple[str, int], range
     return warnings
 
 
+def _ports_in_use(config: FleetConfig, held: list[EngineSpec]) -> set[int]:
+    """The ports the file declares (the gateway's, fixed engine ports) and those the
+    running engines hold (their serving ports and VLLM_PORT ranges)."""
+    used = {config.gateway.port}
+    for dep in config.deployments.values():
+        used.update(engine_ports(dep))
+    for engine in held:
+        used.add(engine.port)
+        if engine.vllm_ports is not None:
+            used.update(engine.vllm_ports)
+    return used
+
+
 def _assign_blocks(
     config: FleetConfig,
     issues: list[ConfigIssue],
@@ -360,13 +373,7 @@ def _assign_blocks(
         return vllm_port_blocks(config)
     wanted = vllm_port_blocks(config)  # which engines get one, and how wide
     span, base = config.engines.vllm_port_span, config.engines.vllm_port_base
-    busy: set[int] = {config.gateway.port, config.engines.base_port}
-    for dep in config.deployments.values():
-        busy.update(engine_ports(dep))
-    for engine in held:
-        busy.add(engine.port)
-        if engine.vllm_ports is not None:
-            busy.update(engine.vllm_ports)
+    busy = _ports_in_use(config, held) | {config.engines.base_port}
     blocks: dict[tuple[str, int], range] = {}
     for key in wanted:
         if key in kept and kept[key].vllm_ports is not None:
@@ -406,15 +413,9 @@ def _assign_ports(
     """Fixed ports as written; kept engines' as they are; the rest counted up from
     `engines.base_port`, skipping every port the file names (including the gateway's),
     the VLLM_PORT ranges, and the ports of the running engines (`held`)."""
-    taken = {config.gateway.port}
+    taken = _ports_in_use(config, held)
     for block in blocks.values():
         taken.update(block)
-    for dep in config.deployments.values():
-        taken.update(engine_ports(dep))
-    for engine in held:
-        taken.add(engine.port)
-        if engine.vllm_ports is not None:
-            taken.update(engine.vllm_ports)
     ports: dict[tuple[str, int], int] = {key: spec.port for key, spec in kept.items()}
     next_port = config.engines.base_port
     for dep_id, dep in config.deployments.items():

@@ -3,50 +3,25 @@ its `POST /fleet/reload`, print the plan, and follow the reload in `/fleet/statu
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
-from vllm_fleet.status import StatusError, fetch_status
+from vllm_fleet.status import StatusError, ask_gateway, fetch_status
 
 
 def post_reload(
     url: str, api_key: str | None, file: str | None, dry_run: bool, timeout: float = 120.0
 ) -> tuple[int, dict[str, Any]]:
     """POST {url}/fleet/reload; the status and the JSON answer (errors included)."""
-    target = url.rstrip("/") + "/fleet/reload"
     body: dict[str, Any] = {"dry_run": dry_run}
     if file is not None:
         body["file"] = file
-    request = urllib.request.Request(
-        target,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "Accept": "application/json"},
-        method="POST",
-    )
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise StatusError(
-            f"no gateway at {url} ({reason}); is `fleet up` running there? Pass the fleet "
-            "file or --url (a changed gateway.port needs a restart, not a reload)"
-        ) from None
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        raise StatusError(f"{target} answered {status} without JSON") from None
-    if not isinstance(data, dict):
-        raise StatusError(f"{target} answered {status} with JSON that is not an object")
+    status, data = ask_gateway(
+        url, "/fleet/reload", api_key, timeout, body,
+        unreachable_hint=" (a changed gateway.port needs a restart, not a reload)",
+    )  # fmt: skip
     if status == 404 and "plan" not in data:
-        raise StatusError(f"{target} answered 404; is this a vllm-fleet gateway that reloads?")
+        raise StatusError(f"{url} answered 404 to /fleet/reload; is this a vllm-fleet gateway?")
     return status, data
 
 
@@ -64,8 +39,19 @@ def follow(
     last one seen, with result `applying`, when `timeout` passes first)."""
     deadline = time.monotonic() + timeout
     record: dict[str, Any] = {}
+    misses = 0
     while True:
-        fleet = fetch_status(url, api_key).get("fleet") or {}
+        try:
+            fleet = fetch_status(url, api_key).get("fleet") or {}
+        except StatusError:
+            # A gateway slow to answer for a moment (a machine busy loading engines) is
+            # asked again; one gone for good ends the wait.
+            misses += 1
+            if misses >= 10 or time.monotonic() >= deadline:
+                raise
+            time.sleep(every)
+            continue
+        misses = 0
         seen = fleet.get("reload") or {}
         if isinstance(seen, dict) and seen.get("generation") == generation:
             record = seen

@@ -27,30 +27,55 @@ class StatusError(Exception):
     """The gateway could not be asked; the message says what to check."""
 
 
-def fetch_status(url: str, api_key: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
-    """GET {url}/fleet/status and return the decoded JSON."""
-    target = url.rstrip("/") + "/fleet/status"
-    request = urllib.request.Request(target, headers={"Accept": "application/json"})
+def ask_gateway(
+    url: str,
+    path: str,
+    api_key: str | None,
+    timeout: float,
+    body: dict[str, Any] | None = None,
+    unreachable_hint: str = "",
+) -> tuple[int, dict[str, Any]]:
+    """GET (or POST `body` to) {url}{path}: the status and the JSON object it answered,
+    error statuses included; StatusError when there is no gateway or no JSON object."""
+    target = url.rstrip("/") + path
+    headers = {"Accept": "application/json"}
     if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
+        headers["Authorization"] = f"Bearer {api_key}"
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(target, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
-            body = resp.read()
+            status, raw = resp.status, resp.read()
     except urllib.error.HTTPError as exc:
-        hint = " (pass --api-key, or the fleet file)" if exc.code == 401 else ""
-        raise StatusError(f"{target} answered {exc.code} {exc.reason}{hint}") from None
+        status, raw = exc.code, exc.read()
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise StatusError(
             f"no gateway at {url} ({reason}); is `fleet up` running there? "
-            "Pass the fleet file or --url"
+            f"Pass the fleet file or --url{unreachable_hint}"
         ) from None
     try:
-        data = json.loads(body)
+        answer = json.loads(raw)
     except ValueError:
-        raise StatusError(f"{target} did not answer JSON; is this a vllm-fleet gateway?") from None
-    if not isinstance(data, dict) or not isinstance(data.get("deployments"), dict):
-        raise StatusError(f"{target} answered JSON without `deployments`")
+        answer = None
+    if not isinstance(answer, dict):
+        raise StatusError(
+            f"{target} answered {status} without a JSON object; is this a vllm-fleet gateway?"
+        )
+    return status, answer
+
+
+def fetch_status(url: str, api_key: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    """GET {url}/fleet/status and return the decoded JSON."""
+    status, data = ask_gateway(url, "/fleet/status", api_key, timeout)
+    if status != 200:
+        hint = " (pass --api-key, or the fleet file)" if status == 401 else ""
+        raise StatusError(f"{url.rstrip('/')}/fleet/status answered {status}{hint}")
+    if not isinstance(data.get("deployments"), dict):
+        raise StatusError(f"{url.rstrip('/')}/fleet/status answered JSON without `deployments`")
     return data
 
 

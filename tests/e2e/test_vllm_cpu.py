@@ -138,17 +138,19 @@ class Fleet:
         return text
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def require_prerequisites() -> None:
+    """Skip, saying why, when the engines' python or the demo models are missing; fail
+    instead with FLEET_E2E_REQUIRED=1 (CI, where a missing piece is a broken build)."""
     missing = _missing_prerequisites()
     if missing:
         reason = "real-vLLM e2e needs the CPU build and the demo models: " + "; ".join(missing)
         if os.environ.get("FLEET_E2E_REQUIRED") == "1":
             pytest.fail(reason + " (FLEET_E2E_REQUIRED=1)")
         pytest.skip(reason)
-    engine_port = two_server_ports()
-    port = wait_until(lambda: (p := free_port()) not in (engine_port, engine_port + 1) and p)
-    workdir = tmp_path_factory.mktemp("fleet")
+
+
+def demo_env(workdir: Path, engine_port: int) -> dict[str, str]:
+    """The environment the demo file reads: the engines' python, the models, the ports."""
     env = os.environ | {
         "FLEET_ENGINE_PYTHON": str(ENGINE_PYTHON),
         "FLEET_MODELS": str(MODELS),
@@ -157,10 +159,19 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     }
     if (os.cpu_count() or 1) < 2:  # the demo binds chat to CPU 0 and embed to CPU 1
         env |= {"FLEET_CHAT_CPUS": "auto", "FLEET_EMBED_CPUS": "auto"}
+    return env
+
+
+def start_fleet(path: Path, workdir: Path) -> tuple[Fleet, dict[str, str]]:
+    """`fleet up path` on free ports, ready; and the environment it runs with. The
+    caller stops it with `_stop`."""
+    engine_port = two_server_ports()
+    port = wait_until(lambda: (p := free_port()) not in (engine_port, engine_port + 1) and p)
+    env = demo_env(workdir, engine_port)
     output = workdir / "fleet-up.out"
     with output.open("wb") as sink:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm_fleet.cli", "up", str(DEMO_FILE), "--port", str(port)],
+            [sys.executable, "-m", "vllm_fleet.cli", "up", str(path), "--port", str(port)],
             cwd=REPO,
             env=env,
             stdout=sink,
@@ -169,10 +180,22 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         )
     running = Fleet(base=f"http://127.0.0.1:{port}", proc=proc, output=output)
     try:
-        try:
-            wait_until(running.all_ready, timeout=READY_TIMEOUT, interval=1.0, what="ready")
-        except TimeoutError:
-            pytest.fail(f"engines not ready within {READY_TIMEOUT:.0f}s:\n{running.tail()}")
+        wait_until(running.all_ready, timeout=READY_TIMEOUT, interval=1.0, what="ready")
+    except BaseException as exc:
+        tail = running.tail()
+        with contextlib.suppress(AssertionError):
+            _stop(running)  # no engine left behind; its own complaints come second
+        if isinstance(exc, TimeoutError):
+            pytest.fail(f"engines not ready within {READY_TIMEOUT:.0f}s:\n{tail}")
+        raise
+    return running, env
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    require_prerequisites()
+    running, _ = start_fleet(DEMO_FILE, tmp_path_factory.mktemp("fleet"))
+    try:
         yield running
     finally:
         _stop(running)

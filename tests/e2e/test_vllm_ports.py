@@ -46,7 +46,7 @@ from tests.e2e.test_vllm_cpu import (
     ENGINE_PYTHON,
     MODELS,
     READY_TIMEOUT,
-    _missing_prerequisites,
+    require_prerequisites,
     two_server_ports,
 )
 from vllm_fleet.config import load
@@ -151,12 +151,7 @@ async def one_round(specs_env: dict[str, str], logs: Path) -> tuple[float, list[
 def test_the_demos_two_engines_started_together_are_ready_every_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    missing = _missing_prerequisites()
-    if missing:
-        reason = "real-vLLM e2e needs the CPU build and the demo models: " + "; ".join(missing)
-        if os.environ.get("FLEET_E2E_REQUIRED") == "1":
-            pytest.fail(reason + " (FLEET_E2E_REQUIRED=1)")
-        pytest.skip(reason)
+    require_prerequisites()
     # One VLLM_PORT for everyone, as a shell that exported it would give: the plan's own
     # per-engine value (20000, 20100) must win over it.
     monkeypatch.setenv("VLLM_PORT", "29000")

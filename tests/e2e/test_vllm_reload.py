@@ -10,12 +10,13 @@ Needs `make engines-env models`; skips without them, fails with FLEET_E2E_REQUIR
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +24,13 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from tests.conftest import free_port, wait_until
 from tests.e2e.test_vllm_cpu import (
     DEMO_FILE,
-    ENGINE_PYTHON,
     MESSAGES,
-    MODELS,
-    READY_TIMEOUT,
     Fleet,
-    _missing_prerequisites,
     _stop,
-    two_server_ports,
+    require_prerequisites,
+    start_fleet,
 )
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1200)]
@@ -42,6 +39,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1200)]
 # back to back (or the embed engine kept busy on the CPU the new engine is bound to)
 # starve the new engine, which then loads for many minutes.
 PACE = {"chat": 0.5, "embed": 2.0}
+STREAM_TOKENS = 300
 
 # The new deployment: the chat model again, with another context length and its own name.
 SECOND = {
@@ -59,37 +57,11 @@ SECOND = {
 def test_a_reload_adds_a_deployment_while_a_stream_runs_and_nothing_else_moves(
     tmp_path: Path,
 ) -> None:
-    missing = _missing_prerequisites()
-    if missing:
-        reason = "real-vLLM e2e needs the CPU build and the demo models: " + "; ".join(missing)
-        if os.environ.get("FLEET_E2E_REQUIRED") == "1":
-            pytest.fail(reason + " (FLEET_E2E_REQUIRED=1)")
-        pytest.skip(reason)
-    engine_port = two_server_ports()
-    port = wait_until(lambda: (p := free_port()) not in (engine_port, engine_port + 1) and p)
-    path = tmp_path / "fleet.yaml"
+    require_prerequisites()
+    path = tmp_path / "fleet.yaml"  # the demo file, beside which the new one is written
     path.write_text(DEMO_FILE.read_text())
-    env = os.environ | {
-        "FLEET_ENGINE_PYTHON": str(ENGINE_PYTHON),
-        "FLEET_MODELS": str(MODELS),
-        "FLEET_BASE_PORT": str(engine_port),
-        "FLEET_LOG_DIR": str(tmp_path / "logs"),
-    }
-    if (os.cpu_count() or 1) < 2:
-        env |= {"FLEET_CHAT_CPUS": "auto", "FLEET_EMBED_CPUS": "auto"}
-    output = tmp_path / "fleet-up.out"
-    with output.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm_fleet.cli", "up", str(path), "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    fleet = Fleet(base=f"http://127.0.0.1:{port}", proc=proc, output=output)
+    fleet, env = start_fleet(path, tmp_path)
     try:
-        wait_until(fleet.all_ready, timeout=READY_TIMEOUT, interval=1.0, what="ready")
         before = {u["name"]: u["pid"] for u in fleet.upstreams(fleet.status())}
         figures = _reload_under_load(fleet, path, env)
         after = {u["name"]: u["pid"] for u in fleet.upstreams(fleet.status())}
@@ -105,7 +77,10 @@ def test_a_reload_adds_a_deployment_while_a_stream_runs_and_nothing_else_moves(
         (tmp_path / "reload-figures.json").write_text(json.dumps(figures, indent=2))
         print("\nreal-vLLM reload figures:", json.dumps(figures))
         assert figures["failed"] == 0, figures
-        assert figures["stream_finish_reason"] in ("stop", "length"), figures
+        # Every token of the stream arrived, the last ones while the reload ran.
+        assert figures["stream_finish_reason"] == "length", figures
+        assert figures["stream_tokens"] == STREAM_TOKENS, figures
+        assert figures["stream_ended_s_after_reload_began"] > 0, figures
     except BaseException:
         print(fleet.tail())
         raise
@@ -121,6 +96,7 @@ def _reload_under_load(fleet: Fleet, path: Path, env: dict[str, str]) -> dict[st
     counts = {"ok": 0, "failed": 0}
     errors: list[str] = []
     stream_result: dict[str, Any] = {}
+    began_at = [time.monotonic()]  # when the reload began (set below)
 
     def calls(dep: str) -> None:
         # Paced (a few requests a second): on 2 cores, clients calling back to back keep
@@ -139,16 +115,34 @@ def _reload_under_load(fleet: Fleet, path: Path, env: dict[str, str]) -> dict[st
                 errors.append(f"{dep}: {exc}")
 
     def stream() -> None:
-        pieces, finish = [], None
+        # vLLM's ignore_eos: every one of the tokens, so it runs well into the reload.
+        pieces, finish, tokens = [], None, None
         for chunk in client.chat.completions.create(
-            model="chat", messages=MESSAGES, max_tokens=200, temperature=0, stream=True
-        ):
+            model="chat", messages=MESSAGES, max_tokens=STREAM_TOKENS, temperature=0,
+            stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        ):  # fmt: skip
             if chunk.choices:
                 pieces.append(chunk.choices[0].delta.content or "")
                 finish = chunk.choices[0].finish_reason or finish
-        stream_result.update(text="".join(pieces), finish=finish, chunks=len(pieces))
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        stream_result.update(
+            finish=finish, chunks=len(pieces), tokens=tokens,
+            ended=time.monotonic() - began_at[0],
+        )  # fmt: skip
+
+    latencies: list[float] = []
+
+    def probe() -> None:  # how long the gateway takes to answer its own /health
+        while not stop.wait(0.2):
+            started = time.monotonic()
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"{fleet.base}/health", timeout=60).read()
+            latencies.append(time.monotonic() - started)
 
     workers = [threading.Thread(target=calls, args=(d,)) for d in ("chat", "embed")]
+    workers.append(threading.Thread(target=probe))
     streamer = threading.Thread(target=stream)
     streamer.start()
     for worker in workers:
@@ -157,7 +151,8 @@ def _reload_under_load(fleet: Fleet, path: Path, env: dict[str, str]) -> dict[st
     data = yaml.safe_load(path.read_text())
     data["deployments"]["chat2"] = SECOND
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    began = time.monotonic()
+    began = began_at[0] = time.monotonic()
+    assert streamer.is_alive(), "the stream ended before the reload began"
     done = subprocess.run(
         [sys.executable, "-m", "vllm_fleet.cli", "reload", str(path), "--url", fleet.base],
         capture_output=True,
@@ -179,7 +174,13 @@ def _reload_under_load(fleet: Fleet, path: Path, env: dict[str, str]) -> dict[st
         "requests_during_reload": counts["ok"] + counts["failed"],
         "failed": counts["failed"],
         "errors": errors[:5],
+        "gateway_health_ms": {
+            "p50": round(1000 * sorted(latencies)[len(latencies) // 2], 1) if latencies else None,
+            "max": round(1000 * max(latencies), 1) if latencies else None,
+        },
         "stream_chunks": stream_result.get("chunks"),
+        "stream_tokens": stream_result.get("tokens"),
         "stream_finish_reason": stream_result.get("finish"),
+        "stream_ended_s_after_reload_began": round(stream_result.get("ended", -1.0), 1),
         "reload_output": done.stdout,
     }
