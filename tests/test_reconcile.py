@@ -180,3 +180,14 @@ def test_remote_endpoints_start_stop_and_replace_without_processes() -> None:
     assert not step(changes, "r-0").managed
     assert step(changes, "r-1").action is Action.START
     assert "(remote endpoint)" in step(changes, "r-1").describe()
+
+
+def test_an_engine_that_had_failed_is_restarted_even_when_the_file_keeps_it() -> None:
+    old_config = cfg(TWO)
+    old = build_plan(old_config, NO_GPUS, PY)
+    new = build_plan(cfg(TWO), NO_GPUS, PY, prior=old)
+    changes = reconcile(old_config, old, cfg(TWO), new, failed=frozenset({"embed-0"}))
+    assert step(changes, "embed-0").action is Action.RESTART
+    assert step(changes, "embed-0").describe() == "embed-0: restart (it had failed)"
+    assert step(changes, "chat-0").action is Action.KEEP
+    assert not changes.empty

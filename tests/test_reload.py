@@ -441,3 +441,30 @@ def test_sigterm_during_a_reload_stops_everything_and_says_the_reload_was_interr
     assert "reload generation 2 interrupted" in text
     assert "applied" not in text.split("reload (POST /fleet/reload)")[1]
     assert not pid_alive(loading["pid"])
+
+
+def test_reloading_the_same_file_starts_again_an_engine_that_had_failed(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    port = free_base_port(1)
+    path = fleet_file(
+        tmp_path, {"chat": {"model": "org/chat"}, "pinned": {"model": "org/p", "port": port}}
+    )
+    holder = socket.socket()  # the port is taken: `pinned` fails at once
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", port))
+    holder.listen()
+    fleet = FleetUp(path)
+    fleets.append(fleet)
+    wait_until(
+        lambda: (
+            {u["name"]: u["state"] for u in fleet.upstreams()}
+            == {"chat-0": "ready", "pinned-0": "failed"}
+        ),
+        what="chat ready, pinned failed",
+    )
+    holder.close()
+    done = fleet_cli("reload", "--url", fleet.url)  # no file: the one it was started with
+    assert "pinned-0: restart (it had failed)" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert chat(fleet.url, "pinned")[0] == 200

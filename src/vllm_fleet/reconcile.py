@@ -9,6 +9,8 @@ replace; the gateway keys that changed; and what cannot change without a restart
 - replace: a new engine for the same replica. `beside`: it starts on a port, a range and
   GPUs of its own while the old one serves, and takes over once ready; else the old one
   is drained and stopped first (it holds the GPUs or the port the new one needs).
+- restart: an engine the file keeps as it is, but which had failed (given up after its
+  restarts): started again, as the file may have been fixed around it.
 - `after`: engines whose stop must come first, as they hold GPUs or the port it needs.
 
 The order in which `engines/rollout.py` applies them is part of the decision: replicas
@@ -33,6 +35,7 @@ class Action(StrEnum):
     START = "start"
     STOP = "stop"
     REPLACE = "replace"
+    RESTART = "restart"  # kept by the file, but it had failed: started again
 
 
 @dataclass(frozen=True)
@@ -147,9 +150,14 @@ class Changes:
 
 
 def reconcile(
-    current_config: FleetConfig, current: Plan, desired_config: FleetConfig, desired: Plan
+    current_config: FleetConfig,
+    current: Plan,
+    desired_config: FleetConfig,
+    desired: Plan,
+    failed: frozenset[str] = frozenset(),
 ) -> Changes:
-    """What turns the running fleet (`current`) into the file's (`desired`); pure."""
+    """What turns the running fleet (`current`) into the file's (`desired`); pure.
+    `failed`: the names of the running engines that have failed for good."""
     refused = _listen_changes(current_config, desired_config)
     if refused:
         return Changes(steps=(), refused=tuple(refused))
@@ -169,6 +177,8 @@ def reconcile(
         elif old is None:
             why = _start_reason(dep_id, replica, old_deps.get(dep_id), new_deps[dep_id])
             steps.append(Step(Action.START, dep_id, replica, None, new, why))
+        elif (old == new or _same_process(old, new)) and f"{dep_id}-{replica}" in failed:
+            steps.append(Step(Action.RESTART, dep_id, replica, old, new, "it had failed"))
         elif old == new:
             steps.append(Step(Action.KEEP, dep_id, replica, old, new))
         else:

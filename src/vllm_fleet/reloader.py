@@ -36,7 +36,7 @@ from vllm_fleet.gateway.relay import RelayServer
 from vllm_fleet.gpus import read_inventory
 from vllm_fleet.plan import EngineSpec, Plan, build_plan
 from vllm_fleet.reconcile import Changes, reconcile
-from vllm_fleet.registry import Registry, Upstream
+from vllm_fleet.registry import Registry, State, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +123,14 @@ class Reloader:
         if self._applying is not None:
             self._applying.cancel()
 
-    def _prepare(self, path: Path, prior: Plan) -> tuple[FleetConfig, Plan, Changes, str]:
+    def _prepare(
+        self, path: Path, prior: Plan, failed: frozenset[str]
+    ) -> tuple[FleetConfig, Plan, Changes, str]:
         """Load, plan and diff (in a thread: it reads the file and asks nvidia-smi)."""
         digest = file_hash(path)
         config = with_overrides(load(path), self.overrides)
         plan = build_plan(config, read_inventory(), sys.executable, prior=prior)
-        changes = reconcile(self.config, prior, config, plan)
+        changes = reconcile(self.config, prior, config, plan, failed)
         return config, plan, changes, digest
 
     def _record(self, result: str, **fields: Any) -> dict[str, Any]:
@@ -155,8 +157,9 @@ class Reloader:
             }
         path = absolute(file) if file else self.file
         try:
+            failed = frozenset(u.name for u in self.registry.all() if u.state is State.FAILED)
             config, plan, changes, digest = await asyncio.to_thread(
-                self._prepare, path, self.registry.running_plan()
+                self._prepare, path, self.registry.running_plan(), failed
             )
         except ConfigError as exc:
             problems = [

@@ -14,7 +14,8 @@ requests go on), updates take their new spec. `run()` then does the slow part:
   one keeps serving and the failure is reported.
   stop-first: the old one leaves routing and is drained and stopped, then the new one
   starts (it needs the old one's GPUs or port).
-- restart: an engine that had failed, kept by the new file, is started again.
+- restart: an engine that had failed, kept by the new file, is started again (with the
+  new file's settings for it).
 
 Every failure is said in the result, by engine; nothing else is rolled back.
 """
@@ -61,7 +62,11 @@ class Rollout:
                     up.set_state(State.STARTING, f"waiting for {', '.join(step.after)} to stop")
                 self._new[step.name] = up
                 registry.add(up)
-            elif step.action is Action.UPDATE and old is not None and step.new is not None:
+            elif (
+                step.action in (Action.UPDATE, Action.RESTART)
+                and old is not None
+                and step.new is not None
+            ):
                 old.spec = step.new
                 for engine in self.supervisor.engines:
                     if engine.upstream is old and isinstance(step.new, type(engine.spec)):
@@ -89,9 +94,9 @@ class Rollout:
                 jobs.append(asyncio.create_task(self._start(step)))
             elif step.action is Action.REPLACE:
                 by_dep.setdefault(step.deployment, []).append(step)
-            elif step.action is Action.KEEP:
+            elif step.action is Action.RESTART:
                 old = self._current.get(step.name)
-                if old is not None and old.state is State.FAILED:
+                if old is not None:
                     jobs.append(asyncio.create_task(self._restart(old)))
         for steps in by_dep.values():
             jobs.append(asyncio.create_task(self._replace_in_turn(steps)))

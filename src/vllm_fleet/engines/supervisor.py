@@ -176,6 +176,10 @@ class Supervisor:
             )  # fmt: skip
             owner.task = asyncio.create_task(watch, name=f"probe {upstream.name}")
         elif isinstance(upstream.spec, EngineSpec):
+            if upstream.state in (State.FAILED, State.STOPPED):
+                # Starting from now on: whoever waits for it must not read the state of
+                # the engine's last life (a failure) before its new owner has run.
+                upstream.set_state(State.STARTING, "starting")
             engine = EngineProcess(upstream.spec, upstream, self.config.engines, self._session)
             owner = _Owner(upstream, stop, engine, reason)
             owner.task = asyncio.create_task(self._own(owner), name=upstream.name)
