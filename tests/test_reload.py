@@ -244,6 +244,8 @@ def test_a_rolling_replace_of_two_replicas_under_steady_load_fails_no_request(
     assert "chat-1: replace (args changed)" in done.stdout
     after = pids(fleet)
     assert set(after.values()).isdisjoint(before.values())
+    failed = len(results) - results.count(200)
+    print(f"\nrolling replace under load: {len(results)} requests, {failed} failed")
     assert len(results) > 50, "the load did not run during the reload"
     assert results.count(200) == len(results), {c: results.count(c) for c in set(results)}
 
