@@ -13,19 +13,17 @@ a lingering close (`linger.py`), so it reaches a client still sending its body.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import deque
 from typing import cast
-from urllib.parse import unquote
 
 import httptools
 
-from vllm_fleet.gateway.admin import RELOAD_PATH, reload_request
+from vllm_fleet.gateway.admin import RELOAD_PATH
 from vllm_fleet.gateway.core import OWN_ENDPOINTS
 from vllm_fleet.gateway.errors import Reply, error_reply
-from vllm_fleet.gateway.relay import wire
+from vllm_fleet.gateway.relay import control, wire
 from vllm_fleet.gateway.relay.admission import Admission
 from vllm_fleet.gateway.relay.exchange import Exchange
 from vllm_fleet.gateway.relay.linger import Linger
@@ -47,6 +45,7 @@ from vllm_fleet.gateway.relay.request import (
     XFF,
     Reject,
     Request,
+    decode_target,
     engine_headers,
     internal_error,
     over_limit,
@@ -54,7 +53,6 @@ from vllm_fleet.gateway.relay.request import (
 )
 from vllm_fleet.gateway.relay.state import ServerState
 from vllm_fleet.gateway.relay.upstream import Pools
-from vllm_fleet.gateway.routing import remove_dot_segments
 
 log = logging.getLogger(__name__)
 
@@ -495,32 +493,14 @@ class ClientConnection(asyncio.Protocol):
 
     def _dispatch(self, request: Request) -> None:
         core = self.state.core
-        target = request.url
-        if target[:1] == b"/":  # origin form, as clients send it
-            target, _, _ = target.partition(b"#")  # a fragment is never sent on
-            raw_path, _, raw_query = target.partition(b"?")
-        else:  # absolute form (http://host/path), or garbage
-            try:
-                url = httptools.parse_url(target)
-            except httptools.HttpParserInvalidURLError:
-                self.reply(error_reply(400, "the request target is not a valid URL", "invalid_url"))
-                return
-            raw_path, raw_query = url.path or b"/", url.query or b""
-        path = raw_path.decode("latin-1")
-        requote = False
-        if "%" in path:
-            # Decoded once to route; bytes that are not UTF-8 survive as surrogates, so
-            # core.route encodes them back as they came (%FF stays %FF).
-            path = unquote(raw_path.decode("utf-8", "surrogateescape"), errors="surrogateescape")
-            requote = True
-        if "/." in path:
-            normal = remove_dot_segments(path)
-            requote = requote or normal != path
-            path = normal
-        query = raw_query.decode("latin-1")
+        target = decode_target(request.url)
+        if isinstance(target, Reply):
+            self.reply(target)
+            return
+        path, query, requote = target
         method = request.method
         if path == RELOAD_PATH and self.state.control is not None:
-            self._reload(request, method, query)
+            control.reload(self, self.state, request, method, query)
             return
         if path in OWN_ENDPOINTS and method in ("GET", "HEAD"):
             self.reply(core.endpoint(path, query, request.api_key, request.authorization))
@@ -539,34 +519,6 @@ class ClientConnection(asyncio.Protocol):
         headers = engine_headers(request, self.peer_bytes, decided.body)
         self.exchange = Exchange(self, self.state, core, self.pools, request, decided, headers)
         self.exchange.start()
-
-    def _reload(self, request: Request, method: str, query: str) -> None:
-        """POST /fleet/reload: the fleet plans (and applies) the file; answered when the
-        plan is decided (the change goes on in the background)."""
-        control = self.state.control
-        assert control is not None
-        asked = reload_request(
-            self.state.core, method, query, bytes(request.body),
-            self.peer_bytes.decode("latin-1"), request.api_key, request.authorization,
-        )  # fmt: skip
-        if isinstance(asked, Reply):
-            self.reply(asked)
-            return
-        ask = asked
-
-        async def answer() -> None:
-            try:
-                status, data = await control.reload(ask.file, ask.dry_run)
-                reply = Reply(status, json.dumps(data).encode())
-            except Exception:
-                log.exception("reload failed")
-                reply = internal_error()
-            if not self.closed and self.queue and self.queue[0] is request:
-                self.reply(reply)
-
-        task = asyncio.ensure_future(answer())
-        self.state.tasks.add(task)
-        task.add_done_callback(self.state.tasks.discard)
 
     # ------------------------------------------------------------ output
 

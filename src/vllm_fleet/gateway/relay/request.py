@@ -9,9 +9,13 @@ with an answer and closes the connection.
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
+
+import httptools
 
 from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.relay import wire
+from vllm_fleet.gateway.routing import remove_dot_segments
 
 MAX_URL = 8192  # bytes of request target (nginx's order of size)
 MAX_HEAD = 32768  # bytes of header names and values in one request
@@ -176,3 +180,30 @@ def unsupported_coding(value: bytes, chunked_last: bool) -> Reply:
 
 def internal_error() -> Reply:
     return error_reply(500, "internal gateway error; see the gateway log", "internal_error")
+
+
+def decode_target(target: bytes) -> tuple[str, str, bool] | Reply:
+    """A request target as the gateway routes it: the path, percent-decoded once and with
+    its dot segments removed; the query as sent; and whether the path must be encoded
+    again for the engine (it was decoded or normalised). The 400 for garbage."""
+    if target[:1] == b"/":  # origin form, as clients send it
+        target, _, _ = target.partition(b"#")  # a fragment is never sent on
+        raw_path, _, raw_query = target.partition(b"?")
+    else:  # absolute form (http://host/path), or garbage
+        try:
+            url = httptools.parse_url(target)
+        except httptools.HttpParserInvalidURLError:
+            return error_reply(400, "the request target is not a valid URL", "invalid_url")
+        raw_path, raw_query = url.path or b"/", url.query or b""
+    path = raw_path.decode("latin-1")
+    requote = False
+    if "%" in path:
+        # Decoded once to route; bytes that are not UTF-8 survive as surrogates, so
+        # core.route encodes them back as they came (%FF stays %FF).
+        path = unquote(raw_path.decode("utf-8", "surrogateescape"), errors="surrogateescape")
+        requote = True
+    if "/." in path:
+        normal = remove_dot_segments(path)
+        requote = requote or normal != path
+        path = normal
+    return path, raw_query.decode("latin-1"), requote
