@@ -1,7 +1,7 @@
 """The package's modules import each other one way: no import cycles anywhere in
 `vllm_fleet`, and the relay's modules in the order DESIGN.md gives (wire/request ->
-control -> upstream -> exchange -> client -> server; `state`, `admission` and `linger` import no relay
-module).
+control -> upstream -> exchange -> client -> server; `state`, `admission` and
+`linger` import no relay module).
 
 Read from the source with `ast` (every import statement, those under `if TYPE_CHECKING:`
 and inside functions too: a cycle hidden from the interpreter is still a cycle in the
