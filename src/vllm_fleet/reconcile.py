@@ -295,9 +295,7 @@ def _changed(
             fields = [f for f in ("argv", "env", "port", "gpus", "vllm_ports") if
                       getattr(old, f) != getattr(new, f)]  # fmt: skip
             keys = fields or ["settings"]
-    elif isinstance(old, RemoteSpec) and isinstance(new, RemoteSpec):
-        keys = keys or ["endpoints"]
-    else:
+    else:  # a remote endpoint's URL, or local became remote or back
         keys = keys or ["endpoints"]
     return ", ".join(keys) + " changed"
 

@@ -146,12 +146,6 @@ class Registry:
         remotes = tuple(u.spec for u in ups if isinstance(u.spec, RemoteSpec))
         return Plan(engines, remotes, self.plan.inventory, self.plan.warnings)
 
-    def held_plan(self) -> Plan:
-        """Every engine that holds a port or GPUs now, retiring and standby ones too."""
-        ups = [*self.all(), *self.retiring, *self.standby]
-        engines = tuple(u.spec for u in ups if isinstance(u.spec, EngineSpec))
-        return Plan(engines, (), self.plan.inventory)
-
     def reconfigure(self, config: FleetConfig, plan: Plan) -> None:
         """The new file's deployments, in its order (each removed one must be empty)."""
         self.config = config
