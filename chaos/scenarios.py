@@ -46,6 +46,7 @@ class Settings:
     slow_streams: int = 5000
     slow_stream_tokens: int = 8
     slow_stream_delay: float = 1.0
+    timing_goals: bool = True  # False in --quick: timings are reported, never judged
 
     @classmethod
     def quick(cls) -> Settings:
@@ -60,6 +61,7 @@ class Settings:
             slow_streams=200,
             slow_stream_tokens=3,
             slow_stream_delay=0.5,
+            timing_goals=False,
         )
 
 
@@ -325,14 +327,16 @@ async def slowloris(workdir: Path, s: Settings) -> tuple[Figures, list[str]]:
             f"{percentile(base1, 99) * 1e3:.2f} / {percentile(base2, 99) * 1e3:.2f}"
         ),
         "normal p99 with slow clients (ms)": round(under_p99 * 1e3, 2),
-        "p99 ratio (goal <= 2)": round(ratio, 2),
+        "p99 ratio (goal <= 2)": round(ratio, 2)
+        if s.timing_goals
+        else f"{ratio:.2f} (not judged in --quick: too few requests for a p99)",
         "normal requests": len(base1) + len(under) + len(base2),
         "normal requests failed": fail1 + fail2 + fail3,
     }
     broken = []
     if fail1 + fail2 + fail3:
         broken.append(f"{fail1 + fail2 + fail3} normal requests failed")
-    if ratio > 2:
+    if s.timing_goals and ratio > 2:
         broken.append(f"normal clients' p99 {ratio:.2f}x with slow clients (goal <= 2x)")
     return figures, broken
 
