@@ -24,6 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 from vllm_fleet.config import Deployment, FleetConfig
+from vllm_fleet.config.models import KeyConfig
 from vllm_fleet.plan import EngineSpec, Plan, RemoteSpec, process_key
 
 Spec = EngineSpec | RemoteSpec
@@ -326,12 +327,28 @@ def _start_reason(dep_id: str, replica: int, old: Deployment | None, new: Deploy
     return f"{label} {before} -> {count}"
 
 
+def _keys_change(old: list[KeyConfig], new: list[KeyConfig]) -> str:
+    """Which named keys were added, removed or changed (by name, never the secret)."""
+    before, after = {k.name: k for k in old}, {k.name: k for k in new}
+    parts = []
+    for label, names in (
+        ("added", [n for n in after if n not in before]),
+        ("removed", [n for n in before if n not in after]),
+        ("changed", [n for n in after if n in before and after[n] != before[n]]),
+    ):
+        if names:
+            parts.append(f"{label} {', '.join(names)}")
+    return "keys: " + ("; ".join(parts) or "reordered")
+
+
 def _gateway_changes(old: FleetConfig, new: FleetConfig) -> list[str]:
     """Changes the gateway applies in place: its own keys, and names that route."""
     out = []
     for key in _changed_fields(old.gateway, new.gateway):
         if key == "api_keys":
             out.append("api_keys changed")  # never the keys themselves
+        elif key == "keys":
+            out.append(_keys_change(old.gateway.keys, new.gateway.keys))
         elif key != "accept_any_model":
             before, after = getattr(old.gateway, key), getattr(new.gateway, key)
             out.append(f"{key}: {before} -> {after}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+from vllm_fleet.config.access import check_keys
 from vllm_fleet.config.models import Deployment, FleetConfig
 from vllm_fleet.config.problems import ConfigIssue, Loc
 
@@ -97,6 +98,7 @@ def check(config: FleetConfig) -> list[ConfigIssue]:
     if not config.deployments:
         add(ConfigIssue(loc=("deployments",), message="add at least one deployment"))
     issues.extend(_check_template(config.engine_command, ("engine_command",)))
+    issues.extend(check_keys(config))
 
     port_owner: dict[int, str] = {config.gateway.port: "the gateway (gateway.port)"}
     gpu_users: dict[int, list[str]] = {}  # GPU index -> deployments pinned to it, in order

@@ -165,9 +165,24 @@ def _pydantic_issues(exc: ValidationError, skip: set[Loc]) -> list[ConfigIssue]:
                 'empty value as something else; quote it, e.g. "false" or ""'
             )
         else:
-            message = f"{err['msg']} (got {_input(err)})"
+            message = err["msg"].removeprefix("Value error, ")
+            if not _secret_place(loc):
+                message += f" (got {_input(err)})"
         issues.append(ConfigIssue(loc=loc, message=message))
     return issues
+
+
+# The parts of a client key that may be shown back in an error (the key itself never).
+_KEY_FIELDS_SHOWN = frozenset({"name", "deployments", "expires", "admin", "rpm", "tpm"})
+
+
+def _secret_place(loc: Loc) -> bool:
+    """Whether the value at `loc` may hold a key (never quoted in an error)."""
+    if loc[:2] == ("gateway", "api_keys"):
+        return True
+    if loc[:2] != ("gateway", "keys"):
+        return False
+    return not (len(loc) > 3 and loc[3] in _KEY_FIELDS_SHOWN)
 
 
 def _input(err: Any) -> str:

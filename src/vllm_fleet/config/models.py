@@ -6,11 +6,13 @@ and `loading.py` reads a file into these models.
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from vllm_fleet.config.problems import Loc
 from vllm_fleet.config.yaml_source import Lines, nearest_line
@@ -63,12 +65,113 @@ def _check_host(value: str) -> str:
     return value
 
 
+KEY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+def key_digest(key: str) -> str:
+    """The SHA-256 of a key, as the fleet file stores it (lowercase hex)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyLimits(_Strict):
+    """Limits on one key (or on one key for one deployment): requests and tokens per
+    minute, requests at once. None: no limit."""
+
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+    max_concurrent: PositiveInt | None = None
+
+    _numbers = field_validator("rpm", "tpm", "max_concurrent", mode="before")(lambda v: _no_bool(v))
+
+
+class KeyConfig(KeyLimits):
+    """A named client key: which deployments it reaches, its limits, whether it may
+    administer the fleet, until when it is valid. Stored as its SHA-256 (`key_sha256`);
+    a plain `key` (best as `${VAR}`) is hashed at load."""
+
+    name: str
+    key_sha256: str | None = None
+    key: Annotated[str, Field(min_length=1)] | None = None
+    deployments: list[str] | Literal["*"] = "*"
+    # Per deployment (each one of `deployments`): limits for this key on it alone.
+    limits: dict[str, KeyLimits] = Field(default_factory=dict)
+    admin: bool = False
+    # The last day the key works (inclusive, UTC).
+    expires: datetime.date | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not KEY_NAME_PATTERN.fullmatch(value):
+            raise ValueError(
+                f"`{value}` is not a key name: 1-64 letters, digits, `.`, `_`, `@`, `-`, "
+                "starting with a letter or digit (e.g. team-a)"
+            )
+        return value
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _digest(cls, value: str | None) -> str | None:
+        if value is not None and not SHA256_PATTERN.fullmatch(value.lower()):
+            raise ValueError(
+                "not a SHA-256 digest (64 hex digits); `fleet keys new NAME` prints a key "
+                "and its digest"
+            )
+        return value.lower() if value is not None else None
+
+    @field_validator("expires", mode="before")
+    @classmethod
+    def _date_only(cls, value: Any) -> Any:
+        if isinstance(value, datetime.datetime) or (
+            isinstance(value, str) and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value.strip())
+        ):
+            raise ValueError("write the last valid day as YYYY-MM-DD (e.g. 2027-06-30)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> KeyConfig:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError(
+                "give the key as `key_sha256: <digest>` (from `fleet keys new NAME`) or as "
+                "`key: ${VAR}`, exactly one of the two"
+            )
+        return self
+
+    @property
+    def digest(self) -> str:
+        """The key's SHA-256, from `key_sha256` or hashed from `key`."""
+        return self.key_sha256 if self.key_sha256 is not None else key_digest(self.key or "")
+
+    def allows(self, deployment: str) -> bool:
+        return self.deployments == "*" or deployment in self.deployments
+
+
+class TlsConfig(_Strict):
+    """HTTPS for the gateway: PEM files, relative to the fleet file."""
+
+    cert: Annotated[str, Field(min_length=1)]
+    key: Annotated[str, Field(min_length=1)]
+
+
 class GatewayConfig(_Strict):
     host: str = "127.0.0.1"
     port: Port = 8080
     max_body_mb: Annotated[float, Field(gt=0)] = 32.0
     # Keys clients must present (Bearer or `api-key`); empty means no auth at the gateway.
+    # Each is a key with every deployment, no limits, and admin rights; `keys` names them.
     api_keys: list[str] = Field(default_factory=list)
+    keys: list[KeyConfig] = Field(default_factory=list)
+    # /metrics without a key even when keys are set (for a Prometheus scraper).
+    metrics_public: bool = False
+    # Tokens reserved for a request that sets no max_tokens, against a key's `tpm`.
+    default_max_tokens: Annotated[int, Field(ge=1)] = 1024
+    # The usage ledger (SQLite), relative to the fleet file; null: no ledger.
+    usage_db: Annotated[str, Field(min_length=1)] | None = ".fleet/usage.db"
+    # One JSON line per request, relative to the fleet file; null: none.
+    access_log: Annotated[str, Field(min_length=1)] | None = None
+    tls: TlsConfig | None = None
     # Start engines so they accept any `model` (for a front end that cannot rewrite bodies).
     accept_any_model: bool = False
     connect_timeout: Annotated[float, Field(gt=0)] = 10.0
@@ -91,7 +194,8 @@ class GatewayConfig(_Strict):
     _host = field_validator("host")(lambda v: _check_host(v))
     _numbers = field_validator(
         "port", "max_body_mb", "connect_timeout", "max_connections", "header_timeout",
-        "lingering_time", "lingering_timeout", "lingering_max_mb", mode="before",
+        "lingering_time", "lingering_timeout", "lingering_max_mb", "default_max_tokens",
+        mode="before",
     )(lambda v: _no_bool(v))  # fmt: skip
 
     @property
@@ -219,5 +323,9 @@ class FleetConfig(_Strict):
         return nearest_line(Lines(self._lines), loc)
 
     def log_dir(self) -> Path:
-        path = Path(self.engines.log_dir).expanduser()
+        return self.path_of(self.engines.log_dir)
+
+    def path_of(self, value: str) -> Path:
+        """A path the fleet file gives, resolved from the file's directory."""
+        path = Path(value).expanduser()
         return path if path.is_absolute() else Path(self.base_dir) / path
