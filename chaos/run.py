@@ -39,7 +39,11 @@ NAMES = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__)
     parser.add_argument("--only", default="a,b,c,d", help="scenarios, e.g. a,c")
-    parser.add_argument("--quick", action="store_true", help="small counts (a smoke test): invariants checked, timing goals only reported")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small counts (a smoke test): invariants checked, timing goals only reported",
+    )
     parser.add_argument("--seed", type=int, default=None, help="(b)'s random moments")
     parser.add_argument("--out", type=Path, default=None, help=f"default {OUT}")
     args = parser.parse_args(argv)
