@@ -70,12 +70,14 @@ class Ledger:
     """The writing side, owned by `fleet up`: `record` per request, a thread that flushes,
     `report` for `GET /fleet/usage`, `close` at shutdown."""
 
-    def __init__(self, path: Path, flush_every: float = 2.0) -> None:
+    def __init__(self, path: Path, flush_every: float = 2.0, busy_timeout: float = 5.0) -> None:
+        """Open (or create) the ledger at `path` and start the flushing thread. A flush
+        waits up to `busy_timeout` seconds for another writer of the file."""
         self.path = path
         self.flush_every = flush_every
         path.parent.mkdir(parents=True, exist_ok=True)
         # One connection, used under _write_lock by whichever thread flushes.
-        self._db = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
+        self._db = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False)
         try:
             _create(self._db, path)
         except BaseException:
@@ -237,8 +239,8 @@ def read_usage(path: Path, since: float | None, by: By) -> dict[str, Any]:
     """`query` on a ledger file opened read-only, while `fleet up` may be writing it."""
     if not path.is_file():
         raise LedgerMissing(
-            f"no usage ledger at {path} yet; the ledger is written by `fleet up` at {path} "
-            "(gateway.usage_db) once it serves requests"
+            f"no usage ledger yet: the ledger is written by `fleet up` at {path} "
+            "(gateway.usage_db), from its first request on"
         )
     try:
         with closing(_open_ro(path)) as db:
