@@ -13,6 +13,7 @@ from rich.console import Console
 from vllm_fleet import __version__
 from vllm_fleet.config import ConfigError, FleetConfig, load
 from vllm_fleet.gpus import Inventory, read_inventory
+from vllm_fleet.ledger import By
 from vllm_fleet.masking import mask_argv, mask_env
 from vllm_fleet.plan import EngineSpec, Plan, build_plan, stall_watch
 
@@ -259,6 +260,125 @@ def diff(fleet_file: FleetFile, url: Url = None, api_key: ApiKey = None) -> None
     """Print what `fleet reload FLEET_FILE` would do to the running fleet, per
     deployment and replica, and why; change nothing."""
     _ask_reload(fleet_file, url, api_key, dry_run=True)
+
+
+@app.command()
+def usage(
+    fleet_file: FleetFile,
+    since: Annotated[
+        str | None,
+        typer.Option(help="Count from: 30m, 24h, 7d, 2w back, or a UTC date (2026-12-01)."),
+    ] = None,
+    by: Annotated[By, typer.Option(help="Rows per key name, per deployment, or both.")] = "both",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+) -> None:
+    """Requests, errors and tokens by key name and deployment, from the usage ledger the
+    fleet file names (gateway.usage_db), read while the fleet runs. Exit code 1 when the
+    file has no ledger or none was written yet."""
+    from vllm_fleet.ledger import LedgerError, parse_since, read_usage
+    from vllm_fleet.usage_report import render_usage
+
+    try:
+        start = parse_since(since) if since is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--since") from None
+    try:
+        config = load(fleet_file)
+    except ConfigError as exc:
+        err_console.print(f"[bold red]error:[/] {exc.render()}", highlight=False)
+        raise typer.Exit(1) from None
+    if config.gateway.usage_db is None:
+        err_console.print(
+            f"[bold red]error:[/] {fleet_file} keeps no usage ledger (gateway.usage_db: null); "
+            "set gateway.usage_db (default .fleet/usage.db) and restart `fleet up`",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    path = config.path_of(config.gateway.usage_db)
+    try:
+        data = read_usage(path, start, by)
+    except LedgerError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    if as_json:
+        console.print_json(data=data)
+    else:
+        console.print(render_usage(data, str(path)))
+
+
+keys_app = typer.Typer(
+    help="Client keys for gateway.keys: make one, hash one.", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+
+
+def _split(text: str | None) -> list[str] | None:
+    if text is None or text.strip() == "*":
+        return None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+Limit = Annotated[int | None, typer.Option(min=1, show_default=False)]
+
+
+@keys_app.command("new")
+def keys_new(
+    name: Annotated[str, typer.Argument(help="The key's name (usage is counted by it).")],
+    deployments: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated deployment ids the key may use (default: all)."),
+    ] = None,
+    rpm: Limit = None,
+    tpm: Limit = None,
+    max_concurrent: Limit = None,
+    admin: Annotated[
+        bool, typer.Option("--admin", help="May read /fleet/status, /metrics, reload.")
+    ] = False,
+) -> None:
+    """Print a fresh random key, once, and the line to paste under `gateway.keys:` in the
+    fleet file; the file keeps only the key's SHA-256."""
+    from vllm_fleet.keygen import KeyNameError, check_name, key_line, new_key
+
+    try:
+        check_name(name)
+    except KeyNameError as exc:
+        raise typer.BadParameter(str(exc), param_hint="NAME") from None
+    allowed = _split(deployments)
+    if allowed == []:
+        raise typer.BadParameter("list at least one deployment, or `*`", param_hint="--deployments")
+    key = new_key()
+    line = key_line(
+        name, key, allowed, rpm=rpm, tpm=tpm, max_concurrent=max_concurrent, admin=admin
+    )
+    err_console.print(
+        f"the key for {name}, shown this once (give it to its user; it is stored nowhere):",
+        highlight=False,
+    )
+    console.print(key, highlight=False, markup=False)
+    err_console.print(
+        "paste this under `gateway.keys:` in the fleet file (only the key's SHA-256 goes "
+        "there), then `fleet reload`:",
+        highlight=False,
+    )
+    console.print(line, highlight=False, markup=False)
+
+
+@keys_app.command("hash")
+def keys_hash() -> None:
+    """Read a key from stdin and print its SHA-256, the `key_sha256` of gateway.keys."""
+    from vllm_fleet.config.models import key_digest
+
+    if sys.stdin.isatty():
+        import getpass
+
+        key = getpass.getpass("key: ")
+    else:
+        key = sys.stdin.readline()
+    key = key.strip()
+    if not key:
+        err_console.print("[bold red]error:[/] no key on stdin", highlight=False)
+        raise typer.Exit(1)
+    console.print(key_digest(key), highlight=False)
 
 
 @app.command()
