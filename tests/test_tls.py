@@ -35,6 +35,8 @@ import yaml
 from tests.conftest import fake_fleet_file, wait_until
 from tests.gateway_harness import GatewayThread
 from tests.test_fleet_up import FleetUp
+from vllm_fleet.config import load
+from vllm_fleet.nginx import warnings
 from vllm_fleet.testing.harness import FakeEngine
 
 MODEL = "org/secure"
@@ -285,6 +287,19 @@ def test_a_reload_turning_tls_off_is_refused(fleet: TlsFleet, pki: Pki) -> None:
     assert "gateway.tls removed" in refused.stderr + refused.stdout
     assert fleet.proc.poll() is None
     assert fleet.status() is not None  # still serving HTTPS
+
+
+def test_fleet_nginx_says_the_vhost_does_not_carry_gateway_tls(pki: Pki) -> None:
+    path = fake_fleet_file(
+        pki.dir,
+        {"chat": {"model": MODEL}},
+        name="nginx.yaml",
+        tls={"cert": "c.pem", "key": "k.pem"},
+    )
+    config = load(path)
+    (said,) = [w for w in warnings(config) if "gateway.tls" in w]
+    assert f"ssl_certificate {pki.dir / 'c.pem'};" in said
+    assert f"ssl_certificate_key {pki.dir / 'k.pem'};" in said
 
 
 # --------------------------------------------------------- certificates that cannot be used

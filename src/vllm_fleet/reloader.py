@@ -2,8 +2,9 @@
 and `POST /fleet/reload` all end here, with one behaviour.
 
 1. Read the file again (the one `fleet up` was started with, or the one given, which is
-   the fleet's file from then on) and validate it whole: a bad file changes nothing and
-   its problems are answered with their lines, like `fleet check`.
+   the fleet's file from then on) and validate it whole, its TLS certificate and key too:
+   a bad file changes nothing and its problems are answered with their lines, like
+   `fleet check`.
 2. Plan it against what runs (`build_plan(..., prior=)`), and diff (`reconcile`): the
    plan is answered, printed and logged; a dry run stops here.
 3. Apply: in one step of the event loop the gateway takes the new file and routing
