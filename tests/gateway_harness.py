@@ -5,6 +5,7 @@ gateway's own behaviour is tested without the supervisor; tests that need an eng
 loading or failed set its state through `set_state`, as the supervisor would. With
 `probes=True` the supervisor runs on the gateway's loop too and probes the endpoints, as
 `fleet up` does (`engines.health_interval`). The loop is uvloop, as `fleet up` runs it.
+With `gateway.tls` in the file it serves HTTPS, as `fleet up` does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from vllm_fleet.config import FleetConfig, loads
 from vllm_fleet.engines import Supervisor
 from vllm_fleet.gateway.relay import RelayServer
 from vllm_fleet.gateway.server import serve
+from vllm_fleet.gateway.tls import server_tls
 from vllm_fleet.gpus import Inventory
 from vllm_fleet.plan import build_plan
 from vllm_fleet.registry import Registry, State
@@ -40,7 +42,8 @@ class GatewayThread:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.config.gateway.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the gateway's loop (where the registry lives) and return its result."""
@@ -62,8 +65,10 @@ class GatewayThread:
 
     def start(self) -> GatewayThread:
         self._thread.start()
+        tls = server_tls(self.config)
+        context = tls.context if tls is not None else None
         self._gateway = asyncio.run_coroutine_threadsafe(
-            serve(self.config, self.registry, "127.0.0.1", self.port), self.loop
+            serve(self.config, self.registry, "127.0.0.1", self.port, tls=context), self.loop
         ).result(10)
         supervisor = self._supervisor
         if supervisor is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from vllm_fleet.gpus import Inventory, read_inventory
 from vllm_fleet.ledger import By
 from vllm_fleet.masking import mask_argv, mask_env
 from vllm_fleet.plan import EngineSpec, Plan, build_plan, stall_watch
+
+if TYPE_CHECKING:
+    from vllm_fleet.status import Trust
 
 app = typer.Typer(
     help="Serve several vLLM models behind one OpenAI- and Azure-compatible endpoint.",
@@ -67,9 +70,18 @@ def check(fleet_file: FleetFile) -> None:
     """Validate a fleet file and print the plan: every engine's GPUs, port, command line
     and environment (secrets masked), its range of vLLM's internal ports and whether its
     stalls are watched. Exit code 0 when valid, 1 when not."""
+    from vllm_fleet.gateway.tls import server_tls
+    from vllm_fleet.runner import gateway_url
+
     config, plan = _load_plan(fleet_file)
+    try:
+        tls = server_tls(config)  # the certificate and key `fleet up` would serve with
+    except ConfigError as exc:
+        err_console.print(f"[bold red]error:[/] {exc.render()}", highlight=False)
+        raise typer.Exit(1) from None
     console.print(f"[bold green]ok[/] {fleet_file}: {len(config.deployments)} deployment(s)")
-    console.print(f"gateway: http://{config.gateway.host}:{config.gateway.port}")
+    served = f" (TLS: {tls.cert}, {tls.key})" if tls is not None else ""
+    console.print(f"gateway: {gateway_url(config)}{served}", highlight=False)
     console.print(f"GPUs: {_describe_inventory(plan.inventory)}")
     if plan.engines:
         console.print(
@@ -117,24 +129,40 @@ def up(
 
 Url = Annotated[str | None, typer.Option(help="The gateway, e.g. http://127.0.0.1:8080.")]
 ApiKey = Annotated[str | None, typer.Option(envvar="FLEET_API_KEY", help="A gateway.api_keys key.")]
+CaCert = Annotated[
+    Path | None,
+    typer.Option(
+        "--cacert",
+        envvar="FLEET_CACERT",
+        help="PEM CA certificate(s) to trust for an https gateway, besides the system's "
+        "(and SSL_CERT_FILE); a fleet file given trusts its own gateway.tls.cert.",
+    ),
+]
 
 
 def _gateway_of(
-    fleet_file: Path | None, url: str | None, api_key: str | None
-) -> tuple[str, str | None]:
-    """The gateway's URL and key: as given, else from the fleet file, else the default.
-    A fleet file with problems prints them and exits 1."""
-    from vllm_fleet.runner import display_url
+    fleet_file: Path | None, url: str | None, api_key: str | None, cacert: Path | None = None
+) -> tuple[str, str | None, Trust]:
+    """The gateway's URL, key and what its certificate is checked against: as given,
+    else from the fleet file, else the default. A fleet file with problems prints them
+    and exits 1."""
+    from vllm_fleet.runner import gateway_url
+    from vllm_fleet.status import Trust
 
-    if url is None and fleet_file is not None:
+    pinned = None
+    if fleet_file is not None:
         try:
-            gateway = load(fleet_file).gateway
+            config = load(fleet_file)
         except ConfigError as exc:
             err_console.print(f"[bold red]error:[/] {exc.render()}", highlight=False)
             raise typer.Exit(1) from None
-        url = display_url(gateway.host, gateway.port)
-        api_key = api_key or next(iter(gateway.api_keys), None)
-    return url or "http://127.0.0.1:8080", api_key
+        gateway = config.gateway
+        if gateway.tls is not None:
+            pinned = config.path_of(gateway.tls.cert)
+        if url is None:
+            url = gateway_url(config)
+            api_key = api_key or next(iter(gateway.api_keys), None)
+    return url or "http://127.0.0.1:8080", api_key, Trust(cacert, pinned)
 
 
 @app.command()
@@ -146,15 +174,16 @@ def status(
     url: Url = None,
     api_key: ApiKey = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+    cacert: CaCert = None,
 ) -> None:
     """Show every engine of a running fleet: state, pid, port, GPUs, restarts, and why
     an engine failed (from the gateway's /fleet/status); the fleet file's generation and
     last reload. Exit code 1 when unreachable."""
     from vllm_fleet.status import StatusError, fetch_status, render_status
 
-    url, api_key = _gateway_of(fleet_file, url, api_key)
+    url, api_key, trust = _gateway_of(fleet_file, url, api_key, cacert)
     try:
-        data = fetch_status(url, api_key)
+        data = fetch_status(url, api_key, trust=trust)
     except StatusError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
@@ -165,17 +194,21 @@ def status(
 
 
 def _ask_reload(
-    fleet_file: Path | None, url: str | None, api_key: str | None, dry_run: bool
-) -> tuple[str, str | None, int, dict[str, Any]]:
+    fleet_file: Path | None,
+    url: str | None,
+    api_key: str | None,
+    dry_run: bool,
+    cacert: Path | None = None,
+) -> tuple[str, str | None, Trust, dict[str, Any]]:
     from vllm_fleet.reload_client import plan_lines, post_reload
     from vllm_fleet.status import StatusError
 
     if fleet_file is not None:
         _load_plan(fleet_file)  # a bad file: its problems, exit 1, nothing sent
-    url, api_key = _gateway_of(fleet_file, url, api_key)
+    url, api_key, trust = _gateway_of(fleet_file, url, api_key, cacert)
     file = str(fleet_file.resolve()) if fleet_file is not None else None
     try:
-        status_code, data = post_reload(url, api_key, file, dry_run)
+        status_code, data = post_reload(url, api_key, file, dry_run, trust=trust)
     except StatusError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
@@ -190,7 +223,7 @@ def _ask_reload(
         raise typer.Exit(1)
     for line in plan_lines(data):
         console.print(line, highlight=False, markup=False)
-    return url, api_key, status_code, data
+    return url, api_key, trust, data
 
 
 @app.command()
@@ -212,6 +245,7 @@ def reload(
         bool, typer.Option("--wait/--no-wait", help="Follow the reload until it is done.")
     ] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to follow it.")] = 3600.0,
+    cacert: CaCert = None,
 ) -> None:
     """Apply the fleet file to the running fleet, changing only what changed: new
     engines start, removed ones drain and stop, changed ones are replaced (replica by
@@ -220,7 +254,7 @@ def reload(
     from vllm_fleet.reload_client import follow
     from vllm_fleet.status import StatusError
 
-    url, api_key, _, data = _ask_reload(fleet_file, url, api_key, dry_run)
+    url, api_key, trust, data = _ask_reload(fleet_file, url, api_key, dry_run, cacert)
     result = data.get("result")
     if result != "applying":
         if result == "planned":
@@ -232,7 +266,7 @@ def reload(
     if not wait:
         return
     try:
-        done = follow(url, api_key, generation, timeout)
+        done = follow(url, api_key, generation, timeout, trust=trust)
     except StatusError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
@@ -256,10 +290,12 @@ def reload(
 
 
 @app.command()
-def diff(fleet_file: FleetFile, url: Url = None, api_key: ApiKey = None) -> None:
+def diff(
+    fleet_file: FleetFile, url: Url = None, api_key: ApiKey = None, cacert: CaCert = None
+) -> None:
     """Print what `fleet reload FLEET_FILE` would do to the running fleet, per
     deployment and replica, and why; change nothing."""
-    _ask_reload(fleet_file, url, api_key, dry_run=True)
+    _ask_reload(fleet_file, url, api_key, dry_run=True, cacert=cacert)
 
 
 @app.command()

@@ -139,6 +139,13 @@ def warnings(config: FleetConfig) -> list[str]:
             "gateway.api_keys is not enforced by the nginx vhost; protect it in nginx "
             "(auth_request, allow/deny) or start the engines with --api-key"
         )
+    tls = config.gateway.tls
+    if tls is not None:
+        found.append(
+            "gateway.tls is the gateway's own: this vhost listens in plain HTTP; for HTTPS "
+            f"add `ssl` to its `listen` and `ssl_certificate {config.path_of(tls.cert)};` "
+            f"`ssl_certificate_key {config.path_of(tls.key)};` (readable by nginx's user)"
+        )
     return found
 
 

@@ -266,6 +266,14 @@ def _listen_changes(old: FleetConfig, new: FleetConfig) -> list[str]:
                 "address changes only with a restart of `fleet up` (stop it and start it "
                 f"again); put gateway.{key} back to {before} to reload the rest"
             )
+    was, now = old.gateway.tls is not None, new.gateway.tls is not None
+    if was != now:
+        refused.append(
+            f"gateway.tls {'removed' if was else 'added'}: the gateway serves "
+            f"{'https' if was else 'http'} until a restart of `fleet up` (its listening "
+            f"socket keeps its protocol); {'put it back' if was else 'take it out'} to reload "
+            "the rest"
+        )
     return refused
 
 
@@ -349,6 +357,9 @@ def _gateway_changes(old: FleetConfig, new: FleetConfig) -> list[str]:
             out.append("api_keys changed")  # never the keys themselves
         elif key == "keys":
             out.append(_keys_change(old.gateway.keys, new.gateway.keys))
+        elif key == "tls" and new.gateway.tls is not None:
+            tls = new.gateway.tls
+            out.append(f"tls: certificate {tls.cert}, key {tls.key} for new connections")
         elif key != "accept_any_model":
             before, after = getattr(old.gateway, key), getattr(new.gateway, key)
             out.append(f"{key}: {before} -> {after}")

@@ -6,11 +6,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from vllm_fleet.status import StatusError, ask_gateway, fetch_status
+from vllm_fleet.status import StatusError, Trust, ask_gateway, fetch_status
 
 
 def post_reload(
-    url: str, api_key: str | None, file: str | None, dry_run: bool, timeout: float = 120.0
+    url: str,
+    api_key: str | None,
+    file: str | None,
+    dry_run: bool,
+    timeout: float = 120.0,
+    trust: Trust | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """POST {url}/fleet/reload; the status and the JSON answer (errors included)."""
     body: dict[str, Any] = {"dry_run": dry_run}
@@ -19,6 +24,7 @@ def post_reload(
     status, data = ask_gateway(
         url, "/fleet/reload", api_key, timeout, body,
         unreachable_hint=" (a changed gateway.port needs a restart, not a reload)",
+        trust=trust,
     )  # fmt: skip
     if status == 404 and "plan" not in data:
         raise StatusError(f"{url} answered 404 to /fleet/reload; is this a vllm-fleet gateway?")
@@ -33,7 +39,12 @@ def plan_lines(data: dict[str, Any]) -> list[str]:
 
 
 def follow(
-    url: str, api_key: str | None, generation: int, timeout: float, every: float = 0.5
+    url: str,
+    api_key: str | None,
+    generation: int,
+    timeout: float,
+    every: float = 0.5,
+    trust: Trust | None = None,
 ) -> dict[str, Any]:
     """Poll /fleet/status until the reload of `generation` is done; its record (or the
     last one seen, with result `applying`, when `timeout` passes first)."""
@@ -42,7 +53,7 @@ def follow(
     misses = 0
     while True:
         try:
-            fleet = fetch_status(url, api_key).get("fleet") or {}
+            fleet = fetch_status(url, api_key, trust=trust).get("fleet") or {}
         except StatusError:
             # A gateway slow to answer for a moment (a machine busy loading engines) is
             # asked again; one gone for good ends the wait.

@@ -2,8 +2,9 @@
 and `POST /fleet/reload` all end here, with one behaviour.
 
 1. Read the file again (the one `fleet up` was started with, or the one given, which is
-   the fleet's file from then on) and validate it whole: a bad file changes nothing and
-   its problems are answered with their lines, like `fleet check`.
+   the fleet's file from then on) and validate it whole, its TLS certificate and key too:
+   a bad file changes nothing and its problems are answered with their lines, like
+   `fleet check`.
 2. Plan it against what runs (`build_plan(..., prior=)`), and diff (`reconcile`): the
    plan is answered, printed and logged; a dry run stops here.
 3. Apply: in one step of the event loop the gateway takes the new file and routing
@@ -22,6 +23,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from vllm_fleet.engines import Supervisor
 from vllm_fleet.engines.rollout import Rollout
 from vllm_fleet.gateway.errors import error_object
 from vllm_fleet.gateway.relay import RelayServer
+from vllm_fleet.gateway.tls import ServerTls, server_tls
 from vllm_fleet.gpus import read_inventory
 from vllm_fleet.plan import EngineSpec, Plan, build_plan
 from vllm_fleet.reconcile import Changes, reconcile
@@ -105,6 +108,7 @@ class Reloader:
         self.overrides = overrides or {}
         self.hurry = hurry
         self.server: RelayServer | None = None
+        self.tls: ServerTls | None = None  # what the gateway serves with (`fleet up` sets it)
         self._applying: asyncio.Task[None] | None = None
         registry.fleet = {
             "file": str(file),
@@ -125,13 +129,25 @@ class Reloader:
 
     def _prepare(
         self, path: Path, prior: Plan, failed: frozenset[str]
-    ) -> tuple[FleetConfig, Plan, Changes, str]:
-        """Load, plan and diff (in a thread: it reads the file and asks nvidia-smi)."""
+    ) -> tuple[FleetConfig, Plan, Changes, str, ServerTls | None]:
+        """Load, plan and diff (in a thread: it reads the file, the TLS files, and asks
+        nvidia-smi). A certificate or key that changed on disk under the same names is
+        a change of its own: new connections get it."""
         digest = file_hash(path)
         config = with_overrides(load(path), self.overrides)
+        tls = server_tls(config)
         plan = build_plan(config, read_inventory(), sys.executable, prior=prior)
         changes = reconcile(self.config, prior, config, plan, failed)
-        return config, plan, changes, digest
+        now = self.tls
+        if (
+            tls is not None
+            and now is not None
+            and (tls.cert, tls.key) == (now.cert, now.key)
+            and tls.digest != now.digest
+        ):
+            line = f"tls: {tls.cert} or {tls.key} changed on disk, read again for new connections"
+            changes = replace(changes, gateway=(*changes.gateway, line))
+        return config, plan, changes, digest, tls
 
     def _record(self, result: str, **fields: Any) -> dict[str, Any]:
         self.registry.reloads[result] = self.registry.reloads.get(result, 0) + 1
@@ -158,7 +174,7 @@ class Reloader:
         path = absolute(file) if file else self.file
         try:
             failed = frozenset(u.name for u in self.registry.all() if u.state is State.FAILED)
-            config, plan, changes, digest = await asyncio.to_thread(
+            config, plan, changes, digest, tls = await asyncio.to_thread(
                 self._prepare, path, self.registry.running_plan(), failed
             )
         except ConfigError as exc:
@@ -193,7 +209,7 @@ class Reloader:
             self._say(f"reload ({via}): ", "nothing to change")
             return 200, {**answer, "result": "unchanged", "reload": record}
         generation = int(fleet.get("generation", 1)) + 1
-        self._apply(path, config, plan, changes, digest, generation, via)
+        self._apply(path, config, plan, changes, digest, generation, via, tls)
         return 202, {**answer, "result": "applying", "reload": fleet["reload"]}
 
     def _apply(
@@ -205,6 +221,7 @@ class Reloader:
         digest: str,
         generation: int,
         via: str,
+        tls: ServerTls | None = None,
     ) -> None:
         """Switch routing and the gateway now; start the rest (see the module docstring)."""
         rollout = Rollout(
@@ -213,6 +230,9 @@ class Reloader:
         rollout.begin()
         self.registry.reconfigure(config, plan)
         self._reconfigure_gateway(config)
+        if tls is not None and self.server is not None and self.server.tls:
+            self.server.use_tls(tls.context)
+            self.tls = tls
         self.supervisor.apply_settings(config)
         self.config, self.file = config, path
         started = time.time()

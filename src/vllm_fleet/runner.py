@@ -4,7 +4,8 @@ Order of events:
 
 1. SIGINT/SIGTERM handlers are installed before anything starts, so a signal at any
    moment leads to the stop sequence below (never to an orphan engine).
-2. The gateway binds `gateway.host:gateway.port` (a busy port exits 1 with a message).
+2. The gateway binds `gateway.host:gateway.port` (a busy port exits 1 with a message),
+   serving HTTPS with `gateway.tls` (a certificate or key it cannot use exits 1 first).
    While engines load it answers 503 with Retry-After for their deployments.
 3. The supervisor starts every engine; progress shows which are loading, for how long,
    which are ready; then a "ready" line with the three URL styles.
@@ -34,10 +35,11 @@ from rich.markup import escape
 from rich.status import Status
 from rich.text import Text
 
-from vllm_fleet.config import FleetConfig
+from vllm_fleet.config import ConfigError, FleetConfig
 from vllm_fleet.engines import EngineEvent, Supervisor
 from vllm_fleet.gateway.relay.server import connection_limit
 from vllm_fleet.gateway.server import serve
+from vllm_fleet.gateway.tls import server_tls
 from vllm_fleet.plan import Plan
 from vllm_fleet.registry import Registry, State
 from vllm_fleet.reloader import Reloader
@@ -104,10 +106,16 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-def display_url(host: str, port: int) -> str:
+def display_url(host: str, port: int, tls: bool = False) -> str:
+    """The gateway's URL as a client on this machine reaches it (https with `gateway.tls`)."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
     shown = f"[{shown}]" if ":" in shown else shown
-    return f"http://{shown}:{port}"
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
+
+
+def gateway_url(config: FleetConfig) -> str:
+    gateway = config.gateway
+    return display_url(gateway.host, gateway.port, gateway.tls is not None)
 
 
 class Progress:
@@ -174,7 +182,7 @@ class Progress:
         managed = [u for u in self.registry.all() if u.managed]
         ready = sum(1 for u in managed if u.state is State.READY)
         failed = [u.name for u in managed if u.state is State.FAILED]
-        url = display_url(config.gateway.host, config.gateway.port)
+        url = gateway_url(config)
         took = time.monotonic() - self.started
         summary = f"{ready}/{len(managed)} engines ready in {took:.0f}s"
         if managed and len(failed) == len(managed) and not self.registry.plan.remotes:
@@ -200,7 +208,10 @@ class Progress:
             f'  azure:  AzureOpenAI(azure_endpoint="{url}", azure_deployment="{example}", '
             'api_version="2024-10-21")',
             f'  openai: {url}/v1   with model="{example}" or "{model}"',
-            f"  status: fleet status --url {url}   (or GET {url}/fleet/status)",
+            f"  status: fleet status --url {url}   (or GET {url}/fleet/status)"
+            if config.gateway.tls is None
+            else f"  status: fleet status {config.source}   (it trusts gateway.tls.cert; or "
+            f"--url {url} --cacert CA.pem)",
             "Ctrl-C or SIGTERM stops the gateway and every engine.",
         ]
         for line in lines:
@@ -208,7 +219,7 @@ class Progress:
 
 
 def _print_plan(console: Console, config: FleetConfig, registry: Registry, open_files: int) -> None:
-    url = display_url(config.gateway.host, config.gateway.port)
+    url = gateway_url(config)
     console.print(
         f"gateway listening on {config.gateway.host}:{config.gateway.port} ({url}); "
         "deployments answer 503 until their engines are ready",
@@ -287,7 +298,13 @@ async def _run(
 
     host, port = config.gateway.host, config.gateway.port
     try:
-        gateway = await serve(config, registry, host, port, control=reloader)
+        tls = server_tls(config)
+    except ConfigError as exc:  # a certificate or key that cannot be used: nothing starts
+        console.print(f"[bold red]error:[/] {escape(exc.render())}", highlight=False)
+        return 1
+    try:
+        context = tls.context if tls is not None else None
+        gateway = await serve(config, registry, host, port, control=reloader, tls=context)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             console.print(
@@ -303,7 +320,7 @@ async def _run(
                 highlight=False,
             )
         return 1
-    reloader.server = gateway
+    reloader.server, reloader.tls = gateway, tls
 
     # Everything loaded so far (config, modules) lives as long as the process: keep it out
     # of the cyclic collector's scans, which otherwise walk it all on every full pass.

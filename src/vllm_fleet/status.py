@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import ssl
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rich.console import Group
@@ -27,6 +31,25 @@ class StatusError(Exception):
     """The gateway could not be asked; the message says what to check."""
 
 
+@dataclass(frozen=True)
+class Trust:
+    """What an https gateway's certificate is checked against, besides the system's CAs
+    (and `SSL_CERT_FILE`): `--cacert FILE`, and the fleet file's own `gateway.tls.cert`
+    (trusted as it stands) when the command was given the fleet file."""
+
+    cacert: Path | None = None
+    pinned: Path | None = None
+
+    def context(self) -> ssl.SSLContext:
+        from vllm_fleet.gateway.tls import client_context
+
+        try:
+            return client_context(self.cacert, self.pinned)
+        except (OSError, ssl.SSLError) as exc:
+            which = f"--cacert {self.cacert}" if self.cacert else f"gateway.tls.cert {self.pinned}"
+            raise StatusError(f"cannot read {which} as PEM certificates: {exc}") from None
+
+
 def ask_gateway(
     url: str,
     path: str,
@@ -34,9 +57,11 @@ def ask_gateway(
     timeout: float,
     body: dict[str, Any] | None = None,
     unreachable_hint: str = "",
+    trust: Trust | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """GET (or POST `body` to) {url}{path}: the status and the JSON object it answered,
-    error statuses included; StatusError when there is no gateway or no JSON object."""
+    error statuses included; StatusError when there is no gateway or no JSON object.
+    An https URL is verified against `trust` (and the system's CAs)."""
     target = url.rstrip("/") + path
     headers = {"Accept": "application/json"}
     if api_key:
@@ -46,13 +71,29 @@ def ask_gateway(
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
     request = urllib.request.Request(target, data=data, headers=headers)
+    https = target.lower().startswith("https:")
+    context = (trust or Trust()).context() if https else None
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as resp:
             status, raw = resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         status, raw = exc.code, exc.read()
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise StatusError(
+                f"the gateway at {url} has a certificate this machine does not trust "
+                f"({reason.verify_message}); pass the fleet file (its gateway.tls.cert is "
+                "trusted), --cacert CA.pem, or SSL_CERT_FILE"
+            ) from None
+        if isinstance(reason, ssl.SSLError):
+            raise StatusError(
+                f"no TLS at {url} ({reason}); is the gateway serving https (gateway.tls)? "
+                "Use an http:// URL for one without"
+            ) from None
+        if not https and isinstance(reason, ConnectionResetError | http.client.HTTPException):
+            # What a TLS socket does to plain HTTP: the handshake fails, the line drops.
+            unreachable_hint += "; a gateway with gateway.tls answers https:// only"
         raise StatusError(
             f"no gateway at {url} ({reason}); is `fleet up` running there? "
             f"Pass the fleet file or --url{unreachable_hint}"
@@ -68,9 +109,11 @@ def ask_gateway(
     return status, answer
 
 
-def fetch_status(url: str, api_key: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+def fetch_status(
+    url: str, api_key: str | None = None, timeout: float = 5.0, trust: Trust | None = None
+) -> dict[str, Any]:
     """GET {url}/fleet/status and return the decoded JSON."""
-    status, data = ask_gateway(url, "/fleet/status", api_key, timeout)
+    status, data = ask_gateway(url, "/fleet/status", api_key, timeout, trust=trust)
     if status != 200:
         hint = " (pass --api-key, or the fleet file)" if status == 401 else ""
         raise StatusError(f"{url.rstrip('/')}/fleet/status answered {status}{hint}")

@@ -14,6 +14,10 @@ dropped, until the client closes or one of three bounds ends it:
 - `lingering_max_mb`: bytes dropped since the request was refused (nginx has no such
   bound; a client sending forever is cut off here, even before `lingering_time`).
 
+Over TLS there is no half-close (an SSL transport cannot `write_eof`): the answer goes
+out with `Connection: close` and its length, reading and dropping goes on the same way,
+within the same bounds, and the client, which has its whole answer, closes.
+
 At a bound the connection is dropped at once (`abort`: a client still sending gets a
 reset, as it would have without lingering). Only connections that refused a request
 linger: nothing here runs for a request read whole.
@@ -53,16 +57,18 @@ class Linger:
             self._last = asyncio.get_running_loop().time()
 
     def start(self, transport: asyncio.Transport, reading_paused: bool) -> None:
-        """The answer is written: shut the write side (once it has gone out) and read on,
-        dropping everything, until the client closes or a bound is reached."""
-        if self.time <= 0 or not transport.can_write_eof():
+        """The answer is written: shut the write side (once it has gone out; not over
+        TLS) and read on, dropping everything, until the client closes or a bound is
+        reached."""
+        if self.time <= 0:
             transport.close()
             return
         self._transport = transport
         loop = asyncio.get_running_loop()
         now = self._last = loop.time()
         self._deadline = now + self.time
-        transport.write_eof()
+        if transport.can_write_eof():
+            transport.write_eof()
         if reading_paused:
             transport.resume_reading()
         self._timer = loop.call_later(min(self.timeout, self.time), self._check)

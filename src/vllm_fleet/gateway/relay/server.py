@@ -7,6 +7,11 @@ by walking `state.connections`. Past `gateway.max_connections` a connection is a
 503. Idle client connections close after `KEEPALIVE_TIMEOUT` seconds (nginx's default).
 Stopping: stop accepting, close idle connections, let requests in flight finish for up
 to the grace period, then close what is left.
+
+With `gateway.tls` the socket serves TLS (the context from `gateway/tls.py`); the
+handshake must end within `gateway.header_timeout`, and a client that speaks plain HTTP
+to it fails the handshake (nothing is answered, nothing else is disturbed). A reload's
+certificate is taken by the connections accepted after it (`use_tls`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import ssl
 import time
 
 from vllm_fleet.config import FleetConfig
@@ -57,6 +63,7 @@ class RelayServer:
         self.admission = Admission()
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._tls: ssl.SSLContext | None = None  # the context new connections get
         core.metrics.prometheus.register(ServerCollector(self))
 
     @property
@@ -86,18 +93,44 @@ class RelayServer:
     def waiting_count(self) -> int:
         return self.admission.waiting_count
 
-    async def start(self, host: str, port: int) -> None:
-        """Bind and serve; raises OSError when the address is taken."""
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        """Bind and serve (HTTPS with `tls`); raises OSError when the address is taken."""
         loop = asyncio.get_running_loop()
         state, pools, admission = self.state, self.pools, self.admission
+        if tls is not None:
+            self._tls = tls
+            # The server keeps the context it was started with; each handshake switches
+            # to the latest one (`use_tls`) as soon as the client's hello is read.
+            tls.sni_callback = self._pick_tls
         self._server = await loop.create_server(
             lambda: ClientConnection(state, pools, admission),
             host,
             port,
             reuse_address=True,
             backlog=2048,
+            ssl=tls,
+            ssl_handshake_timeout=state.core.config.gateway.header_timeout if tls else None,
         )
         self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
+
+    @property
+    def tls(self) -> bool:
+        return self._tls is not None
+
+    def use_tls(self, context: ssl.SSLContext) -> None:
+        """A reload's certificate: connections accepted from now on get it, open ones
+        keep theirs. Only for a server started with TLS (a reload refuses turning it on
+        or off)."""
+        if self._tls is None:
+            raise RuntimeError("the gateway was started without TLS")
+        self._tls = context
+
+    def _pick_tls(
+        self, conn: ssl.SSLObject, server_name: str | None, started: ssl.SSLContext
+    ) -> None:
+        current = self._tls
+        if current is not None and current is not started:
+            conn.context = current
 
     @property
     def sockets(self) -> list[tuple[str, int]]:
