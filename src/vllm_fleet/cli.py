@@ -128,7 +128,13 @@ def up(
 
 
 Url = Annotated[str | None, typer.Option(help="The gateway, e.g. http://127.0.0.1:8080.")]
-ApiKey = Annotated[str | None, typer.Option(envvar="FLEET_API_KEY", help="A gateway.api_keys key.")]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        envvar="FLEET_API_KEY",
+        help="An admin key of the fleet (gateway.keys with admin: true, or gateway.api_keys).",
+    ),
+]
 CaCert = Annotated[
     Path | None,
     typer.Option(
@@ -161,7 +167,10 @@ def _gateway_of(
             pinned = config.path_of(gateway.tls.cert)
         if url is None:
             url = gateway_url(config)
-            api_key = api_key or next(iter(gateway.api_keys), None)
+            # An admin key the file holds in plain (`key: ${VAR}`); a hashed one cannot be
+            # read back: pass it with --api-key / FLEET_API_KEY.
+            admin = (k.key for k in gateway.keys if k.admin and k.key is not None)
+            api_key = api_key or next(iter(gateway.api_keys), None) or next(admin, None)
     return url or "http://127.0.0.1:8080", api_key, Trust(cacert, pinned)
 
 

@@ -134,10 +134,11 @@ def warnings(config: FleetConfig) -> list[str]:
             "the fleet file does not set `gateway: {accept_any_model: true}`: nginx cannot "
             "rewrite `model`, so clients must send the exact model code"
         )
-    if config.gateway.api_keys:
+    if config.gateway.api_keys or config.gateway.keys:
         found.append(
-            "gateway.api_keys is not enforced by the nginx vhost; protect it in nginx "
-            "(auth_request, allow/deny) or start the engines with --api-key"
+            "gateway.keys / gateway.api_keys (and their limits and usage ledger) are not "
+            "enforced by the nginx vhost; protect it in nginx (auth_request, allow/deny), "
+            "or keep `fleet up` behind nginx (proxy_pass to the gateway)"
         )
     tls = config.gateway.tls
     if tls is not None:

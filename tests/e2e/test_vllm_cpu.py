@@ -56,11 +56,17 @@ def _missing_prerequisites() -> list[str]:
 
 
 def http(
-    method: str, url: str, body: dict[str, Any] | None = None, timeout: float = 60.0
+    method: str,
+    url: str,
+    body: dict[str, Any] | None = None,
+    timeout: float = 60.0,
+    api_key: str | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     """One request with the standard library: status, headers, body (errors included)."""
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method)
+    if api_key is not None:
+        request.add_header("Authorization", f"Bearer {api_key}")
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:
@@ -98,9 +104,10 @@ class Fleet:
     proc: subprocess.Popen[bytes]
     output: Path
     engine_groups: set[int] = field(default_factory=set)
+    api_key: str | None = None  # an admin key, for a fleet file with keys
 
     def status(self) -> dict[str, Any]:
-        code, _, body = http("GET", f"{self.base}/fleet/status", timeout=10)
+        code, _, body = http("GET", f"{self.base}/fleet/status", timeout=10, api_key=self.api_key)
         assert code == 200, body
         data: dict[str, Any] = json.loads(body)
         for upstream in self.upstreams(data):
@@ -162,9 +169,11 @@ def demo_env(workdir: Path, engine_port: int) -> dict[str, str]:
     return env
 
 
-def start_fleet(path: Path, workdir: Path) -> tuple[Fleet, dict[str, str]]:
-    """`fleet up path` on free ports, ready; and the environment it runs with. The
-    caller stops it with `_stop`."""
+def start_fleet(
+    path: Path, workdir: Path, api_key: str | None = None
+) -> tuple[Fleet, dict[str, str]]:
+    """`fleet up path` on free ports, ready; and the environment it runs with (`api_key`:
+    an admin key of the file, for its status). The caller stops it with `_stop`."""
     engine_port = two_server_ports()
     port = wait_until(lambda: (p := free_port()) not in (engine_port, engine_port + 1) and p)
     env = demo_env(workdir, engine_port)
@@ -178,7 +187,7 @@ def start_fleet(path: Path, workdir: Path) -> tuple[Fleet, dict[str, str]]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    running = Fleet(base=f"http://127.0.0.1:{port}", proc=proc, output=output)
+    running = Fleet(base=f"http://127.0.0.1:{port}", proc=proc, output=output, api_key=api_key)
     try:
         wait_until(running.all_ready, timeout=READY_TIMEOUT, interval=1.0, what="ready")
     except BaseException as exc:

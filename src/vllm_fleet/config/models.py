@@ -147,6 +147,10 @@ class KeyConfig(KeyLimits):
     def allows(self, deployment: str) -> bool:
         return self.deployments == "*" or deployment in self.deployments
 
+    def limits_own(self) -> KeyLimits:
+        """The limits on the key across all its deployments."""
+        return KeyLimits(rpm=self.rpm, tpm=self.tpm, max_concurrent=self.max_concurrent)
+
 
 class TlsConfig(_Strict):
     """HTTPS for the gateway: PEM files, relative to the fleet file."""

@@ -1,9 +1,11 @@
-"""The gateway's admin routes, decided (pure): `POST /fleet/reload`.
+"""The gateway's admin routes, decided (pure): `POST /fleet/reload`, `GET /fleet/usage`.
 
-Who may reload: with `gateway.api_keys` set, a request with one of them; without keys,
-only a client on this machine (loopback), since anyone who can reach the gateway could
-otherwise change the fleet. The body is optional: `{"file": PATH, "dry_run": true}`
-(or `?dry_run=1`); without `file` the fleet re-reads the file it was started with.
+Who may reload: with keys set, a request with an admin key (`admin: true` in
+gateway.keys, or one of gateway.api_keys); without keys, only a client on this machine
+(loopback), since anyone who can reach the gateway could otherwise change the fleet.
+The body is optional: `{"file": PATH, "dry_run": true}` (or `?dry_run=1`); without
+`file` the fleet re-reads the file it was started with. The usage report needs an admin
+key too (any request when the fleet has no keys).
 """
 
 from __future__ import annotations
@@ -11,11 +13,20 @@ from __future__ import annotations
 import ipaddress
 import json
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from vllm_fleet.gateway.core import Core
 from vllm_fleet.gateway.errors import Reply, error_reply
 
 RELOAD_PATH = "/fleet/reload"
+USAGE_PATH = "/fleet/usage"
+USAGE_GROUPS = ("key", "deployment", "both")
+
+
+@dataclass(frozen=True)
+class UsageAsk:
+    since: float | None  # unix time; None: everything
+    by: str  # one of USAGE_GROUPS
 
 
 @dataclass(frozen=True)
@@ -52,15 +63,16 @@ def reload_request(
             "method_not_allowed",
             headers={"Allow": "POST"},
         )
-    if core.keys:
-        denied = core.authorize(api_key, authorization)
+    if core.keys.enabled:
+        denied = core.admin(api_key, authorization, RELOAD_PATH)
         if denied is not None:
             return denied
     elif not is_loopback(peer):
         return error_reply(
             403,
-            f"{RELOAD_PATH} is accepted only from this machine while gateway.api_keys is "
-            "empty; run `fleet reload` there, or set a key in gateway.api_keys",
+            f"{RELOAD_PATH} is accepted only from this machine while the fleet has no keys "
+            "(gateway.keys, gateway.api_keys); run `fleet reload` there, or give the fleet "
+            "an admin key",
             "forbidden",
         )
     dry_run = any(
@@ -87,3 +99,34 @@ def reload_request(
             return error_reply(400, "`dry_run` must be true or false", "invalid_request", "dry_run")
         file, dry_run = raw_file, dry_run or raw_dry
     return ReloadAsk(file, dry_run)
+
+
+def usage_request(
+    core: Core, query: str, api_key: str | None, authorization: str | None
+) -> UsageAsk | Reply:
+    """What `GET /fleet/usage?since=7d&by=key` asks (an admin key, when keys are set)."""
+    denied = core.admin(api_key, authorization, USAGE_PATH)
+    if denied is not None:
+        return denied
+    if core.accounting.ledger is None:
+        return error_reply(
+            404,
+            "this fleet keeps no usage ledger (gateway.usage_db is null); set "
+            "gateway.usage_db to a file to have usage counted",
+            "no_usage_ledger",
+        )
+    params = dict(part.partition("=")[::2] for part in query.split("&") if part)
+    by = params.get("by", "both")
+    if by not in USAGE_GROUPS:
+        return error_reply(
+            400, f"`by` is one of {', '.join(USAGE_GROUPS)}; got `{by}`", "invalid_request", "by"
+        )
+    since: float | None = None
+    if params.get("since"):
+        from vllm_fleet.ledger import parse_since
+
+        try:
+            since = parse_since(unquote(params["since"]))
+        except ValueError as exc:
+            return error_reply(400, str(exc), "invalid_request", "since")
+    return UsageAsk(since, by)

@@ -9,7 +9,6 @@ protocol-level relay (`relay/`) sits on top.
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import json
 import time
@@ -22,7 +21,10 @@ import orjson
 
 from vllm_fleet.config import FleetConfig
 from vllm_fleet.gateway import form, replicas
+from vllm_fleet.gateway.accounting import Accounting
 from vllm_fleet.gateway.errors import Reply, error_reply
+from vllm_fleet.gateway.keys import Client, KeyTable, admin_only, not_allowed
+from vllm_fleet.gateway.limits import Ticket
 from vllm_fleet.gateway.metrics import GatewayMetrics
 from vllm_fleet.gateway.routing import ByModel, Names, RouteError, Style, Target, match
 from vllm_fleet.registry import Registry, State, Upstream
@@ -47,6 +49,9 @@ class Forward:
     style: Style
     path_qs: str
     body: bytes
+    estimate: int = 0  # tokens it may use: its max_tokens (x n) and its prompt's size
+    stream: bool = False  # it asked for a stream
+    drop_usage: bool = False  # the gateway asked for the usage event; the client did not
 
 
 def json_reply(data: Any, status: int = 200) -> Reply:
@@ -89,7 +94,12 @@ class Core:
         self.metrics: GatewayMetrics = (
             prior.metrics if prior is not None else GatewayMetrics(registry)
         )
-        self.keys = [k.encode() for k in config.gateway.api_keys]
+        self.keys = KeyTable(config)
+        # The ledger and access log are opened by the server (accounting.reconfigure).
+        self.accounting: Accounting = (
+            prior.accounting if prior is not None else Accounting(self.metrics)
+        )
+        self.default_max_tokens = config.gateway.default_max_tokens
         self.max_body = config.gateway.max_body_bytes
         self.started: float = prior.started if prior is not None else time.time()
         self._tie = itertools.count()
@@ -97,25 +107,33 @@ class Core:
         self._failovers = self.metrics.failovers
         self._routes: dict[str, Target | ByModel | RouteError] = {}  # path -> match()
 
-    # ------------------------------------------------------------ auth
+    # ------------------------------------------------------------ keys
 
-    def authorize(self, api_key: str | None, authorization: str | None) -> Reply | None:
-        """None when the request may pass; the 401 otherwise."""
-        if not self.keys:
+    def identify(self, api_key: str | None, authorization: str | None) -> Client | Reply | None:
+        """The key's client; the 401 to answer; None when the fleet has no keys."""
+        if not self.keys.enabled:
             return None
-        presented = api_key or ""
-        auth = authorization or ""
-        if auth[:7].lower() == "bearer ":
-            presented = auth[7:].strip()
-        candidate = presented.encode()
-        if any(hmac.compare_digest(candidate, key) for key in self.keys):
+        return self.keys.identify(api_key, authorization)
+
+    def admin(self, api_key: str | None, authorization: str | None, what: str) -> Reply | None:
+        """None when the request may use an admin route (`what`): a key with `admin`, or
+        any request when the fleet has no keys; else the 401 or 403."""
+        client = self.identify(api_key, authorization)
+        if isinstance(client, Reply):
+            return client
+        if client is not None and not client.admin:
+            return admin_only(client, what)
+        return None
+
+    def admit(self, client: Client, forward: Forward) -> Ticket | Reply | None:
+        """Whether `client` may send `forward` now: the 403 for a deployment it may not
+        use, the 429 past one of its limits, or its ticket (None: it has no limits)."""
+        if not client.allows(forward.deployment):
+            return not_allowed(client, forward.deployment)
+        if not client.limited:
             return None
-        return error_reply(
-            401,
-            "missing or wrong API key; send `Authorization: Bearer <key>` (or Azure's "
-            "`api-key: <key>`) with one of the keys in gateway.api_keys",
-            "invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
+        return self.accounting.limiter.admit(
+            client, forward.deployment, forward.estimate, time.monotonic()
         )
 
     # ------------------------------------------------------------ own endpoints
@@ -126,13 +144,18 @@ class Core:
         """The answer of one of OWN_ENDPOINTS to GET."""
         if path == "/health":
             return self.health(_has_param(query, "ready"))
+        if path == "/metrics" and self.config.gateway.metrics_public:
+            return self.metrics_reply()
+        client = self.identify(api_key, authorization)
+        if isinstance(client, Reply):
+            return client
+        if path == "/v1/models":
+            return self.models(client)
+        if client is not None and not client.admin:
+            return admin_only(client, path)
         if path == "/metrics":
             return self.metrics_reply()
-        if (denied := self.authorize(api_key, authorization)) is not None:
-            return denied
-        if path == "/fleet/status":
-            return self.status()
-        return self.models()
+        return self.status()
 
     def health(self, ready_query: bool) -> Reply:
         deployments = {
@@ -160,9 +183,12 @@ class Core:
     def metrics_reply(self) -> Reply:
         return Reply(200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
 
-    def models(self) -> Reply:
+    def models(self, client: Client | None = None) -> Reply:
+        """The deployments (those `client` may use, when given)."""
         data = []
         for dep_id, dep in self.config.deployments.items():
+            if client is not None and not client.allows(dep_id):
+                continue
             ups = self.registry.upstreams(dep_id)
             data.append(
                 {
@@ -188,12 +214,38 @@ class Core:
         content_type: str | None,
         body: bytes,
         quote_path: bool = False,
+        client: Client | None = None,
     ) -> Forward | Reply:
         """Where a proxied request goes, with its body rewritten; or the error to answer.
 
         `path` is decoded; `content_type` is the request's Content-Type header (None when
         absent); `quote_path`: percent-encode the engine's path again (a server that
-        decoded the client's path), so what was `%3F` or `%25` stays data."""
+        decoded the client's path), so what was `%3F` or `%25` stays data. An error that
+        lists the deployments lists only those `client` may use."""
+        decided = self._route(method, path, query, content_type, body, quote_path)
+        if isinstance(decided, Reply) and client is not None and client.deployments is not None:
+            return self._listing_for(decided, client)
+        return decided
+
+    def _listing_for(self, reply: Reply, client: Client) -> Reply:
+        everything = json.dumps(self.names.listing())[1:-1].encode()
+        if everything not in reply.body:
+            return reply
+        mine = ", ".join(
+            f"{i} ({self.names.served[i]})" for i in self.names.ids if client.allows(i)
+        )
+        body = reply.body.replace(everything, json.dumps(mine or "none")[1:-1].encode())
+        return Reply(reply.status, body, reply.content_type, reply.headers)
+
+    def _route(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        content_type: str | None,
+        body: bytes,
+        quote_path: bool,
+    ) -> Forward | Reply:
         route = self._routes.get(path)
         if route is None:
             route = match(path, self.names)
@@ -203,39 +255,45 @@ class Core:
                 self._routes[path] = route
         if isinstance(route, RouteError):
             return self.route_error(route)
+        parsed: _Body | None = None
         if isinstance(route, ByModel):
             target = self._by_model(method, path, route, content_type, body)
             if isinstance(target, Reply):
                 return target
-            dep_id, body = target
+            dep_id, parsed, body = target
             style, upstream_path = Style.OPENAI, route.upstream_path
         else:
             dep_id, style, upstream_path = route.deployment, route.style, route.upstream_path
             if body and is_json(content_type):
                 # Routes that name the deployment set `model` to what its engine serves
                 # (in a JSON body, or an upload's form); other bodies pass untouched.
-                parsed = _parse_object(body)
-                if isinstance(parsed, Reply):
-                    return parsed
-                rewritten = _with_model(parsed, body, self.names.served[dep_id])
-                if isinstance(rewritten, Reply):
-                    return rewritten
-                body = rewritten
+                found_body = _parse_object(body)
+                if isinstance(found_body, Reply):
+                    return found_body
+                parsed = found_body
             elif body and content_type is not None and is_multipart(content_type):
                 found = form.find_model(body, content_type)
                 if isinstance(found, Reply):
                     return found
                 body = form.with_model(body, found, self.names.served[dep_id])
+        estimate, stream, drop_usage = 0, False, False
+        if parsed is not None:
+            stream, drop_usage = _ask_usage(parsed, upstream_path)
+            estimate = _estimate(parsed, len(body), upstream_path, self.default_max_tokens)
+            rewritten = _with_model(parsed, body, self.names.served[dep_id], drop_usage)
+            if isinstance(rewritten, Reply):
+                return rewritten
+            body = rewritten
         if style is Style.AZURE and query:
             query = "&".join(p for p in query.split("&") if p and not p.startswith("api-version="))
         if quote_path:
             upstream_path = quote(upstream_path, safe=PATH_SAFE, errors="surrogateescape")
         path_qs = f"{upstream_path}?{query}" if query else upstream_path
-        return Forward(dep_id, style, path_qs, body)
+        return Forward(dep_id, style, path_qs, body, estimate, stream, drop_usage)
 
     def _by_model(
         self, method: str, path: str, route: ByModel, content_type: str | None, body: bytes
-    ) -> tuple[str, bytes] | Reply:
+    ) -> tuple[str, _Body | None, bytes] | Reply:
         if not body:
             return error_reply(
                 400 if method == "POST" else 404,
@@ -252,7 +310,7 @@ class Core:
             form_dep = self.names.resolve(found.value)
             if isinstance(form_dep, RouteError):
                 return self.route_error(form_dep)
-            return form_dep, form.with_model(body, found, self.names.served[form_dep])
+            return form_dep, None, form.with_model(body, found, self.names.served[form_dep])
         if not is_json(content_type):
             shown = mime_type(content_type or "")
             return error_reply(
@@ -268,10 +326,7 @@ class Core:
         dep_id = self.names.resolve(parsed.get("model"))
         if isinstance(dep_id, RouteError):
             return self.route_error(dep_id)
-        rewritten = _with_model(parsed, body, self.names.served[dep_id])
-        if isinstance(rewritten, Reply):
-            return rewritten
-        return dep_id, rewritten
+        return dep_id, parsed, body
 
     def repeated_header(self, name: str) -> Reply:
         """A header the gateway decides on came twice: the engine might read the other
@@ -483,9 +538,51 @@ def _json_kind(value: Any) -> str:
     return "a string" if isinstance(value, str) else "an array"
 
 
-def _with_model(parsed: _Body, body: bytes, served: str) -> bytes | Reply:
+# Engine paths whose streams report usage when asked (stream_options.include_usage).
+_STREAM_USAGE_PATHS = ("/chat/completions", "/completions")
+# Engine paths that generate: a request reserves its max_tokens (or the default).
+_GENERATING_PATHS = (*_STREAM_USAGE_PATHS, "/responses")
+
+
+def _ask_usage(parsed: _Body, upstream_path: str) -> tuple[bool, bool]:
+    """(a stream, the gateway adds `stream_options.include_usage`): a stream whose
+    client did not ask for its usage event gets one, read by the gateway and dropped."""
     obj = parsed.obj
-    if obj.get("model") == served:
+    if obj.get("stream") is not True or not upstream_path.endswith(_STREAM_USAGE_PATHS):
+        return False, False
+    options = obj.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return True, False
+    if options is not None and not isinstance(options, dict):
+        return True, False  # the engine's 400 says what is wrong with it
+    obj["stream_options"] = {**(options or {}), "include_usage": True}
+    return True, True
+
+
+def _estimate(parsed: _Body, size: int, upstream_path: str, default: int) -> int:
+    """Tokens a request may use, reserved against its key's `tpm`: the completion's
+    cap (x `n`) and the prompt, taken as a token per 4 bytes of body (an overestimate
+    for JSON, which the real usage corrects)."""
+    obj = parsed.obj
+    cap = 0
+    if upstream_path.endswith(_GENERATING_PATHS):
+        for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+            value = obj.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                cap = value
+                break
+        else:
+            cap = default
+        n = obj.get("n")
+        if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+            cap *= min(n, 128)
+    return cap + size // 4
+
+
+def _with_model(parsed: _Body, body: bytes, served: str, changed: bool = False) -> bytes | Reply:
+    """The body with `model` set to `served` (`changed`: another field was set too)."""
+    obj = parsed.obj
+    if obj.get("model") == served and not changed:
         return body  # already right: forward the client's bytes as they are
     obj["model"] = served
     if parsed.fast:

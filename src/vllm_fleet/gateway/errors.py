@@ -22,6 +22,7 @@ _TYPES = {
     414: "invalid_request_error",
     417: "invalid_request_error",
     422: "invalid_request_error",
+    429: "requests",  # OpenAI's type for a request-rate 429 (a token-rate one: "tokens")
     431: "invalid_request_error",
     500: "internal_error",
     501: "invalid_request_error",
@@ -43,20 +44,23 @@ class Reply:
 
 
 def error_object(
-    status: int, message: str, code: str, param: str | None = None
+    status: int, message: str, code: str, param: str | None = None, kind: str | None = None
 ) -> dict[str, dict[str, str | None]]:
-    """`{"error": {...}}` as a dict, for answers that carry more beside it."""
+    """`{"error": {...}}` as a dict, for answers that carry more beside it; `kind`: the
+    `type`, when not the status's own."""
     error = {
         "message": message,
-        "type": _TYPES.get(status, "api_error"),
+        "type": kind or _TYPES.get(status, "api_error"),
         "param": param,
         "code": code,
     }
     return {"error": error}
 
 
-def envelope(status: int, message: str, code: str, param: str | None = None) -> bytes:
-    return json.dumps(error_object(status, message, code, param)).encode()
+def envelope(
+    status: int, message: str, code: str, param: str | None = None, kind: str | None = None
+) -> bytes:
+    return json.dumps(error_object(status, message, code, param, kind)).encode()
 
 
 def error_reply(
@@ -65,9 +69,10 @@ def error_reply(
     code: str,
     param: str | None = None,
     headers: Mapping[str, str] | None = None,
+    kind: str | None = None,
 ) -> Reply:
     extra = [("X-Fleet-Error", "gateway"), *(headers or {}).items()]
-    return Reply(status, envelope(status, message, code, param), headers=tuple(extra))
+    return Reply(status, envelope(status, message, code, param, kind), headers=tuple(extra))
 
 
 def sse_error_event(message: str, code: str, status: int = 502) -> bytes:

@@ -146,6 +146,38 @@ class _FleetCollector(Collector):
         yield stops
 
 
+class _KeyCollector(Collector):
+    """Requests and tokens by key name (never the key) and deployment."""
+
+    def __init__(self, requests: dict[tuple[str, str, int], int], tokens: KeyTokens) -> None:
+        self.requests = requests
+        self.tokens = tokens
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        requests = CounterMetricFamily(
+            "fleet_key_requests",
+            "requests by client key name, deployment and status",
+            labels=["key", "deployment", "status"],
+        )
+        for (key, dep_id, status), count in sorted(self.requests.items()):
+            requests.add_metric([key, dep_id, str(status)], float(count))
+        yield requests
+        tokens = CounterMetricFamily(
+            "fleet_key_tokens",
+            "tokens the engines reported used (usage), by client key name, deployment and "
+            "kind (prompt, completion)",
+            labels=["key", "deployment", "kind"],
+        )
+        for (key, dep_id), (prompt, completion) in sorted(self.tokens.items()):
+            tokens.add_metric([key, dep_id, "prompt"], float(prompt))
+            tokens.add_metric([key, dep_id, "completion"], float(completion))
+        yield tokens
+
+
+# (key name, deployment) -> [prompt tokens, completion tokens]
+KeyTokens = dict[tuple[str, str], list[int]]
+
+
 class ServerGauges(Protocol):
     """What ServerCollector reads from a server."""
 
@@ -192,6 +224,10 @@ class GatewayMetrics:
         self.prometheus.register(_RequestCollector(registry, self.requests))
         self.prometheus.register(_UpstreamCollector(registry, self.failovers))
         self.prometheus.register(_FleetCollector(registry))
+        # (key name, deployment, status) -> requests; (key name, deployment) -> tokens.
+        self.key_requests: dict[tuple[str, str, int], int] = {}
+        self.key_tokens: KeyTokens = {}
+        self.prometheus.register(_KeyCollector(self.key_requests, self.key_tokens))
 
     def render(self) -> bytes:
         return generate_latest(self.prometheus)

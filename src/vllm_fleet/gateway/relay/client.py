@@ -20,7 +20,7 @@ from typing import cast
 
 import httptools
 
-from vllm_fleet.gateway.admin import RELOAD_PATH
+from vllm_fleet.gateway.admin import RELOAD_PATH, USAGE_PATH
 from vllm_fleet.gateway.core import OWN_ENDPOINTS
 from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.relay import control, wire
@@ -53,6 +53,7 @@ from vllm_fleet.gateway.relay.request import (
 )
 from vllm_fleet.gateway.relay.state import ServerState
 from vllm_fleet.gateway.relay.upstream import Pools
+from vllm_fleet.gateway.usage import Meter
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class ClientConnection(asyncio.Protocol):
         "queue",
         "queued_bytes",
         "read_paused",
+        "scheme",
         "shut",
         "stalled",
         "state",
@@ -103,6 +105,7 @@ class ClientConnection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.peer_bytes = b""
+        self.scheme = b"http"
         self.queue: deque[Request] = deque()
         self.queued_bytes = 0  # body bytes of the requests in the queue, all together
         self.exchange: Exchange | None = None
@@ -127,6 +130,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer_bytes = str(peer[0]).encode() if isinstance(peer, tuple) else b""
+        self.scheme = b"https" if transport.get_extra_info("sslcontext") is not None else b"http"
         state = self.state
         if len(state.connections) >= state.max_connections:
             # Over the limit: its request is answered 503 and the connection closed (a
@@ -144,6 +148,8 @@ class ClientConnection(asyncio.Protocol):
         if exchange is not None:
             self.exchange = None
             exchange.client_gone()
+            if self.busy and self.queue:
+                self.state.core.accounting.finished(self.queue[0], self.peer_bytes, cut=True)
         self.queue.clear()
         self.queued_bytes = 0
         self.state.check_drained()
@@ -345,11 +351,12 @@ class ClientConnection(asyncio.Protocol):
             if length > core.max_body:
                 raise Reject(core.too_large(length))
             body_follows = length > 0
-        if body_follows and core.keys and request.method not in _LATE_AUTH:
+        if body_follows and core.keys.enabled and request.method not in _LATE_AUTH:
             # Checked at the head: a client without the key never gets its body read.
-            denied = core.authorize(request.api_key, request.authorization)
-            if denied is not None:
-                raise Reject(denied)
+            client = core.identify(request.api_key, request.authorization)
+            if isinstance(client, Reply):
+                raise Reject(client)
+            request.client = client
             request.authorized = True
         if request.expect is not None and not request.http11:
             request.expect = None  # HTTP/1.0 knows no 1xx: the expectation is ignored
@@ -505,18 +512,33 @@ class ClientConnection(asyncio.Protocol):
         if path in OWN_ENDPOINTS and method in ("GET", "HEAD"):
             self.reply(core.endpoint(path, query, request.api_key, request.authorization))
             return
-        if not request.authorized:
-            denied = core.authorize(request.api_key, request.authorization)
-            if denied is not None:
-                self.reply(denied)
+        if path == USAGE_PATH and method in ("GET", "HEAD"):
+            control.usage(self, self.state, request, query)
+            return
+        request.deployment = "-"  # an API request: counted, though it reach no deployment
+        client = request.client
+        if not request.authorized and core.keys.enabled:
+            found = core.identify(request.api_key, request.authorization)
+            if isinstance(found, Reply):
+                self.reply(found)
                 return
+            client = request.client = found
         decided = core.route(
-            method, path, query, request.content_type, bytes(request.body), requote
+            method, path, query, request.content_type, bytes(request.body), requote, client
         )
         if isinstance(decided, Reply):
             self.reply(decided)
             return
-        headers = engine_headers(request, self.peer_bytes, decided.body)
+        request.deployment = decided.deployment
+        request.style = decided.style.value
+        if client is not None:
+            admitted = core.admit(client, decided)
+            if isinstance(admitted, Reply):
+                self.reply(admitted)
+                return
+            request.ticket = admitted
+        request.meter = Meter(decided.drop_usage)
+        headers = engine_headers(request, self.peer_bytes, decided.body, self.scheme)
         self.exchange = Exchange(self, self.state, core, self.pools, request, decided, headers)
         self.exchange.start()
 
@@ -534,6 +556,7 @@ class ClientConnection(asyncio.Protocol):
             connection = b"Connection: close\r\n"
         else:
             connection = b"" if request.http11 else b"Connection: keep-alive\r\n"
+        request.status = reply.status
         self.write(
             wire.reply_bytes(reply, head_only=request.method == "HEAD", connection=connection)
         )
@@ -543,7 +566,9 @@ class ClientConnection(asyncio.Protocol):
         """The answer to the head of the queue is complete."""
         self.exchange = None
         if self.queue:
-            self.queued_bytes -= len(self.queue.popleft().body)
+            request = self.queue.popleft()
+            self.queued_bytes -= len(request.body)
+            self.state.core.accounting.finished(request, self.peer_bytes)
         self.busy = False
         self.last_active = time.monotonic()
         if not keep_alive or self.state.closing:

@@ -1,6 +1,8 @@
-"""The relay's side of the admin route `POST /fleet/reload`: who may ask is decided in
-`gateway/admin.py`; the fleet (`state.control`) plans and applies; the answer is given on
-the client connection once the plan is decided (the change goes on in the background).
+"""The relay's side of the admin routes: who may ask is decided in `gateway/admin.py`.
+
+`POST /fleet/reload`: the fleet (`state.control`) plans and applies; the answer is given
+on the client connection once the plan is decided (the change goes on in the background).
+`GET /fleet/usage`: the ledger is read in a thread, off the event loop.
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ import asyncio
 import json
 import logging
 from collections import deque
-from typing import Protocol
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
-from vllm_fleet.gateway.admin import reload_request
+from vllm_fleet.gateway.admin import reload_request, usage_request
 from vllm_fleet.gateway.errors import Reply
 from vllm_fleet.gateway.relay.request import Request, internal_error
 from vllm_fleet.gateway.relay.state import ServerState
@@ -42,16 +45,48 @@ def reload(conn: Answerer, state: ServerState, request: Request, method: str, qu
         return
     ask = asked
 
-    async def answer() -> None:
+    async def answer() -> Reply:
+        status, data = await fleet.reload(ask.file, ask.dry_run)
+        return Reply(status, json.dumps(data).encode())
+
+    _answer_later(conn, state, request, answer(), "reload failed")
+
+
+def usage(conn: Answerer, state: ServerState, request: Request, query: str) -> None:
+    """Answer GET /fleet/usage from the ledger."""
+    asked = usage_request(state.core, query, request.api_key, request.authorization)
+    if isinstance(asked, Reply):
+        conn.reply(asked)
+        return
+    ledger = state.core.accounting.ledger
+    assert ledger is not None  # usage_request said so
+    ask = asked
+
+    async def answer() -> Reply:
+        data = await asyncio.to_thread(ledger.report, ask.since, ask.by)  # type: ignore[arg-type]
+        return Reply(200, json.dumps(data).encode())
+
+    _answer_later(conn, state, request, answer(), "reading the usage ledger failed")
+
+
+def _answer_later(
+    conn: Answerer,
+    state: ServerState,
+    request: Request,
+    answer: Coroutine[Any, Any, Reply],
+    failed: str,
+) -> None:
+    """Answer `request` with what `answer` gives, once it has (a 500 if it raises)."""
+
+    async def run() -> None:
         try:
-            status, data = await fleet.reload(ask.file, ask.dry_run)
-            reply = Reply(status, json.dumps(data).encode())
+            reply = await answer
         except Exception:
-            log.exception("reload failed")
+            log.exception(failed)
             reply = internal_error()
         if not conn.closed and conn.queue and conn.queue[0] is request:
             conn.reply(reply)  # still the request this connection is answering
 
-    task = asyncio.ensure_future(answer())
+    task = asyncio.ensure_future(run())
     state.tasks.add(task)
     task.add_done_callback(state.tasks.discard)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import time
 from typing import Protocol
 
 from vllm_fleet.gateway.core import Core, Forward
@@ -225,6 +226,16 @@ class Exchange:
     def on_head(self, status: int, lines: list[bytes], framing: Framing) -> None:
         request = self.request
         self.is_sse = framing.sse
+        request.status = status
+        request.responded = True
+        request.first_byte = now = time.monotonic()
+        meter = request.meter
+        if meter is not None:
+            meter.start(framing.sse, status == 200)
+            if framing.length is not None and not framing.chunked:
+                meter.drop_usage = False  # a Content-Length body: relayed byte for byte
+        if request.ticket is not None:
+            lines.append(request.ticket.headers(now))
         keep_alive = request.keep_alive and not self.state.closing
         if request.method == "HEAD" or status in (204, 304):
             if framing.length is not None:
@@ -247,6 +258,15 @@ class Exchange:
         self.core.counted(self.forward.deployment, self.forward.style, status)
 
     def on_body(self, data: bytes) -> None:
+        meter = self.request.meter
+        if meter is not None:
+            data = meter.feed(data)
+            if not data:
+                return  # held back (an unfinished event), or the usage event left out
+        self._add(data)
+
+    def _add(self, data: bytes) -> None:
+        self.request.bytes_out += len(data)
         if self.chunked:
             self._out.append(b"%x\r\n" % len(data))
             self._out.append(data)
@@ -266,9 +286,19 @@ class Exchange:
         self.done = True
         self.engine = None
         self._release()
+        self._end_meter()
         if self.chunked:
             self.client.write(wire.LAST_CHUNK)
         self.client.finish(keep_alive=not self.close_after)
+
+    def _end_meter(self) -> None:
+        """Pass on what the meter still held back (the stream's last, unfinished event)."""
+        meter = self.request.meter
+        if meter is not None and self.responded:
+            rest = meter.end()
+            if rest:
+                self._add(rest)
+                self.on_flush()
 
     def on_fail(self, exc: BaseException | None, retry: bool) -> None:
         if self.done:
@@ -299,6 +329,7 @@ class Exchange:
             return
         self.done = True
         self._release()
+        self._end_meter()
         log.warning("engine %s broke off mid-response: %s", name, exc)
         if self.is_sse and (self.chunked or self.close_after):
             event = sse_error_event(

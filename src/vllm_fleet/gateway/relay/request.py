@@ -14,8 +14,11 @@ from urllib.parse import unquote
 import httptools
 
 from vllm_fleet.gateway.errors import Reply, error_reply
+from vllm_fleet.gateway.keys import Client
+from vllm_fleet.gateway.limits import Ticket
 from vllm_fleet.gateway.relay import wire
 from vllm_fleet.gateway.routing import remove_dot_segments
+from vllm_fleet.gateway.usage import Meter
 
 MAX_URL = 8192  # bytes of request target (nginx's order of size)
 MAX_HEAD = 32768  # bytes of header names and values in one request
@@ -47,13 +50,17 @@ class Request:
         "authorized",
         "began",
         "body",
+        "bytes_out",
         "chunked",
+        "client",
         "complete",
         "connection",
         "content_type",
         "continued",
+        "deployment",
         "error",
         "expect",
+        "first_byte",
         "forwarded_for",
         "h2c_offer",
         "head_size",
@@ -65,7 +72,12 @@ class Request:
         "keep_alive",
         "length",
         "lines",
+        "meter",
         "method",
+        "responded",
+        "status",
+        "style",
+        "ticket",
         "upgrade",
         "url",
     )
@@ -99,6 +111,16 @@ class Request:
         self.continued = False
         self.error: Reply | None = None  # answer this, then close
         self.began = 0.0  # time.monotonic() of the read its head began in
+        # What accounting.py reads once the request is answered:
+        self.client: Client | None = None  # the key it came with (gateway.keys)
+        self.deployment: str | None = None  # where it was routed
+        self.style: str | None = None  # path, azure, openai
+        self.status = 0  # of the answer's head, once sent
+        self.responded = False  # an engine began answering it
+        self.first_byte = 0.0  # time.monotonic() of the answer's head
+        self.bytes_out = 0  # body bytes written to the client
+        self.ticket: Ticket | None = None  # its hold on the key's limits
+        self.meter: Meter | None = None  # reads the answer's usage
 
     @property
     def expect_continue(self) -> bool:
@@ -127,7 +149,7 @@ HEADER_KIND = {name: DROP for name in wire.REQUEST_DROP} | {
 }
 
 
-def engine_headers(request: Request, peer: bytes, body: bytes) -> bytes:
+def engine_headers(request: Request, peer: bytes, body: bytes, scheme: bytes = b"http") -> bytes:
     """The header lines for the engine (less Host, which depends on the engine): those
     forwarded, the key as a bearer token, the X-Forwarded set, the body's length."""
     lines = request.lines  # name, ": ", value, CRLF for each header forwarded
@@ -143,8 +165,8 @@ def engine_headers(request: Request, peer: bytes, body: bytes) -> bytes:
         lines.append(b"Authorization: Bearer %s\r\n" % request.api_key.encode("latin-1"))
     prior = request.forwarded_for
     lines.append(
-        b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n"
-        b"X-Real-IP: %s\r\n" % (prior + b", " + peer if prior else peer, request.host, peer)
+        b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n"
+        b"X-Real-IP: %s\r\n" % (prior + b", " + peer if prior else peer, scheme, request.host, peer)
     )
     if body or request.method in BODY_METHODS:
         lines.append(b"Content-Length: %d\r\n\r\n" % len(body))

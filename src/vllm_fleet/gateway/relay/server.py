@@ -76,6 +76,7 @@ class RelayServer:
         pools. The listening address is never changed here (a reload refuses that)."""
         state = self.state
         state.core = Core(config, state.core.registry, prior=state.core)
+        state.core.accounting.reconfigure(config)
         state.max_connections = connection_limit(config.gateway.max_connections)
         self.pools.connect_timeout = config.gateway.connect_timeout
         for pool in self.pools.pools.values():
@@ -97,6 +98,7 @@ class RelayServer:
         """Bind and serve (HTTPS with `tls`); raises OSError when the address is taken."""
         loop = asyncio.get_running_loop()
         state, pools, admission = self.state, self.pools, self.admission
+        state.core.accounting.reconfigure(state.core.config)  # the ledger, the access log
         if tls is not None:
             self._tls = tls
             # The server keeps the context it was started with; each handshake switches
@@ -194,6 +196,7 @@ class RelayServer:
             self._sweeper.cancel()
             self._sweeper = None
         self.pools.close()
+        state.core.accounting.close()  # the ledger's last batch, the access log's last lines
         if self._server is not None:
             await self._server.wait_closed()
         await asyncio.sleep(0)  # let the transports run connection_lost
