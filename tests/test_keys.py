@@ -181,3 +181,16 @@ deployments:
         assert httpx.get(gw.url + "/fleet/status", headers=headers).status_code == 200
     finally:
         gw.stop()
+
+
+def test_a_key_matches_on_the_bytes_the_client_sends() -> None:
+    from vllm_fleet.config import loads
+    from vllm_fleet.gateway.keys import Client, KeyTable
+
+    table = KeyTable(
+        loads("gateway: {keys: [{name: u, key: clé-ü}]}\ndeployments: {a: {model: m}}")
+    )
+    sent = "clé-ü".encode().decode("latin-1")  # how a header value reaches the gateway
+    assert isinstance(table.identify(None, f"Bearer {sent}"), Client)
+    assert isinstance(table.identify(sent, None), Client)
+    assert not isinstance(table.identify("clé-ü", None), Client)  # not its UTF-8 bytes

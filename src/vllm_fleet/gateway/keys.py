@@ -71,7 +71,9 @@ class KeyTable:
             presented = auth[7:].strip()
         client = None
         if presented:
-            digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).hexdigest()
+            # Header values are read as latin-1: encoded back, they are the bytes sent
+            # (a key's UTF-8, as `key_digest` hashes it).
+            digest = hashlib.sha256(presented.encode("latin-1", "replace")).hexdigest()
             client = self.by_digest.get(digest)
         if client is None:
             return error_reply(

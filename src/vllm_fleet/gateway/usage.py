@@ -51,7 +51,7 @@ def _event_end(buf: bytes) -> int:
 class Meter:
     """What one answer used, watched as its body passes (`feed`, then `end`)."""
 
-    __slots__ = ("_body", "_held", "drop_usage", "sse", "usage")
+    __slots__ = ("_body", "_held", "_size", "drop_usage", "sse", "usage")
 
     def __init__(self, drop_usage: bool) -> None:
         self.drop_usage = drop_usage  # the client did not ask for the usage event
@@ -59,6 +59,7 @@ class Meter:
         self.usage: tuple[int, int] | None = None
         self._held = b""
         self._body: list[bytes] | None = None
+        self._size = 0  # bytes in _body
 
     def start(self, sse: bool, json_body: bool) -> None:
         """The answer's head: a stream, a JSON body (kept to read), or neither."""
@@ -71,7 +72,8 @@ class Meter:
             body = self._body
             if body is not None:
                 body.append(data)
-                if len(body) > 64 and sum(map(len, body)) > MAX_BODY:
+                self._size += len(data)
+                if self._size > MAX_BODY:
                     self._body = None  # too big to keep: no usage read from it
             return data
         if self._held:
