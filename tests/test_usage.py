@@ -216,3 +216,29 @@ def test_the_access_log_has_one_line_per_request_and_no_secret(
     assert first["bytes_in"] > 0 and first["bytes_out"] > 0
     assert 0 < first["ttfb_ms"] <= first["latency_ms"]
     assert stream["completion_tokens"] == 16  # the fake engine's default answer, counted
+
+
+def test_a_stream_left_after_its_usage_event_counts_as_answered(tmp_path: Path) -> None:
+    """The client may close as soon as it has [DONE], before the engine's last chunk
+    reaches the gateway: answered, its usage charged; left before that: 499."""
+    from vllm_fleet.config import loads
+    from vllm_fleet.gateway.accounting import Accounting
+    from vllm_fleet.gateway.metrics import GatewayMetrics
+    from vllm_fleet.gateway.relay.request import Request
+    from vllm_fleet.gpus import Inventory
+    from vllm_fleet.plan import build_plan
+    from vllm_fleet.registry import Registry
+
+    config = loads(f"gateway: {{usage_db: {tmp_path / 'u.db'}}}\ndeployments: {{a: {{model: m}}}}")
+    plan = build_plan(config, Inventory(None, "test"), "python")
+    accounting = Accounting(GatewayMetrics(Registry(config, plan)))
+    accounting.reconfigure(config)
+    for events in (TOKEN + USAGE + DONE, TOKEN):
+        request = Request()
+        request.deployment, request.status, request.responded = "a", 200, True
+        request.meter = Meter(drop_usage=True)
+        relay(request.meter, events)
+        accounting.finished(request, b"127.0.0.1", cut=True)
+    accounting.close()
+    rows = read_usage(tmp_path / "u.db", None, "both")["rows"]
+    assert [(r["requests"], r["errors"], r["completion_tokens"]) for r in rows] == [(2, 1, 3)]

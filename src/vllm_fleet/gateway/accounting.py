@@ -58,10 +58,13 @@ class Accounting:
     def finished(self, request: Request, peer: bytes, cut: bool = False) -> None:
         """`request` was answered (`cut`: the client left before the answer ended)."""
         status = request.status
-        if cut:
-            status = CLIENT_CLOSED
         meter = request.meter
         usage = meter.usage if meter is not None else None
+        if cut and usage is None:
+            # Left before the end. A stream whose usage event was read had ended for the
+            # client (it may close as soon as it has `[DONE]`, before the engine's last
+            # chunk reaches the gateway): that one is answered, not cut.
+            status = CLIENT_CLOSED
         prompt, completion = usage or (0, 0)
         ticket = request.ticket
         now = time.monotonic()
