@@ -256,7 +256,8 @@ def test_two_deployments_on_one_port_is_refused_at_the_second() -> None:
 
 def test_deployment_on_the_gateway_port_is_refused() -> None:
     err = problems(
-        "gateway:\n  port: 9000\ndeployments:\n  a:\n    model: m\n    listen: tcp\n    port: 9000\n"
+        "gateway:\n  port: 9000\ndeployments:\n  a:\n    model: m\n"
+        "    listen: tcp\n    port: 9000\n"
     )
     issue = only_issue(err, "deployments.a.port", 7)
     assert "already taken by the gateway (gateway.port)" in issue.message

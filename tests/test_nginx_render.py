@@ -90,7 +90,7 @@ deployments:
 
 
 def test_a_socket_path_nginx_cannot_take_safely_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(NginxRenderError, match="engines.socket_dir"):
+    with pytest.raises(NginxRenderError, match=r"engines\.socket_dir"):
         _render(f"engines: {{socket_dir: '{tmp_path}/a;b'}}\ndeployments: {{c: {{model: m}}}}\n")
 
 
