@@ -205,9 +205,7 @@ def process_key(spec: EngineSpec) -> tuple[object, ...]:
             argv[i + 1 : i + 1 + len(names)] = [n for n in names if n not in spec.alias_names]
             break
     env = tuple(sorted(spec.env.items()))
-    return (
-        tuple(argv), env, spec.host, spec.port, spec.uds, spec.gpus, spec.cwd, spec.vllm_ports
-    )
+    return (tuple(argv), env, spec.host, spec.port, spec.uds, spec.gpus, spec.cwd, spec.vllm_ports)
 
 
 def _keep_prior(
