@@ -475,7 +475,7 @@ def _check_listen(config: FleetConfig, dep_id: str, dep: Deployment) -> list[Con
             )
         )
     for key in ("host", "port"):
-        if key in dep.model_fields_set:
+        if key in dep.model_fields_set and getattr(dep, key) is not None:
             issues.append(
                 ConfigIssue(
                     loc=(*at, key),
