@@ -15,7 +15,6 @@ others are free.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,11 +22,11 @@ from pathlib import Path
 
 from vllm_fleet.config import ConfigError, ConfigIssue, Deployment, FleetConfig
 from vllm_fleet.config.checks import engine_ports, flag_name, vllm_port_blocks
+from vllm_fleet.socket_plan import assign_sockets, socket_dir
 from vllm_fleet.gpus import Inventory
 
 _PLACEHOLDER = re.compile(r"\{(model|host|port|uds|python|id)\}")
-# AF_UNIX paths: 108 bytes in `struct sockaddr_un`, the last one the terminating NUL.
-UDS_PATH_MAX = 107
+
 # Linux's default ephemeral ports (net.ipv4.ip_local_port_range): outgoing connections
 # take ports here at random, so a VLLM_PORT range inside it can lose a port to one.
 EPHEMERAL_PORTS = range(32768, 61000)
@@ -121,7 +120,12 @@ def build_plan(
     gpu_plan = _assign_gpus(config, inventory, issues, warnings, kept, held)
     blocks = _assign_blocks(config, issues, kept, held)
     port_plan = _assign_ports(config, issues, blocks, kept, held)
-    socket_plan = _assign_sockets(config, issues, kept, held)
+    socket_plan = assign_sockets(
+        config,
+        issues,
+        {key: spec.uds for key, spec in kept.items() if spec.uds is not None},
+        {e.uds for e in held if e.uds is not None},
+    )
     engines: list[EngineSpec] = []
     remotes: list[RemoteSpec] = []
     for dep_id, dep in config.deployments.items():
@@ -481,54 +485,6 @@ def _assign_ports(
             ports[(dep_id, replica)] = next_port
             taken.add(next_port)
     return ports
-
-
-def socket_dir(config: FleetConfig) -> Path:
-    """engines.socket_dir, absolute (relative to the fleet file's directory)."""
-    path = Path(config.engines.socket_dir).expanduser()
-    return Path(os.path.abspath(path if path.is_absolute() else Path(config.base_dir) / path))
-
-
-def _assign_sockets(
-    config: FleetConfig,
-    issues: list[ConfigIssue],
-    kept: Mapping[tuple[str, int], EngineSpec],
-    held: list[EngineSpec],
-) -> dict[tuple[str, int], Path]:
-    """Each `listen: uds` engine's socket: a kept engine's own; else `<id>-<replica>.sock`
-    in engines.socket_dir, or `<id>-<replica>.<n>.sock` with the first n that no running
-    engine holds (a replacement starting beside the engine it replaces)."""
-    folder = socket_dir(config)
-    taken = {e.uds for e in held if e.uds is not None}
-    sockets: dict[tuple[str, int], Path] = {}
-    too_long: list[str] = []
-    for dep_id, dep in config.deployments.items():
-        if dep.remote or dep.listen != "uds":
-            continue
-        for replica in range(dep.replicas):
-            old = kept.get((dep_id, replica))
-            if old is not None and old.uds is not None:
-                sockets[(dep_id, replica)] = old.uds
-                continue
-            path, n = folder / f"{dep_id}-{replica}.sock", 0
-            while path in taken:
-                n += 1
-                path = folder / f"{dep_id}-{replica}.{n}.sock"
-            taken.add(path)
-            sockets[(dep_id, replica)] = path
-            if len(os.fsencode(path)) > UDS_PATH_MAX:
-                too_long.append(str(path))
-    if too_long:
-        issues.append(
-            ConfigIssue(
-                loc=("engines", "socket_dir"),
-                message=f"the engines' Unix socket paths would be longer than the "
-                f"{UDS_PATH_MAX} bytes the system allows ({too_long[0]}: "
-                f"{len(os.fsencode(too_long[0]))}); set engines.socket_dir to a shorter "
-                "directory, e.g. /tmp/fleet-sockets (the fleet makes it 0700)",
-            )
-        )
-    return sockets
 
 
 def _assign_gpus(
