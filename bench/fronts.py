@@ -54,9 +54,11 @@ engine_command: [{python}, -m, bench.upstream, --cpus, "{cpus}"]
 deployments:
   uds:
     model: bench/model
+    env: {{PYTHONPATH: {root}}}
   tcp:
     model: bench/model
     listen: tcp
+    env: {{PYTHONPATH: {root}}}
 """
 LOCAL = {"gateway-uds": "uds", "gateway-tcp": "tcp"}  # front -> deployment
 
@@ -111,6 +113,8 @@ def write_local_fleet_file(workdir: Path, gateway_port: int, cores: Cores) -> Pa
             socket_dir=sockets,
             python=json.dumps(sys.executable),
             cpus=",".join(map(str, sorted(cores.upstream))),
+            # Engines start in the fleet file's folder: `-m bench.upstream` from this tree.
+            root=json.dumps(str(Path(__file__).resolve().parents[1])),
         )
     )
     return path

@@ -70,6 +70,7 @@ LOCAL_ROWS = (
     Row("c", "errors (all runs)", "errors", "{:.0f}", total=True),
 )
 
+
 def local_table(runs: Runs, titles: dict[str, str]) -> str:
     """The gateway to its own engine over a Unix socket against over TCP, same run."""
     head = "| scenario | metric | over TCP | over a Unix socket | socket÷TCP |"
