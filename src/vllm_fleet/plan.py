@@ -22,8 +22,8 @@ from pathlib import Path
 
 from vllm_fleet.config import ConfigError, ConfigIssue, Deployment, FleetConfig
 from vllm_fleet.config.checks import engine_ports, flag_name, vllm_port_blocks
-from vllm_fleet.socket_plan import assign_sockets, socket_dir
 from vllm_fleet.gpus import Inventory
+from vllm_fleet.socket_plan import assign_sockets, socket_dir
 
 _PLACEHOLDER = re.compile(r"\{(model|host|port|uds|python|id)\}")
 
