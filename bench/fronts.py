@@ -12,9 +12,11 @@ Every process is pinned to its cores from the moment it forks.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -35,6 +37,30 @@ deployments:
     model: bench/model
     endpoints: ["http://127.0.0.1:{upstream_port}"]
 """
+
+# The gateway to an engine it starts itself, over a Unix socket (the default) and over TCP
+# (`listen: tcp`): the same lean upstream behind both, each moved to the upstream's cores.
+LOCAL_FLEET_FILE = """\
+# The benchmark's local fleet: two engines `fleet up` starts, one per way of reaching it.
+gateway:
+  host: 127.0.0.1
+  port: {gateway_port}
+  accept_any_model: true
+engines:
+  log_dir: logs
+  socket_dir: {socket_dir}
+  stall_timeout: 0
+engine_command: [{python}, -m, bench.upstream, --cpus, "{cpus}"]
+deployments:
+  uds:
+    model: bench/model
+    env: {{PYTHONPATH: {root}}}
+  tcp:
+    model: bench/model
+    listen: tcp
+    env: {{PYTHONPATH: {root}}}
+"""
+LOCAL = {"gateway-uds": "uds", "gateway-tcp": "tcp"}  # front -> deployment
 
 NGINX_MAIN = """\
 worker_processes 1;
@@ -75,6 +101,37 @@ def write_fleet_file(
         )
     )
     return path
+
+
+def write_local_fleet_file(workdir: Path, gateway_port: int, cores: Cores) -> Path:
+    """The fleet file of `fleet up` starting the upstream as its two local engines."""
+    path = workdir / "bench-local-fleet.yaml"
+    sockets = workdir / "s"
+    path.write_text(
+        LOCAL_FLEET_FILE.format(
+            gateway_port=gateway_port,
+            socket_dir=sockets,
+            python=json.dumps(sys.executable),
+            cpus=",".join(map(str, sorted(cores.upstream))),
+            # Engines start in the fleet file's folder: `-m bench.upstream` from this tree.
+            root=json.dumps(str(Path(__file__).resolve().parents[1])),
+        )
+    )
+    return path
+
+
+def local_engine_pids(port: int, timeout: float = 60.0) -> dict[str, int]:
+    """Wait until every engine of the gateway on `port` is ready: deployment -> pid."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/fleet/status", timeout=10) as r:
+            deployments = json.load(r)["deployments"]
+        ups = {d: dep["upstreams"][0] for d, dep in deployments.items()}
+        if all(u["state"] == "ready" for u in ups.values()):
+            return {d: int(u["pid"]) for d, u in ups.items()}
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the local engines are not ready: {ups}")
+        time.sleep(0.2)
 
 
 def start_upstream(workdir: Path, cores: Cores) -> tuple[Managed, int]:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FRONTS = ("direct", "nginx", "gateway")
+# The gateway to engines it started itself: over a Unix socket and over TCP (bench/fronts.py).
+LOCAL_FRONTS = ("gateway-uds", "gateway-tcp")
+LOCAL_SCENARIOS = ("b", "c")
 # scenario -> front -> one metrics dict per repetition
 Runs = dict[str, dict[str, list[dict[str, float]]]]
 
@@ -54,6 +57,36 @@ ROWS = (
     Row("b", "other processes' CPU, noise (% of a core)", "background_util", "{:.0%}"),
     Row("c", "other processes' CPU, noise (% of a core)", "background_util", "{:.0%}"),
 )
+
+
+LOCAL_ROWS = (
+    Row("b", "TTFT p50 (ms)", "ttft_p50_ms", "{:.1f}"),
+    Row("b", "TTFT p99 (ms)", "ttft_p99_ms", "{:.1f}"),
+    Row("b", "gateway CPU s per 1,000 tokens", "proxy_cpu_per_1k_tokens_s", "{:.4f}"),
+    Row("c", "requests/s", "rps", "{:.0f}"),
+    Row("c", "latency p50 (ms)", "lat_p50_ms", "{:.2f}"),
+    Row("c", "gateway CPU s per 1,000 requests", "proxy_cpu_per_1k_req_s", "{:.3f}"),
+    Row("b", "errors (all runs)", "errors", "{:.0f}", total=True),
+    Row("c", "errors (all runs)", "errors", "{:.0f}", total=True),
+)
+
+
+def local_table(runs: Runs, titles: dict[str, str]) -> str:
+    """The gateway to its own engine over a Unix socket against over TCP, same run."""
+    head = "| scenario | metric | over TCP | over a Unix socket | socket÷TCP |"
+    lines = [head, "|---|---|---:|---:|---:|"]
+    for row in sorted(LOCAL_ROWS, key=lambda r: r.scenario):
+        if not any(values(runs, row.scenario, f, row.metric) for f in LOCAL_FRONTS):
+            continue
+        cells = [_cell(runs, row, f) for f in ("gateway-tcp", "gateway-uds")]
+        mine = median(runs, row.scenario, "gateway-uds", row.metric)
+        theirs = median(runs, row.scenario, "gateway-tcp", row.metric)
+        ratio = ""
+        if not row.total and theirs and not math.isnan(mine / theirs):
+            ratio = f"{mine / theirs:.2f}×"
+        title = titles.get(row.scenario, row.scenario)
+        lines.append(f"| {title} | {row.label} | {cells[0]} | {cells[1]} | {ratio} |")
+    return "\n".join(lines)
 
 
 def values(runs: Runs, scenario: str, front: str, metric: str) -> list[float]:

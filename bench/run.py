@@ -112,6 +112,8 @@ async def measure(
             if rep >= count:
                 continue
             for target in order:
+                if target.name in report.LOCAL_FRONTS and name not in report.LOCAL_SCENARIOS:
+                    continue
                 metrics = await scenario(target, settings)
                 runs[name][target.name].append(metrics)
                 log(_summary(name, target.name, metrics))
@@ -219,6 +221,17 @@ def write_results(
         *[f"- {note}" for note in report.bottlenecks(runs)],
         "",
     ]
+    if any(runs.get(s, {}).get(f) for s in report.LOCAL_SCENARIOS for f in report.LOCAL_FRONTS):
+        lines += [
+            "## The gateway to its engine: a Unix socket against TCP (issue 12)",
+            "",
+            "One more `fleet up` (on the proxy core too) starts the upstream as two local "
+            "engines of its own, moved to the upstream's cores: `uds` on a Unix socket (the "
+            "default) and `tcp` with `listen: tcp`; measured in turn with the others.",
+            "",
+            report.local_table(runs, titles),
+            "",
+        ]
     if drawn:
         lines += ["![TTFT, tokens/s and requests/s per front end](latest.png)", ""]
     text = "\n".join(lines)
@@ -242,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     parser.add_argument(
         "--fronts",
-        default=",".join(report.FRONTS),
-        help="a subset of direct,nginx,gateway, e.g. gateway",
+        default=",".join(report.FRONTS + report.LOCAL_FRONTS),
+        help="a subset of direct,nginx,gateway,gateway-uds,gateway-tcp, e.g. gateway "
+        "(gateway-uds/-tcp: the gateway to an engine it started, over a Unix socket / TCP; "
+        "scenarios b and c only)",
     )
     parser.add_argument("--scenarios", default="a,b,c,d", help="e.g. b,c")
     parser.add_argument(
@@ -270,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**{**vars(settings), **counts})
     names = [n for n in args.fronts.split(",") if n]
     chosen = [n for n in args.scenarios.split(",") if n]
-    if not set(names) <= set(report.FRONTS) or not set(chosen) <= set("abcd"):
-        parser.error(f"--fronts is a subset of {','.join(report.FRONTS)}; --scenarios of a,b,c,d")
+    every = report.FRONTS + report.LOCAL_FRONTS
+    if not set(names) <= set(every) or not set(chosen) <= set("abcd"):
+        parser.error(f"--fronts is a subset of {','.join(every)}; --scenarios of a,b,c,d")
     full = set(report.FRONTS) <= set(names) and set(chosen) == set("abcd")
     full = full and not (args.fleet or args.profile)
     out = args.out or (RESULTS if full else Path(tempfile.mkdtemp(prefix="fleet-bench-out-")))
@@ -307,6 +323,20 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(Target("gateway", gateway_port, prefix, gateway.pids, up_pids))
             if args.profile is not None:
                 profiler = start_profiler(gateway.pid, args.profile, workdir)
+        local = [n for n in report.LOCAL_FRONTS if n in names]
+        if local:
+            local_port = procs.free_port()
+            local_file = fronts.write_local_fleet_file(workdir, local_port, cores)
+            fleet = shlex.split(args.fleet) if args.fleet else None
+            local_gw = fronts.start_gateway(workdir, local_file, local_port, cores, fleet)
+            local_gw.name = "gateway-local"
+            managed.append(local_gw)
+            engine_pids = fronts.local_engine_pids(local_port)
+            for name in local:
+                dep = fronts.LOCAL[name]
+                targets.append(
+                    Target(name, local_port, f"/{dep}", local_gw.pids, [engine_pids[dep]])
+                )
         targets = [t for t in targets if t.name in names]
         log(f"bench: {', '.join(f'{t.name} :{t.port}' for t in targets)}; work dir {workdir}")
         runs = run_loop(measure(targets, chosen, settings, upstream_port))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from typing import Any, cast
@@ -356,13 +357,17 @@ class Connection(asyncio.Protocol):
             self.write(_response("404 Not Found", "application/json", _dumps(error)))
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int | None, uds: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     server = Server(loop)
-    listener = await loop.create_server(
-        lambda: Connection(server), host, port, reuse_address=True, backlog=4096
-    )
-    print(f"bench upstream: serving on http://{host}:{port}", flush=True)
+    if uds is not None:  # as vLLM's --uds: a Unix socket, no TCP port
+        listener = await loop.create_unix_server(lambda: Connection(server), uds, backlog=4096)
+        print(f"bench upstream: serving on unix:{uds}", flush=True)
+    else:
+        listener = await loop.create_server(
+            lambda: Connection(server), host, port, reuse_address=True, backlog=4096
+        )
+        print(f"bench upstream: serving on http://{host}:{port}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -373,14 +378,22 @@ async def serve(host: str, port: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.upstream", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args(argv)
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--uds", default=None, help="listen on this Unix socket instead")
+    # Started by `fleet up` (a local engine), it moves itself to the upstream's cores.
+    parser.add_argument("--cpus", default=None, help="pin to these CPUs, e.g. 0,1")
+    # Unknown flags (the --served-model-name the fleet adds) are ignored, as vLLM's own.
+    args, _ = parser.parse_known_args(argv)
+    if args.port is None and args.uds is None:
+        parser.error("give --port or --uds")
+    if args.cpus:
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(args.host, args.port))
+        asyncio.run(serve(args.host, args.port, args.uds))
     else:
-        uvloop.run(serve(args.host, args.port))
+        uvloop.run(serve(args.host, args.port, args.uds))
     return 0
 
 

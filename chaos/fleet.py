@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from vllm_fleet.testing.harness import FAKE_ENGINE, FAST_ENGINES, free_port, free_ports
+from vllm_fleet.testing.harness import FAKE_ENGINE, FAST_ENGINES, free_port
 
 
 def new_marker(prefix: str) -> str:
@@ -39,8 +39,7 @@ def write_fleet_file(
         "deployments": {
             "chat": {
                 "model": f"org/{marker}",
-                "replicas": replicas,
-                "port": free_ports(replicas),
+                "replicas": replicas,  # each on a Unix socket (the default)
                 "args": args,
             }
         },

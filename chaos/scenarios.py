@@ -120,7 +120,8 @@ async def kill_mid_stream(workdir: Path, s: Settings) -> tuple[Figures, list[str
     finally:
         rc = fleet.terminate() if fleet.proc.poll() is None else fleet.proc.returncode
         sweep(marker)
-    victim_port, survivor_port = str(victim["port"]), str(survivor["port"])
+    # The fake engine's X-Fake-Engine ends in its socket's name (`chat-0`), or its port.
+    victim_port, survivor_port = _where(victim), _where(survivor)
     on_victim = [r for r in results if r.engine.endswith(":" + victim_port)]
     on_survivor = [r for r in results if r.engine.endswith(":" + survivor_port)]
     elsewhere = len(results) - len(on_victim) - len(on_survivor)
@@ -373,3 +374,9 @@ async def slow_streams(workdir: Path, s: Settings) -> tuple[Figures, list[str]]:
     }
     broken = [f"{int(out['errors'])} of the slow streams failed"] if out["errors"] else []
     return figures, broken
+
+
+def _where(upstream: dict[str, Any]) -> str:
+    """How the fake engine names itself: its socket's file name without `.sock`, or its port."""
+    sock = upstream.get("socket")
+    return Path(sock).name.removesuffix(".sock") if sock else str(upstream["port"])

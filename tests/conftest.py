@@ -41,13 +41,14 @@ def fake_fleet_file(
 ) -> Path:
     """Write a fleet file running the fake engine and return its path.
 
-    Each deployment gets free ports (one per replica) unless it names `port`; `gateway`
+    Engines listen on Unix sockets (the default); a `listen: tcp` deployment gets free
+    ports (one per replica) unless it names `port`; `gateway`
     keys override the gateway section (a free port by default); `engines` overrides
     FAST_ENGINES; logs go to tmp_path/logs."""
     deps = {}
     for dep_id, dep in deployments.items():
         dep = dict(dep)
-        if "endpoints" not in dep:
+        if "endpoints" not in dep and dep.get("listen") == "tcp":
             dep.setdefault("port", free_ports(int(dep.get("replicas", 1))))
         deps[dep_id] = dep
     data = {

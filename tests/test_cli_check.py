@@ -41,20 +41,25 @@ def test_check_seed_example_prints_each_engine_exactly(tmp_path: Path) -> None:
         and line.endswith("GPU indices in the file are trusted")
         for line in lines
     ), out
-    logs = SEED.parent / ".fleet" / "logs"
-    assert f"qwen-0  GPUs: 0  listens: 127.0.0.1:8100  log: {logs / 'qwen-0.log'}" in lines
+    logs, sockets = SEED.parent / ".fleet" / "logs", SEED.parent / ".fleet" / "sockets"
+    assert (
+        f"qwen-0  GPUs: 0  listens: {sockets / 'qwen-0.sock'}  log: {logs / 'qwen-0.log'}" in lines
+    )
     assert (
         "  CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=0 VLLM_PORT=20000 "
-        "vllm serve Qwen/Qwen2.5-1.5B-Instruct --host 127.0.0.1 "
-        "--port 8100 --served-model-name Qwen/Qwen2.5-1.5B-Instruct qwen qwen2.5 "
+        f"vllm serve Qwen/Qwen2.5-1.5B-Instruct --uds {sockets / 'qwen-0.sock'} "
+        "--served-model-name Qwen/Qwen2.5-1.5B-Instruct qwen qwen2.5 "
         "--shutdown-timeout 30 "
         "--enforce-eager"
     ) in lines
-    assert f"mistral-0  GPUs: 1,2  listens: 127.0.0.1:8101  log: {logs / 'mistral-0.log'}" in lines
+    assert (
+        f"mistral-0  GPUs: 1,2  listens: {sockets / 'mistral-0.sock'}  "
+        f"log: {logs / 'mistral-0.log'}"
+    ) in lines
     assert (
         "  HF_TOKEN='****' CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=1,2 VLLM_PORT=20100 "
         "vllm serve "
-        "mistralai/Mistral-Small-3.1-24B-Instruct-2503 --host 127.0.0.1 --port 8101 "
+        f"mistralai/Mistral-Small-3.1-24B-Instruct-2503 --uds {sockets / 'mistral-0.sock'} "
         "--served-model-name mistralai/Mistral-Small-3.1-24B-Instruct-2503 mistral "
         "--shutdown-timeout 30 "
         "--tokenizer-mode mistral --config-format mistral --load-format mistral "

@@ -69,6 +69,7 @@ deployments:
     gpus: [0]
     args: ["--enforce-eager"]
     env: {HF_TOKEN: "${HF_TOKEN}"}
+    listen: tcp
     port: 8000
     replicas: 1
     aliases: ["qwen2.5"]
@@ -240,20 +241,25 @@ def test_two_deployments_on_one_port_is_refused_at_the_second() -> None:
         deployments:
           a:
             model: m1
+            listen: tcp
             port: 8000
           b:
             model: m2
+            listen: tcp
             port: 8000
         """
     )
-    issue = only_issue(err, "deployments.b.port", 8)
+    issue = only_issue(err, "deployments.b.port", 10)
     assert "port 8000 is already taken by deployment `a`" in issue.message
     assert "leave `port` out to have one chosen" in issue.message
 
 
 def test_deployment_on_the_gateway_port_is_refused() -> None:
-    err = problems("gateway:\n  port: 9000\ndeployments:\n  a:\n    model: m\n    port: 9000\n")
-    issue = only_issue(err, "deployments.a.port", 6)
+    err = problems(
+        "gateway:\n  port: 9000\ndeployments:\n  a:\n    model: m\n"
+        "    listen: tcp\n    port: 9000\n"
+    )
+    issue = only_issue(err, "deployments.a.port", 7)
     assert "already taken by the gateway (gateway.port)" in issue.message
 
 
@@ -263,26 +269,32 @@ def test_replicas_take_consecutive_ports_and_clash_with_a_later_port() -> None:
         deployments:
           a:
             model: m1
+            listen: tcp
             port: 8000
             replicas: 3
           b:
             model: m2
+            listen: tcp
             port: 8002
         """
     )
-    issue = only_issue(err, "deployments.b.port", 9)
+    issue = only_issue(err, "deployments.b.port", 11)
     assert "port 8002 is already taken by deployment `a` replica 2" in issue.message
 
 
 def test_replica_ports_reaching_the_gateway_port_are_refused() -> None:
-    err = problems("deployments:\n  a:\n    model: m\n    port: 8079\n    replicas: 2\n")
-    issue = only_issue(err, "deployments.a.port", 4)
+    err = problems(
+        "deployments:\n  a:\n    model: m\n    listen: tcp\n    port: 8079\n    replicas: 2\n"
+    )
+    issue = only_issue(err, "deployments.a.port", 5)
     assert "port 8080 is already taken by the gateway" in issue.message
 
 
 def test_replica_port_past_65535_is_refused() -> None:
-    err = problems("deployments:\n  a:\n    model: m\n    port: 65535\n    replicas: 2\n")
-    issue = only_issue(err, "deployments.a.port", 4)
+    err = problems(
+        "deployments:\n  a:\n    model: m\n    listen: tcp\n    port: 65535\n    replicas: 2\n"
+    )
+    issue = only_issue(err, "deployments.a.port", 5)
     assert "replica 1 would get port 65536, past 65535; lower `port`" in issue.message
 
 
@@ -296,10 +308,11 @@ def test_a_deployment_port_inside_the_vllm_port_ranges_is_refused() -> None:
             replicas: 2
           b:
             model: m2
+            listen: tcp
             port: 20150
         """
     )
-    issue = only_issue(err, "deployments.b.port", 8)
+    issue = only_issue(err, "deployments.b.port", 9)
     assert issue.message == (
         "port 20150 lies in 20100-20199, the range of vLLM's internal ports (VLLM_PORT) of "
         "engine `a-1`; the engines' ranges take 20000-20299 (engines.vllm_port_base, "
@@ -647,6 +660,7 @@ def test_served_name_is_a_name_clients_use_and_may_not_clash() -> None:
         ('["--enforce-eager", "--host", "0.0.0.0"]', 1, "--host", "set `host:`"),
         ('["--port=9000"]', 0, "--port", "set `port:`"),
         ('["--served-model-name", "x"]', 0, "--served-model-name", "add extra names to `aliases:`"),
+        ('["--uds", "/tmp/x.sock"]', 0, "--uds", "engines.socket_dir"),
         # vLLM reads `--served_model_name` as `--served-model-name`
         ('["--enforce-eager", "--served_model_name=x"]', 1, "--served-model-name", "`aliases:`"),
     ],
@@ -665,13 +679,72 @@ def test_unknown_placeholder_in_a_command_is_refused() -> None:
     )
     issue = only_issue(err, "engine_command[3]", 1)
     assert "unknown placeholder `{gpu}`" in issue.message
-    assert "{model}, {host}, {port}, {python}, {id}" in issue.message
+    assert "{model}, {host}, {port}, {uds}, {python}, {id}" in issue.message
 
 
 def test_empty_command_is_refused() -> None:
     err = problems("deployments:\n  a:\n    model: m\n    command: []\n")
     issue = only_issue(err, "deployments.a.command", 4)
     assert "the command is empty" in issue.message
+
+
+# ---------------------------------------------------------------- listen: uds | tcp
+
+
+def test_engines_listen_on_a_unix_socket_by_default() -> None:
+    cfg = load("deployments:\n  a:\n    model: m\n")
+    assert cfg.deployments["a"].listen == "uds"
+    assert (cfg.engines.socket_dir, cfg.engines.socket_group) == (".fleet/sockets", None)
+
+
+def test_a_command_placing_the_port_but_not_the_socket_is_refused_with_the_fixes() -> None:
+    err = problems(
+        'deployments:\n  a:\n    model: m\n    command: [my-server, "{model}", --port, "{port}"]\n'
+    )
+    issue = only_issue(err, "deployments.a.command", 4)
+    assert "listens on a Unix socket (the default, `listen: uds`)" in issue.message
+    assert "places `{port}` and not `{uds}`" in issue.message
+    assert "add `{uds}`" in issue.message and "set `listen: tcp`" in issue.message
+
+
+def test_the_shared_engine_command_placing_host_names_the_engine_command() -> None:
+    err = problems(
+        'engine_command: [srv, "{model}", --bind, "{host}"]\ndeployments:\n  a: {model: m}\n'
+    )
+    issue = only_issue(err, "engine_command", 1)
+    assert "deployment `a`" in issue.message and "`{host}`" in issue.message
+
+
+def test_a_command_placing_the_socket_or_nothing_is_fine_on_a_socket() -> None:
+    load('deployments:\n  a:\n    model: m\n    command: [srv, "{model}", --sock, "{uds}"]\n')
+    load('deployments:\n  a:\n    model: m\n    command: [srv, "{model}"]\n')
+
+
+def test_listen_tcp_with_the_socket_placeholder_is_refused() -> None:
+    err = problems(
+        "deployments:\n  a:\n    model: m\n    listen: tcp\n"
+        '    command: [srv, "{model}", --uds, "{uds}"]\n'
+    )
+    issue = only_issue(err, "deployments.a.listen", 4)
+    assert "remove `{uds}`" in issue.message
+
+
+@pytest.mark.parametrize("key", ["port: 9000", "host: 0.0.0.0"])
+def test_a_port_or_host_on_a_socket_engine_is_refused(key: str) -> None:
+    err = problems(f"deployments:\n  a:\n    model: m\n    {key}\n")
+    name = key.split(":")[0]
+    issue = only_issue(err, f"deployments.a.{name}", 4)
+    assert f"remove `{name}`, or set `listen: tcp`" in issue.message
+
+
+def test_listen_is_uds_or_tcp_and_not_for_remote_endpoints() -> None:
+    only_issue(
+        problems("deployments:\n  a:\n    model: m\n    listen: unix\n"), "deployments.a.listen", 4
+    )
+    err = problems(
+        "deployments:\n  r:\n    model: m\n    endpoints: [http://10.0.0.1:8000]\n    listen: tcp\n"
+    )
+    assert "remove `listen`" in only_issue(err, "deployments.r.listen", 5).message
 
 
 # ---------------------------------------------------------------- remote endpoints
@@ -757,7 +830,7 @@ def test_variable_expansion(written: str, environ: dict[str, str], expected: str
 
 
 def test_expanded_default_becomes_a_number_where_one_is_needed() -> None:
-    cfg = load("deployments:\n  a:\n    model: m\n    port: ${PORT:-8001}\n")
+    cfg = load("deployments:\n  a:\n    model: m\n    listen: tcp\n    port: ${PORT:-8001}\n")
     assert cfg.deployments["a"].port == 8001
 
 
@@ -804,6 +877,7 @@ def test_numbers_reach_the_engine_as_written_not_as_yaml_reads_them() -> None:
             model: m
             args: [--gpu-memory-utilization, 0.90, --revision, 0123]
             env: {SOME_VERSION: 1.10, MASK: 0x10}
+            listen: tcp
             port: 8001
         """
     )
@@ -909,6 +983,7 @@ def test_render_lists_every_problem_not_just_the_first() -> None:
           Qwen:
             model: Qwen/Qwen2.5-1.5B-Instruct
             gpus: [0]
+            listen: tcp
             port: 8000
             args: ["--host", "0.0.0.0"]
           mistral:
@@ -923,11 +998,11 @@ def test_render_lists_every_problem_not_just_the_first() -> None:
         f"  line {issue.line}, {issue.where()}: {issue.message}" for issue in err.issues
     ]
     assert [(i.where(), i.line) for i in err.issues] == [
-        ("deployments.mistral.env.HF_TOKEN", 13),
+        ("deployments.mistral.env.HF_TOKEN", 14),
         ("deployments.Qwen", 5),
-        ("deployments.Qwen.args[0]", 9),
-        ("deployments.Qwen.port", 8),
-        ("deployments.mistral.gpus[0]", 12),
+        ("deployments.Qwen.args[0]", 10),
+        ("deployments.Qwen.port", 9),
+        ("deployments.mistral.gpus[0]", 13),
     ]
     assert str(err) == rendered
 

@@ -22,16 +22,21 @@ from tests.conftest import fake_fleet_file, pid_alive, wait_until
 from tests.test_fleet_up import FleetUp
 from tests.test_supervisor import make_supervisor, only, run, until
 from vllm_fleet.registry import State
+from vllm_fleet.testing.harness import engine_request
 
 # Tokens flow (100 a second) until the engine hangs: a slow stream, not a stalled one.
 STREAMING = ["--token-delay", "0.01", "--tokens", "100000"]
 
 
 def open_stream(url: str) -> socket.socket:
-    """A streamed completion left running on the engine at `url` (the caller closes it)."""
-    port = int(url.rsplit(":", 1)[1])
+    """A streamed completion left running on the engine at `url` (the caller closes it):
+    `unix:/path` (its socket) or `http://127.0.0.1:port`."""
     payload = json.dumps({"prompt": "x", "stream": True}).encode()
-    sock = socket.create_connection(("127.0.0.1", port))
+    if url.startswith("unix:"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(url.removeprefix("unix:"))
+    else:
+        sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
     sock.sendall(
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(payload)}\r\n\r\n".encode()
@@ -41,14 +46,13 @@ def open_stream(url: str) -> socket.socket:
     return sock
 
 
-def post(url: str) -> None:
-    request = urllib.request.Request(url, data=b"", method="POST")
-    with urllib.request.urlopen(request, timeout=5) as resp:
-        assert resp.status == 200
+def post(url: str, path: str) -> None:
+    status, _ = engine_request(url, path, "POST", b"", timeout=5)
+    assert status == 200
 
 
-async def apost(url: str) -> None:
-    await asyncio.to_thread(post, url)
+async def apost(url: str, path: str) -> None:
+    await asyncio.to_thread(post, url, path)
 
 
 def test_a_hung_engine_is_marked_stalled_and_restarted_with_its_reason(tmp_path: Path) -> None:
@@ -71,7 +75,7 @@ def test_a_hung_engine_is_marked_stalled_and_restarted_with_its_reason(tmp_path:
                 # Busy for longer than stall_timeout, but tokens move: not a stall.
                 await asyncio.sleep(1.5)
                 assert (up.state, up.restarts, up.stalls) == (State.READY, 0, 0)
-                await apost(f"{up.url}/fake/hang")
+                await apost(up.url, "/fake/hang")
                 await until(lambda: up.state is State.STALLED, timeout=5, what="stalled")
                 assert up.message.startswith("stalled: 1 request(s) running and 0 waiting")
                 await until(
@@ -130,6 +134,7 @@ def test_an_engine_without_vllm_metrics_is_left_to_its_health_check(
         deployment = {
             "model": "x",
             "command": ["{python}", str(script), "{port}"],
+            "listen": "tcp",
             "stall_timeout": 0.3,
         }
     path = fake_fleet_file(
@@ -146,7 +151,7 @@ def test_an_engine_without_vllm_metrics_is_left_to_its_health_check(
             pid = up.pid
             if kind == "not-vllm-command":
                 stream = await asyncio.to_thread(open_stream, up.url)
-                await apost(f"{up.url}/fake/hang")
+                await apost(up.url, "/fake/hang")
             await asyncio.sleep(1.5)  # five times the stall timeout
             if kind == "not-vllm-command":
                 stream.close()
@@ -179,10 +184,10 @@ def test_fleet_up_routes_around_a_stalled_replica_and_shows_why_it_restarted(
     fleet = FleetUp(path)
     try:
         ups = {u["name"]: u for u in fleet.wait_ready(2)}
-        stuck, other = ups["d-0"], ups["d-1"]
+        stuck = ups["d-0"]
         stream = open_stream(stuck["url"])
         try:
-            post(f"{stuck['url']}/fake/hang")
+            post(stuck["url"], "/fake/hang")
 
             def state_of_d0() -> dict[str, Any] | None:
                 now = {u["name"]: u for u in fleet.upstreams()}.get("d-0")
@@ -200,7 +205,7 @@ def test_fleet_up_routes_around_a_stalled_replica_and_shows_why_it_restarted(
                 headers={"Content-Type": "application/json"},
             )
             with urllib.request.urlopen(request, timeout=10) as resp:
-                assert resp.headers["X-Fake-Engine"] == f"org/d:{other['port']}"
+                assert resp.headers["X-Fake-Engine"] == "org/d:d-1"  # d-1.sock
         assert {u["name"]: u["state"] for u in fleet.upstreams()}["d-0"] != "ready"
 
         def d0_back() -> dict[str, Any] | None:
@@ -266,6 +271,7 @@ def test_a_metrics_page_that_arrives_in_pieces_is_read_whole(tmp_path: Path) -> 
     deployment = {
         "model": "x",
         "command": ["{python}", str(script), "{port}"],
+        "listen": "tcp",
         "stall_timeout": 0.5,
     }
     path = fake_fleet_file(tmp_path, {"m": deployment}, engines={"health_interval": 0.1})

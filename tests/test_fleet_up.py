@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import fake_fleet_file, pid_alive, wait_until
+from vllm_fleet.testing.harness import engine_json
 
 
 class FleetUp:
@@ -100,11 +101,6 @@ def fleets() -> Iterator[list[FleetUp]]:
                 fleet.proc.wait()
 
 
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return json.load(resp)
-
-
 def test_fleet_up_serves_restarts_and_sigterm_leaves_no_process(
     tmp_path: Path, fleets: list[FleetUp]
 ) -> None:
@@ -122,7 +118,7 @@ def test_fleet_up_serves_restarts_and_sigterm_leaves_no_process(
 
     # Each engine saw its own GPUs.
     for name, gpus in (("qwen-0", "1"), ("smol-0", "0,2")):
-        env = get_json(f"{ups[name]['url']}/fake/env")
+        env = engine_json(ups[name]["url"], "/fake/env")
         assert env["CUDA_VISIBLE_DEVICES"] == gpus
         assert env["pid"] == ups[name]["pid"]
     # Requests go through the gateway to the engine.
@@ -232,7 +228,7 @@ def test_a_second_signal_kills_engines_without_waiting_the_grace_period(
     script.write_text(STUBBORN)
     path = fake_fleet_file(
         tmp_path,
-        {"s": {"model": "x", "command": ["{python}", str(script), "{port}"]}},
+        {"s": {"model": "x", "command": ["{python}", str(script), "{port}"], "listen": "tcp"}},
         engines={"stop_timeout": 600},
     )
     fleet = FleetUp(path)

@@ -5,11 +5,14 @@ chunk by chunk, and nginx's own errors are JSON envelopes."""
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
+import pwd
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +23,8 @@ import openai
 import pytest
 from openai import AzureOpenAI, OpenAI
 
-from tests.conftest import free_ports
+from tests.conftest import fake_fleet_file, free_ports
+from tests.test_fleet_up import FleetUp
 from vllm_fleet.config import load, loads
 from vllm_fleet.gpus import Inventory
 from vllm_fleet.nginx import render
@@ -70,10 +74,12 @@ engine_command: ["{{python}}", "-m", "vllm_fleet.testing.fake_vllm", "{{model}}"
 deployments:
   qwen:
     model: {QWEN}
+    listen: tcp
     port: {ports["qwen"]}
     args: ["--token-delay", "{TOKEN_DELAY}", "--tokens", "{TOKENS}"]
   mistral:
     model: {MISTRAL}
+    listen: tcp
     port: {ports["mistral"]}
   far:
     model: org/far
@@ -83,6 +89,7 @@ deployments:
     endpoints: ["http://127.0.0.1:{down}"]
   rep:
     model: org/rep
+    listen: tcp
     port: {ports["rep"]}
     replicas: 2
     args: ["--tokens", "1"]
@@ -263,6 +270,7 @@ gateway: {accept_any_model: true, max_body_mb: 0.5}
 deployments:
   chat.v2_x-y:
     model: org/chat
+    listen: tcp
     host: "::1"
     port: 9100
     replicas: 2
@@ -311,3 +319,46 @@ def test_replicas_share_the_load_and_cover_for_a_dead_one(fleet: Fleet) -> None:
     with contextlib.suppress(openai.InternalServerError):
         ask()
     assert {ask() for _ in range(6)} == {f"fake-{second}"}
+
+
+def test_nginx_proxies_to_engines_on_unix_sockets_opened_to_its_group(tmp_path: Path) -> None:
+    """`fleet up` with `engines.socket_group` set to the group of nginx's workers (run as
+    root, nginx's workers are `nobody`), and the vhost `fleet nginx` renders for it: nginx
+    reaches the engines over their sockets (`server unix:...`), on path and Azure routes."""
+    binary = _nginx()
+    group = None
+    if os.geteuid() == 0:  # nginx's workers become `nobody`: give them its group
+        group = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+    with tempfile.TemporaryDirectory(prefix="fleet-", dir="/tmp") as open_dir:
+        os.chmod(open_dir, 0o755)  # passable; the socket directory itself is 0750
+        path = fake_fleet_file(
+            tmp_path,
+            {"s": {"model": "org/s", "replicas": 2, "args": ["--tokens", "3"]}},
+            engines={"socket_dir": f"{open_dir}/s", "socket_group": group},
+            accept_any_model=True,
+        )
+        fleet = FleetUp(path)
+        try:
+            fleet.wait_ready(2)
+            config = load(path)
+            vhost = render(config, build_plan(config, Inventory(None, "test"), sys.executable),
+                           listen=f"127.0.0.1:{(port := free_port())}")  # fmt: skip
+            assert f"server unix:{open_dir}/s/s-0.sock " in vhost
+            with NginxProcess(vhost, port, binary):
+                client = OpenAI(base_url=f"http://127.0.0.1:{port}/s/v1", api_key="x")
+                seen = {
+                    client.completions.create(model="any", prompt="hi").system_fingerprint
+                    for _ in range(4)
+                }
+                assert seen == {"fake-s-0", "fake-s-1"}
+                azure = AzureOpenAI(
+                    azure_endpoint=f"http://127.0.0.1:{port}", azure_deployment="s",
+                    api_version="2024-10-21", api_key="x",
+                )  # fmt: skip
+                chunks = azure.chat.completions.create(
+                    model="x", messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                assert text == "tok0 tok1 tok2"
+        finally:
+            assert fleet.stop() == 0

@@ -67,6 +67,33 @@ def test_seed_example_routes_each_id_with_its_prefix_stripped() -> None:
     assert "clients must send the exact model code" in text
 
 
+def test_engines_on_unix_sockets_become_unix_servers_and_the_header_says_who_may_open_them(
+    tmp_path: Path,
+) -> None:
+    text = _render(
+        f"""
+engines: {{socket_dir: {tmp_path}/s, socket_group: www-data}}
+deployments:
+  chat: {{model: org/chat, replicas: 2}}
+  old: {{model: org/old, listen: tcp}}
+"""
+    )
+    assert re.findall(r"server (\S+) ", _block(text, "upstream fleet_chat")) == [
+        f"unix:{tmp_path}/s/chat-0.sock",
+        f"unix:{tmp_path}/s/chat-1.sock",
+    ]
+    assert re.findall(r"server (\S+) ", _block(text, "upstream fleet_old")) == ["127.0.0.1:8100"]
+    assert "proxy_pass http://fleet_chat/;" in _block(text, "location ^~ /chat/")
+    header = text[: text.index("upstream ")]
+    assert "nginx's worker user must be able to" in header
+    assert "engines: {socket_group: GROUP}" in header
+
+
+def test_a_socket_path_nginx_cannot_take_safely_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(NginxRenderError, match=r"engines\.socket_dir"):
+        _render(f"engines: {{socket_dir: '{tmp_path}/a;b'}}\ndeployments: {{c: {{model: m}}}}\n")
+
+
 def test_unknown_paths_get_a_json_404_naming_the_deployments() -> None:
     text = render(load(SEED), _plan(load(SEED)))
     fallback = _block(text, "location /")
@@ -82,6 +109,7 @@ gateway: {accept_any_model: true, max_body_mb: 1.5}
 deployments:
   chat.v2:
     model: org/chat
+    listen: tcp
     port: 9100
     replicas: 3
   far:
@@ -242,5 +270,5 @@ def test_the_docs_show_what_fleet_nginx_renders_for_the_seed_example() -> None:
     assert section is not None, "no 'Keeping nginx in front' section in README.md or docs/"
     shown = section.split("```nginx\n", 1)[1].split("\n```", 1)[0]
     text = SEED.read_text().replace("  port: 8080\n", "  port: 8080\n  accept_any_model: true\n", 1)
-    config = loads(text, source="examples/seed-two-models.yaml", environ={})
+    config = loads(text, source="examples/seed-two-models.yaml", environ={}, base_dir="/srv/fleet")
     assert shown + "\n" == render(config, _plan(config), server_name="llm.example.com")

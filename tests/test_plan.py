@@ -50,9 +50,10 @@ def test_seed_example_plans_exactly_the_two_vllm_serve_commands() -> None:
     assert [e.name for e in p.engines] == ["qwen-0", "mistral-0"]
     assert p.remotes == ()
     qwen, mistral = p.engines
+    sockets = SEED.parent / ".fleet" / "sockets"
     assert qwen.argv == (
         "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct",
-        "--host", "127.0.0.1", "--port", "8100",
+        "--uds", str(sockets / "qwen-0.sock"),
         "--served-model-name", "Qwen/Qwen2.5-1.5B-Instruct", "qwen", "qwen2.5",
         "--shutdown-timeout", "30",
         "--enforce-eager",
@@ -62,11 +63,12 @@ def test_seed_example_plans_exactly_the_two_vllm_serve_commands() -> None:
         "CUDA_VISIBLE_DEVICES": "0",
         "VLLM_PORT": "20000",
     }
-    assert (qwen.gpus, qwen.host, qwen.port) == ((0,), "127.0.0.1", 8100)
-    assert qwen.url == "http://127.0.0.1:8100"
+    # On a Unix socket in the fleet's private directory, on no TCP port.
+    assert (qwen.gpus, qwen.port, qwen.uds) == ((0,), None, sockets / "qwen-0.sock")
+    assert qwen.url == f"unix:{sockets / 'qwen-0.sock'}"
     assert mistral.argv == (
         "vllm", "serve", "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
-        "--host", "127.0.0.1", "--port", "8101",
+        "--uds", str(sockets / "mistral-0.sock"),
         "--served-model-name", "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "mistral",
         "--shutdown-timeout", "30",
         "--tokenizer-mode", "mistral", "--config-format", "mistral", "--load-format", "mistral",
@@ -80,7 +82,7 @@ def test_seed_example_plans_exactly_the_two_vllm_serve_commands() -> None:
         "CUDA_VISIBLE_DEVICES": "1,2",
         "VLLM_PORT": "20100",
     }
-    assert (mistral.gpus, mistral.port) == ((1, 2), 8101)
+    assert (mistral.gpus, mistral.uds) == ((1, 2), sockets / "mistral-0.sock")
     assert (qwen.vllm_ports, mistral.vllm_ports) == (range(20000, 20100), range(20100, 20200))
     assert qwen.stall_timeout == mistral.stall_timeout == 120.0  # `vllm serve`: watched
     logs = SEED.parent / ".fleet" / "logs"
@@ -115,6 +117,7 @@ def test_default_template_appends_host_port_names_then_args() -> None:
         deployments:
           a:
             model: org/m
+            listen: tcp
             host: 10.0.0.5
             port: 9001
             aliases: [m, a]
@@ -137,6 +140,7 @@ def test_template_placeholders_take_the_place_of_the_appended_flags() -> None:
         deployments:
           a:
             model: org/m
+            listen: tcp
             args: [--enforce-eager]
         """
     )
@@ -152,7 +156,7 @@ def test_template_with_only_port_gets_host_appended() -> None:
         """
         engine_command: [vllm, serve, "{model}", --port, "{port}"]
         deployments:
-          a: {model: m}
+          a: {model: m, listen: tcp}
         """
     )
     assert engine(p, "a-0").argv == (
@@ -220,18 +224,22 @@ def test_auto_ports_count_from_base_port_skipping_every_port_the_file_names() ->
         gateway: {port: 9001}
         engines: {base_port: 9000}
         deployments:
-          a: {model: m1}
-          b: {model: m2, port: 9002}
-          c: {model: m3, replicas: 2}
-          d: {model: m4, port: 9003}
+          a: {model: m1, listen: tcp}
+          b: {model: m2, listen: tcp, port: 9002}
+          c: {model: m3, listen: tcp, replicas: 2}
+          u: {model: m5}
+          d: {model: m4, listen: tcp, port: 9003}
         """
     )
     ports = {e.name: e.port for e in p.engines}
-    assert ports == {"a-0": 9000, "b-0": 9002, "c-0": 9004, "c-1": 9005, "d-0": 9003}
+    # `u` is on a Unix socket (the default): it takes no port.
+    assert ports == {"a-0": 9000, "b-0": 9002, "c-0": 9004, "c-1": 9005, "u-0": None, "d-0": 9003}
 
 
 def test_auto_ports_past_65535_are_refused() -> None:
-    err = plan_error("engines: {base_port: 65535}\ndeployments: {a: {model: m, replicas: 2}}\n")
+    err = plan_error(
+        "engines: {base_port: 65535}\ndeployments: {a: {model: m, replicas: 2, listen: tcp}}\n"
+    )
     assert [i.where() for i in err.issues] == ["engines.base_port"]
     assert "counting up from 65535 passes 65535; lower `base_port`" in err.issues[0].message
 
@@ -242,7 +250,7 @@ def test_auto_ports_past_65535_are_refused() -> None:
 def test_replicas_get_consecutive_ports_and_equal_shares_of_the_gpu_list(tmp_path: Path) -> None:
     path = tmp_path / "fleet.yaml"
     path.write_text(
-        "deployments:\n  a:\n    model: m\n    port: 8000\n    replicas: 2\n"
+        "deployments:\n  a:\n    model: m\n    listen: tcp\n    port: 8000\n    replicas: 2\n"
         "    gpus: [0, 1, 2, 3]\n    args: [-tp, 2]\n"
     )
     p = build_plan(config.load(path, environ={}), gpus(0, 1, 2, 3), PY)
@@ -329,7 +337,7 @@ def test_remote_endpoints_become_remote_specs_and_start_nothing() -> None:
     p = plan(
         """
         deployments:
-          local: {model: m}
+          local: {model: m, listen: tcp}
           remote:
             model: meta-llama/Llama-3.1-8B-Instruct
             endpoints: ["http://10.1.2.3:8000", "http://10.1.2.4:8000/"]
@@ -357,7 +365,7 @@ def test_start_timeout_per_deployment_overrides_the_default() -> None:
     [("0.0.0.0", "http://127.0.0.1:8100"), ("::1", "http://[::1]:8100")],
 )
 def test_engine_url_is_reachable_from_the_gateway(host: str, url: str) -> None:
-    p = plan(f"deployments: {{a: {{model: m, host: '{host}'}}}}\n")
+    p = plan(f"deployments: {{a: {{model: m, listen: tcp, host: '{host}'}}}}\n")
     assert p.engines[0].url == url
 
 
@@ -408,7 +416,7 @@ def test_serving_ports_counted_up_skip_the_vllm_port_ranges() -> None:
         """
         engines: {base_port: 20099, vllm_port_base: 20100, vllm_port_span: 10}
         deployments:
-          a: {model: m, replicas: 3}
+          a: {model: m, replicas: 3, listen: tcp}
         """
     )
     assert [e.port for e in p.engines] == [20099, 20130, 20131]
@@ -466,3 +474,37 @@ def test_a_deployments_stall_timeout_watches_any_command_and_zero_turns_it_off()
         plan("engines: {stall_timeout: 0}\ndeployments: {a: {model: m}}\n").engines[0].stall_timeout
         is None
     )
+
+
+# ---------------------------------------------------------------- Unix sockets
+
+
+def test_engines_get_a_socket_each_in_the_socket_dir_relative_to_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(
+        "engines: {socket_dir: run/s}\n"
+        "deployments:\n  a: {model: m, replicas: 2}\n"
+        '  b: {model: n, command: [srv, "{model}", --listen-on, "unix://{uds}"]}\n'
+    )
+    p = build_plan(config.load(path, environ={}), NO_INVENTORY, PY)
+    folder = tmp_path / "run" / "s"
+    assert [e.uds for e in p.engines] == [
+        folder / "a-0.sock",
+        folder / "a-1.sock",
+        folder / "b-0.sock",
+    ]
+    assert [e.port for e in p.engines] == [None, None, None]
+    assert p.engines[0].argv[3:5] == ("--uds", str(folder / "a-0.sock"))
+    # `{uds}` placed by the command: nothing appended, no --host/--port either.
+    assert engine(p, "b-0").argv[:4] == ("srv", "n", "--listen-on", f"unix://{folder}/b-0.sock")
+    assert "--uds" not in engine(p, "b-0").argv and "--port" not in engine(p, "b-0").argv
+
+
+def test_a_socket_path_past_107_bytes_is_refused_naming_engines_socket_dir() -> None:
+    deep = "/tmp/" + "d" * 100
+    err = plan_error(f"engines: {{socket_dir: {deep}}}\ndeployments: {{a: {{model: m}}}}\n")
+    (issue,) = err.issues
+    assert issue.where() == "engines.socket_dir"
+    assert "longer than the 107 bytes" in issue.message
+    assert "set engines.socket_dir to a shorter directory" in issue.message
+    assert issue.line == 1

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
+
+import pytest
 
 from vllm_fleet import config
 from vllm_fleet.config import FleetConfig
@@ -55,17 +58,33 @@ def test_an_unchanged_file_changes_nothing() -> None:
     assert changes.lines()[-1].startswith("nothing to change")
 
 
-def test_a_deployment_added_first_renumbers_no_running_engine() -> None:
-    after = "deployments:\n  new: {model: org/new}\n" + TWO.split("deployments:\n", 1)[1]
-    old, new, changes = diff(TWO, after)
+TWO_TCP = TWO.replace("{model: org/chat}", "{model: org/chat, listen: tcp}").replace(
+    "{model: org/embed,", "{model: org/embed, listen: tcp,"
+)
+
+
+@pytest.mark.parametrize("before", [TWO, TWO_TCP], ids=["uds", "tcp"])
+def test_a_deployment_added_first_renumbers_no_running_engine(before: str) -> None:
+    listen = "tcp" if before is TWO_TCP else "uds"
+    after = (
+        f"deployments:\n  new: {{model: org/new, listen: {listen}}}\n"
+        + before.split("deployments:\n", 1)[1]
+    )
+    old, new, changes = diff(before, after)
     # Without the running plan, `new` would take chat's port and VLLM_PORT range.
     fresh = build_plan(cfg(after), NO_GPUS, PY)
-    assert engine(fresh, "new-0").port == engine(old, "chat-0").port
+    assert engine(fresh, "new-0").vllm_ports == engine(old, "chat-0").vllm_ports
+    if listen == "tcp":
+        assert engine(fresh, "new-0").port == engine(old, "chat-0").port
     for name in ("chat-0", "embed-0"):
         assert engine(new, name) == engine(old, name)
         assert step(changes, name).action is Action.KEEP
     added = engine(new, "new-0")
-    assert added.port not in {e.port for e in old.engines}
+    if listen == "tcp":
+        assert added.port not in {e.port for e in old.engines}
+    else:
+        assert added.port is None and added.uds is not None
+        assert added.uds not in {e.uds for e in old.engines}
     assert all(
         added.vllm_ports is not None
         and e.vllm_ports is not None
@@ -83,12 +102,41 @@ def test_changed_args_replace_the_engine_beside_the_old_one_on_a_port_of_its_own
     assert replace.action is Action.REPLACE
     assert replace.beside
     assert replace.why == "args changed"
-    assert engine(new, "embed-0").port not in {e.port for e in old.engines}
+    # The new engine runs beside the old one, on a socket of its own; the one after it
+    # takes the first name free again.
+    old_socket, new_socket = engine(old, "embed-0").uds, engine(new, "embed-0").uds
+    assert old_socket is not None and new_socket is not None
+    assert (old_socket.name, new_socket.name) == ("embed-0.sock", "embed-0.1.sock")
     assert step(changes, "chat-0").action is Action.KEEP
+    third = build_plan(cfg(TWO), NO_GPUS, PY, prior=new)
+    assert engine(third, "embed-0").uds == old_socket
+    assert engine(third, "chat-0") == engine(new, "chat-0")
+
+
+def test_changed_args_on_tcp_replace_the_engine_beside_on_a_port_of_its_own() -> None:
+    old, new, changes = diff(TWO_TCP, TWO_TCP.replace('"512"', '"1024"'))
+    assert step(changes, "embed-0").beside
+    assert engine(new, "embed-0").port not in {e.port for e in old.engines}
+
+
+def test_an_engine_moved_from_tcp_to_a_socket_is_replaced_beside() -> None:
+    old, new, changes = diff(TWO_TCP, TWO)
+    replace = step(changes, "chat-0")
+    assert replace.action is Action.REPLACE and replace.beside
+    assert "listen changed" in replace.why
+    assert (engine(old, "chat-0").uds, engine(new, "chat-0").port) == (None, None)
+
+
+def test_a_new_socket_dir_replaces_every_engine_on_a_socket(tmp_path: Path) -> None:
+    after = f"engines: {{socket_dir: {tmp_path}}}\n" + TWO
+    _, new, changes = diff(TWO, after)
+    assert [s.action for s in changes.steps] == [Action.REPLACE, Action.REPLACE]
+    assert step(changes, "chat-0").why == "engines.socket_dir changed"
+    assert engine(new, "chat-0").uds == tmp_path / "chat-0.sock"
 
 
 def test_a_fixed_port_or_the_same_gpus_mean_stop_first() -> None:
-    before = "deployments:\n  a: {model: m, port: 9000}\n"
+    before = "deployments:\n  a: {model: m, listen: tcp, port: 9000}\n"
     _, _, changes = diff(before, before.replace("model: m", "model: m, args: [-x]"))
     assert step(changes, "a-0").action is Action.REPLACE
     assert not step(changes, "a-0").beside

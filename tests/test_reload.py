@@ -450,7 +450,11 @@ def test_reloading_the_same_file_starts_again_an_engine_that_had_failed(
 ) -> None:
     port = free_base_port(1)
     path = fleet_file(
-        tmp_path, {"chat": {"model": "org/chat"}, "pinned": {"model": "org/p", "port": port}}
+        tmp_path,
+        {
+            "chat": {"model": "org/chat"},
+            "pinned": {"model": "org/p", "listen": "tcp", "port": port},
+        },
     )
     holder = socket.socket()  # the port is taken: `pinned` fails at once
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

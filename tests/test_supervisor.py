@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import socket
 import sys
 import textwrap
@@ -11,14 +13,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from tests.conftest import fake_fleet_file, free_port, group_members, pid_alive
 from vllm_fleet.config import load
 from vllm_fleet.engines import EngineEvent, Supervisor
 from vllm_fleet.gpus import Inventory
 from vllm_fleet.plan import build_plan
 from vllm_fleet.registry import Registry, State, Upstream
+from vllm_fleet.testing.harness import engine_json, engine_request
 
 
 def make_supervisor(path: Path) -> tuple[Supervisor, Registry, list[EngineEvent]]:
@@ -38,19 +39,15 @@ async def until(predicate: Callable[[], Any], timeout: float = 15.0, what: str =
     return value
 
 
-async def get_json(url: str) -> Any:
-    async with aiohttp.ClientSession() as session, session.get(url) as resp:
-        assert resp.status == 200, await resp.text()
-        return await resp.json()
+async def get_json(url: str, path: str) -> Any:
+    """GET `path` straight from the engine at `url` (its socket, or its port)."""
+    return await asyncio.to_thread(engine_json, url, path)
 
 
 async def crash(url: str, status: int) -> None:
-    async with aiohttp.ClientSession() as session:
-        try:
-            async with session.post(f"{url}/fake/crash?status={status}") as resp:
-                await resp.read()
-        except aiohttp.ClientError:
-            pass  # the engine exits before it answers
+    # The engine exits before it answers.
+    with contextlib.suppress(OSError, http.client.HTTPException):
+        await asyncio.to_thread(engine_request, url, f"/fake/crash?status={status}", "POST", b"")
 
 
 def run(body: Callable[[], Awaitable[None]]) -> None:
@@ -73,7 +70,7 @@ def test_engine_becomes_ready_and_sees_its_gpus(tmp_path: Path) -> None:
         try:
             up = only(registry)
             await until(lambda: up.state is State.READY, what="engine ready")
-            env = await get_json(f"{up.url}/fake/env")
+            env = await get_json(up.url, "/fake/env")
             assert env["CUDA_VISIBLE_DEVICES"] == "3,5"
             assert env["pid"] == up.pid
             assert env["served_names"] == ["org/qwen", "qwen", "q"]
@@ -113,7 +110,7 @@ def test_engine_starts_in_the_fleet_files_directory_with_its_served_name(
         try:
             up = only(registry)
             await until(lambda: up.state is State.READY, what="engine ready")
-            env = await get_json(f"{up.url}/fake/env")
+            env = await get_json(up.url, "/fake/env")
             assert env["served_names"] == ["org/m1", "./models/m1", "local"]
         finally:
             await sup.stop()
@@ -253,7 +250,7 @@ def test_busy_port_fails_the_engine_with_a_fix(tmp_path: Path) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        path = fake_fleet_file(tmp_path, {"m": {"model": "org/m", "port": port}})
+        path = fake_fleet_file(tmp_path, {"m": {"model": "org/m", "listen": "tcp", "port": port}})
         sup, registry, events = make_supervisor(path)
 
         async def body() -> None:
@@ -297,7 +294,13 @@ def test_stop_kills_the_whole_process_group_after_the_grace_period(tmp_path: Pat
     worker_file = tmp_path / "worker.pid"
     path = fake_fleet_file(
         tmp_path,
-        {"s": {"model": "x", "command": ["{python}", str(script), str(worker_file), "{port}"]}},
+        {
+            "s": {
+                "model": "x",
+                "command": ["{python}", str(script), str(worker_file), "{port}"],
+                "listen": "tcp",
+            }
+        },
         engines={"stop_timeout": 0.5},
     )
     sup, registry, _ = make_supervisor(path)
@@ -370,7 +373,7 @@ def test_ready_engine_failing_health_checks_is_restarted(tmp_path: Path) -> None
     script.write_text(SICKLY)
     path = fake_fleet_file(
         tmp_path,
-        {"s": {"model": "x", "command": ["{python}", str(script), "{port}"]}},
+        {"s": {"model": "x", "command": ["{python}", str(script), "{port}"], "listen": "tcp"}},
         engines={"max_restarts": 1, "health_interval": 0.1, "backoff_initial": 0.05},
     )
     sup, registry, events = make_supervisor(path)

@@ -92,7 +92,7 @@ def check(fleet_file: FleetFile) -> None:
     for engine in plan.engines:
         gpus = ",".join(map(str, engine.gpus)) if engine.gpus is not None else "not pinned"
         console.print(
-            f"\n[bold]{engine.name}[/]  GPUs: {gpus}  listens: {engine.host}:{engine.port}"
+            f"\n[bold]{engine.name}[/]  GPUs: {gpus}  listens: {engine.address}"
             f"  log: {engine.log_path}",
             highlight=False,
         )

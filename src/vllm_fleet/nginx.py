@@ -5,6 +5,10 @@ The text works both as a file in /etc/nginx/sites-enabled/ and inside any `http 
 block: it holds `upstream`, `map` and `server` blocks only. Everything taken from the
 fleet file is checked against a strict pattern before it is written, so no value can
 end a directive or open a block (`NginxRenderError` names the offending place).
+
+Engines on Unix sockets (`listen: uds`, the default) become `server unix:/path;` lines:
+nginx's worker user must be able to open engines.socket_dir, which only the fleet's user
+can by default (0700); `engines.socket_group` (nginx's group) opens it to that group.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ _URL = re.compile(
     r"^https?://(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?(?:/[A-Za-z0-9._~%/-]*)?$"
 )
 _PATH = re.compile(r"^(?:/[A-Za-z0-9._~%-]+)*$")
+# An engine's socket: an absolute path of safe characters (no space, `;`, quote, brace).
+_SOCKET = re.compile(r"^(?:/[A-Za-z0-9._~+@=-]+)+$")
 _LISTEN = re.compile(r"^(?:(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):)?\d{1,5}$")
 _SERVER_NAME = re.compile(r"^[A-Za-z0-9*._-]{1,253}$")
 
@@ -44,7 +50,7 @@ class Upstream:
 
     deployment: str
     scheme: str  # http | https
-    servers: tuple[str, ...]  # host:port
+    servers: tuple[str, ...]  # host:port, or unix:/path
     prefix: str  # path prefix on the engines ("" for vLLM itself)
     tls_name: str | None  # the TLS server name (and Host) for https endpoints
 
@@ -74,6 +80,15 @@ def _upstream(dep_id: str, targets: list[EngineSpec | RemoteSpec]) -> Upstream:
             if isinstance(target, RemoteSpec)
             else f"deployments.{dep_id}.host"
         )
+        if isinstance(target, EngineSpec) and target.uds is not None:
+            if not _SOCKET.fullmatch(str(target.uds)):
+                raise NginxRenderError(
+                    f"engines.socket_dir: the socket `{target.uds}` cannot be written into an "
+                    "nginx config safely (letters, digits, `.`, `_`, `-`, `/`); pick a plainer "
+                    "directory"
+                )
+            parsed.append((index, "http", f"unix:{target.uds}", "", ""))
+            continue
         if not _URL.fullmatch(target.url):
             raise NginxRenderError(
                 f"{where}: `{target.url}` cannot be written into an nginx config safely "
@@ -207,6 +222,14 @@ def _header(config: FleetConfig) -> list[str]:
         "# VLLM_SKIP_MODEL_NAME_VALIDATION=1). /v1/... routing by `model`, the merged",
         "# /v1/models and API keys are the built-in gateway's job (`fleet up`).",
     ]
+    if any(d.listen == "uds" and not d.remote for d in config.deployments.values()):
+        lines += [
+            "# Engines on Unix sockets (`server unix:...`): nginx's worker user must be able to",
+            "# open the socket directory (engines.socket_dir), which is 0700, the fleet's user's",
+            "# only, unless the fleet file sets `engines: {socket_group: GROUP}` with nginx's",
+            "# group (e.g. www-data): then the directory is 0750 and the sockets 0660, that",
+            "# group's. Or set `listen: tcp` on the deployments nginx proxies to.",
+        ]
     lines += [f"# WARNING: {warning}" for warning in warnings(config)]
     return [*lines, ""]
 

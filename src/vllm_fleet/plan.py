@@ -1,13 +1,15 @@
 """Pure: a FleetConfig (+ the GPU inventory) becomes the exact engines to start.
 
 Each replica of each deployment becomes one EngineSpec: its argv, the environment it adds
-over the parent's, its port and GPUs. Deployments with `endpoints:` become RemoteSpecs.
+over the parent's, its Unix socket (or, with `listen: tcp`, its port) and GPUs.
+Deployments with `endpoints:` become RemoteSpecs.
 
 The plan is stable across reloads: given the running plan as `prior`, an engine whose
-process would be the same (`process_key`) keeps its port, GPUs and VLLM_PORT range, so
-adding a deployment before it renumbers nothing. An engine that changes gets a port and
-a range no running engine holds, so its replacement can start beside it (a rolling
-replace); GPUs counted by number avoid the running engines' GPUs while others are free.
+process would be the same (`process_key`) keeps its socket or port, GPUs and VLLM_PORT
+range, so adding a deployment before it renumbers nothing. An engine that changes gets a
+socket, a port and a range no running engine holds, so its replacement can start beside
+it (a rolling replace); GPUs counted by number avoid the running engines' GPUs while
+others are free.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from pathlib import Path
 from vllm_fleet.config import ConfigError, ConfigIssue, Deployment, FleetConfig
 from vllm_fleet.config.checks import engine_ports, flag_name, vllm_port_blocks
 from vllm_fleet.gpus import Inventory
+from vllm_fleet.socket_plan import assign_sockets, socket_dir
 
-_PLACEHOLDER = re.compile(r"\{(model|host|port|python|id)\}")
+_PLACEHOLDER = re.compile(r"\{(model|host|port|uds|python|id)\}")
+
 # Linux's default ephemeral ports (net.ipv4.ip_local_port_range): outgoing connections
 # take ports here at random, so a VLLM_PORT range inside it can lose a port to one.
 EPHEMERAL_PORTS = range(32768, 61000)
@@ -37,7 +41,7 @@ class EngineSpec:
     argv: tuple[str, ...]
     env: Mapping[str, str]  # added over the parent's environment
     host: str
-    port: int
+    port: int | None  # None: on a Unix socket (`uds`), no TCP port
     gpus: tuple[int, ...] | None
     log_path: Path
     start_timeout: float
@@ -54,6 +58,8 @@ class EngineSpec:
     # The names in `served_names` that come only from the deployment's `aliases`: the
     # gateway rewrites `model` on every route, so they do not make a different engine.
     alias_names: tuple[str, ...] = ()
+    # The Unix socket the engine listens on (absolute; `listen: uds`), else None (TCP).
+    uds: Path | None = None
 
     @property
     def name(self) -> str:
@@ -61,9 +67,18 @@ class EngineSpec:
 
     @property
     def url(self) -> str:
+        """How to reach it: `unix:/abs/path.sock` (as nginx writes it) on a Unix socket,
+        else `http://host:port`. The relay, the health checks and nginx read both."""
+        if self.uds is not None:
+            return f"unix:{self.uds}"
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        """Where it listens, for people: the socket's path, or host:port."""
+        return str(self.uds) if self.uds is not None else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,12 @@ def build_plan(
     gpu_plan = _assign_gpus(config, inventory, issues, warnings, kept, held)
     blocks = _assign_blocks(config, issues, kept, held)
     port_plan = _assign_ports(config, issues, blocks, kept, held)
+    socket_plan = assign_sockets(
+        config,
+        issues,
+        {key: spec.uds for key, spec in kept.items() if spec.uds is not None},
+        {e.uds for e in held if e.uds is not None},
+    )
     engines: list[EngineSpec] = []
     remotes: list[RemoteSpec] = []
     for dep_id, dep in config.deployments.items():
@@ -122,9 +143,10 @@ def build_plan(
                     dep_id,
                     replica,
                     python,
-                    port_plan[key],
+                    port_plan.get(key),
                     gpu_plan.get(key),
                     blocks.get(key),
+                    socket_plan.get(key),
                 )
             )
     unpinned = [e.name for e in engines if e.gpus is None]
@@ -151,16 +173,17 @@ def _engine_spec(
     dep_id: str,
     replica: int,
     python: str,
-    port: int,
+    port: int | None,
     gpus: tuple[int, ...] | None,
     block: range | None,
+    uds: Path | None = None,
 ) -> EngineSpec:
     dep = config.deployments[dep_id]
     names = served_names(dep_id, dep)
     return EngineSpec(
         deployment=dep_id,
         replica=replica,
-        argv=tuple(engine_argv(config, dep_id, dep, port, python)),
+        argv=tuple(engine_argv(config, dep_id, dep, port, python, uds)),
         env=engine_env(config, dep, gpus, block),
         host=dep.host,
         port=port,
@@ -172,6 +195,7 @@ def _engine_spec(
         vllm_ports=block,
         stall_timeout=stall_watch(config, dep)[0],
         alias_names=tuple(n for n in names if n not in (dep.served_as, dep.model, dep_id)),
+        uds=uds,
     )
 
 
@@ -185,7 +209,7 @@ def process_key(spec: EngineSpec) -> tuple[object, ...]:
             argv[i + 1 : i + 1 + len(names)] = [n for n in names if n not in spec.alias_names]
             break
     env = tuple(sorted(spec.env.items()))
-    return (tuple(argv), env, spec.host, spec.port, spec.gpus, spec.cwd, spec.vllm_ports)
+    return (tuple(argv), env, spec.host, spec.port, spec.uds, spec.gpus, spec.cwd, spec.vllm_ports)
 
 
 def _keep_prior(
@@ -200,14 +224,19 @@ def _keep_prior(
     for each in config.deployments.values():
         declared.update(engine_ports(each))
     known = set(inventory.indices) if inventory.gpus is not None else None
+    sockets = socket_dir(config)
     for old in prior.engines:
         dep = config.deployments.get(old.deployment)
         if dep is None or dep.remote or old.replica >= dep.replicas:
             continue
+        if (dep.listen == "uds") != (old.uds is not None):
+            continue
+        if old.uds is not None and old.uds.parent != sockets:
+            continue  # engines.socket_dir moved
         fixed = engine_ports(dep)
         if fixed and fixed[old.replica] != old.port:
             continue
-        if not fixed and old.port in declared:
+        if not fixed and old.port is not None and old.port in declared:
             continue
         gpus = old.gpus
         if isinstance(dep.gpus, int):
@@ -227,7 +256,9 @@ def _keep_prior(
             continue
         if block is not None and (declared & set(block)):
             continue
-        again = _engine_spec(config, old.deployment, old.replica, python, old.port, gpus, block)
+        again = _engine_spec(
+            config, old.deployment, old.replica, python, old.port, gpus, block, old.uds
+        )
         if process_key(again) == process_key(old):
             kept[(old.deployment, old.replica)] = again
     return kept
@@ -242,22 +273,34 @@ def served_names(dep_id: str, dep: Deployment) -> list[str]:
 
 
 def engine_argv(
-    config: FleetConfig, dep_id: str, dep: Deployment, port: int, python: str
+    config: FleetConfig,
+    dep_id: str,
+    dep: Deployment,
+    port: int | None,
+    python: str,
+    uds: Path | None = None,
 ) -> list[str]:
+    """The engine's command line: the template's placeholders filled in; then, when the
+    template does not place them, `--uds PATH` (on a socket) or `--host H --port P`."""
     template = dep.command if dep.command is not None else config.engine_command
     values = {
         "model": dep.model,
         "host": dep.host,
-        "port": str(port),
+        "port": str(port) if port is not None else "",
+        "uds": str(uds) if uds is not None else "",
         "python": python,
         "id": dep_id,
     }
     argv = [_PLACEHOLDER.sub(lambda m: values[m.group(1)], part) for part in template]
     joined = " ".join(template)
-    if "{host}" not in joined:
-        argv += ["--host", dep.host]
-    if "{port}" not in joined:
-        argv += ["--port", str(port)]
+    if uds is not None:
+        if "{uds}" not in joined:
+            argv += ["--uds", str(uds)]
+    else:
+        if "{host}" not in joined:
+            argv += ["--host", dep.host]
+        if "{port}" not in joined:
+            argv += ["--port", str(port)]
     argv += ["--served-model-name", *served_names(dep_id, dep)]
     if runs_vllm(template) and not any(flag_name(a) == "--shutdown-timeout" for a in dep.args):
         # On SIGTERM vLLM then lets its requests in flight finish (for this long) instead of
@@ -353,7 +396,8 @@ def _ports_in_use(config: FleetConfig, held: list[EngineSpec]) -> set[int]:
     for dep in config.deployments.values():
         used.update(engine_ports(dep))
     for engine in held:
-        used.add(engine.port)
+        if engine.port is not None:
+            used.add(engine.port)
         if engine.vllm_ports is not None:
             used.update(engine.vllm_ports)
     return used
@@ -416,10 +460,10 @@ def _assign_ports(
     taken = _ports_in_use(config, held)
     for block in blocks.values():
         taken.update(block)
-    ports: dict[tuple[str, int], int] = {key: spec.port for key, spec in kept.items()}
+    ports = {key: spec.port for key, spec in kept.items() if spec.port is not None}
     next_port = config.engines.base_port
     for dep_id, dep in config.deployments.items():
-        if dep.remote:
+        if dep.remote or dep.listen == "uds":
             continue
         fixed = engine_ports(dep)
         for replica in range(dep.replicas):

@@ -241,12 +241,15 @@ def _same_process(old: Spec, new: Spec) -> bool:
 
 
 def _conflict(old: Spec, new: Spec) -> bool:
-    """Whether `new` needs what the running `old` holds: a GPU, its port, its range."""
+    """Whether `new` needs what the running `old` holds: a GPU, its port or socket, its
+    range."""
     if not (isinstance(old, EngineSpec) and isinstance(new, EngineSpec)):
         return False
     if old.gpus and new.gpus and set(old.gpus) & set(new.gpus):
         return True
-    if old.port == new.port:
+    if old.port is not None and old.port == new.port:
+        return True
+    if old.uds is not None and old.uds == new.uds:
         return True
     if old.vllm_ports is not None and new.vllm_ports is not None:
         return (
@@ -296,12 +299,13 @@ def _changed(
             keys.append("engine_command")
         for key in _changed_fields(old_config.engines, new_config.engines):
             if key in ("log_dir", "start_timeout", "stall_timeout", "drain_timeout",
-                       "vllm_port_base", "vllm_port_span", "base_port"):  # fmt: skip
+                       "vllm_port_base", "vllm_port_span", "base_port",
+                       "socket_dir"):  # fmt: skip
                 keys.append(f"engines.{key}")
         if old_config.gateway.accept_any_model != new_config.gateway.accept_any_model:
             keys.append("gateway.accept_any_model")
         if not keys:
-            fields = [f for f in ("argv", "env", "port", "gpus", "vllm_ports") if
+            fields = [f for f in ("argv", "env", "port", "uds", "gpus", "vllm_ports") if
                       getattr(old, f) != getattr(new, f)]  # fmt: skip
             keys = fields or ["settings"]
     else:  # a remote endpoint's URL, or local became remote or back

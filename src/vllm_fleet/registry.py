@@ -104,6 +104,7 @@ class Upstream:
             )
         if isinstance(spec, EngineSpec):
             data["port"] = spec.port
+            data["socket"] = str(spec.uds) if spec.uds is not None else None
             data["gpus"] = list(spec.gpus) if spec.gpus is not None else None
             data["log"] = str(spec.log_path)
         return data

@@ -246,7 +246,7 @@ def _print_plan(console: Console, config: FleetConfig, registry: Registry, open_
         gpus = getattr(spec, "gpus", None)
         on = "GPUs " + ",".join(map(str, gpus)) if gpus is not None else "GPUs not pinned"
         console.print(
-            f"  {escape(up.name)}: {on}, port {getattr(spec, 'port', '?')}, "
+            f"  {escape(up.name)}: {on}, listens {escape(getattr(spec, 'address', '?'))}, "
             f"log {escape(str(getattr(spec, 'log_path', '')))}",
             highlight=False,
         )

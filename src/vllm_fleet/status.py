@@ -139,7 +139,7 @@ def render_status(data: dict[str, Any], now: float | None = None) -> Group:
     restarted (why, and when)."""
     now = time.time() if now is None else now
     table = Table(header_style="bold")
-    for column in ("deployment", "engine", "state", "for", "pid", "port", "GPUs"):
+    for column in ("deployment", "engine", "state", "for", "pid", "listens", "GPUs"):
         table.add_column(column, overflow="fold")
     table.add_column("restarts", justify="right")
     table.add_column("busy", justify="right")
@@ -161,7 +161,7 @@ def render_status(data: dict[str, Any], now: float | None = None) -> Group:
                 shown,
                 _age(up.get("since"), now),
                 str(up.get("pid") or "-"),
-                str(up.get("port") or "-") if managed else "remote",
+                str(up.get("socket") or up.get("port") or "-") if managed else "remote",
                 ",".join(map(str, gpus)) if isinstance(gpus, list) else "-",
                 str(up.get("restarts", 0)),
                 str(up.get("outstanding", 0)),

@@ -417,6 +417,18 @@ def test_embeddings_have_384_dimensions_and_mean_something(fleet: Fleet) -> None
     assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
 
 
+def test_vllm_engines_listen_on_unix_sockets_and_on_no_tcp_port(fleet: Fleet) -> None:
+    """vLLM started with `--uds`: every request of this module reached it over its socket,
+    in a directory only the fleet's user may open, and its server opened no TCP port."""
+    from tests.test_engine_sockets import tcp_listeners
+
+    for upstream in fleet.upstreams(fleet.status()):
+        sock = Path(upstream["socket"])
+        assert upstream["url"] == f"unix:{sock}" and upstream["port"] is None
+        assert sock.is_socket() and (sock.parent.stat().st_mode & 0o777) == 0o700
+        assert tcp_listeners(int(upstream["pid"])) == []
+
+
 def test_v1_models_lists_both_deployments(fleet: Fleet) -> None:
     ids = {model.id for model in OpenAI(base_url=f"{fleet.base}/v1", api_key="x").models.list()}
     assert {"chat", "embed"} <= ids

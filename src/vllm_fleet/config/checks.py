@@ -23,10 +23,12 @@ RESERVED_IDS = frozenset(
 OWNED_FLAGS = {
     "--host": "set `host:` on the deployment instead (engines bind 127.0.0.1 by default)",
     "--port": "set `port:` on the deployment instead",
+    "--uds": "engines listen on a Unix socket in engines.socket_dir by default "
+    "(`listen: uds`); the fleet passes `--uds` itself",
     "--served-model-name": "the fleet serves the model code, the id and `aliases:`; "
     "add extra names to `aliases:`",
 }
-PLACEHOLDERS = ("model", "host", "port", "python", "id")
+PLACEHOLDERS = ("model", "host", "port", "uds", "python", "id")
 # vLLM's default `--gpu-memory-utilization`: the fraction of the whole card one engine takes.
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -56,7 +58,7 @@ def flag_value(args: list[str], *names: str) -> str | None:
 
 def engine_ports(dep: Deployment) -> list[int]:
     """Ports fixed in the file for a deployment's replicas (consecutive from `port`)."""
-    if dep.port is None or dep.remote:
+    if dep.port is None or dep.remote or dep.listen == "uds":
         return []
     return [dep.port + i for i in range(dep.replicas)]
 
@@ -116,6 +118,7 @@ def check(config: FleetConfig) -> list[ConfigIssue]:
                 "port",
                 "command",
                 "stall_timeout",
+                "listen",
             ):
                 if key in dep.model_fields_set:
                     add(
@@ -152,6 +155,7 @@ def check(config: FleetConfig) -> list[ConfigIssue]:
             )
         if dep.command is not None:
             issues.extend(_check_template(dep.command, (*at, "command")))
+        issues.extend(_check_listen(config, dep_id, dep))
         for index, arg in enumerate(dep.args):
             flag = flag_name(arg)
             if flag in OWNED_FLAGS:
@@ -436,6 +440,52 @@ def _check_parallelism(dep: Deployment, at: Loc) -> list[ConfigIssue]:
             )
         ]
     return []
+
+
+def _check_listen(config: FleetConfig, dep_id: str, dep: Deployment) -> list[ConfigIssue]:
+    """`listen: uds` (the default) needs a command that takes the socket: one placing
+    `{uds}`, or one placing none of `{uds}`, `{host}`, `{port}` (the fleet adds `--uds
+    PATH`, as for vLLM). A command placing `{port}` or `{host}` but not `{uds}` would start
+    an engine on TCP that the gateway looks for on a socket. `listen: tcp` has no socket."""
+    at: Loc = ("deployments", dep_id)
+    own = dep.command is not None
+    template = dep.command if dep.command is not None else config.engine_command
+    where: Loc = (*at, "command") if own else ("engine_command",)
+    joined = " ".join(template)
+    placed = [p for p in ("host", "port") if f"{{{p}}}" in joined]
+    if dep.listen == "tcp":
+        if "{uds}" in joined:
+            return [
+                ConfigIssue(
+                    loc=(*at, "listen"),
+                    message=f"`listen: tcp` but the command{'' if own else ' (engine_command)'} "
+                    "places `{uds}`; remove `{uds}` from the command, or remove `listen: tcp` "
+                    "to listen on a Unix socket",
+                )
+            ]
+        return []
+    issues = []
+    if placed and "{uds}" not in joined:
+        names = " and ".join(f"`{{{p}}}`" for p in placed)
+        issues.append(
+            ConfigIssue(
+                loc=where,
+                message=f"deployment `{dep_id}` listens on a Unix socket (the default, "
+                f"`listen: uds`) but the command places {names} and not `{{uds}}`: add "
+                "`{uds}` where the engine takes its socket's path (vLLM: `--uds {uds}`) "
+                "instead of the host and port, or set `listen: tcp` on the deployment",
+            )
+        )
+    for key in ("host", "port"):
+        if key in dep.model_fields_set and getattr(dep, key) is not None:
+            issues.append(
+                ConfigIssue(
+                    loc=(*at, key),
+                    message=f"the engine listens on a Unix socket (the default, `listen: "
+                    f"uds`), not on a TCP {key}; remove `{key}`, or set `listen: tcp`",
+                )
+            )
+    return issues
 
 
 def _check_template(template: list[str], at: Loc) -> list[ConfigIssue]:

@@ -242,6 +242,13 @@ class EnginesConfig(_Strict):
     # (base_port 8100, gateway 8080) and below Linux's ephemeral ports (32768-60999).
     vllm_port_base: Port = 20000
     vllm_port_span: Annotated[int, Field(ge=1, le=10000)] = 100
+    # Local engines listen on Unix domain sockets here (`listen: uds`, the default), in a
+    # directory only the fleet's user can open (0700); relative to the fleet file. A socket
+    # path is at most 107 bytes: the plan says when this one is too deep.
+    socket_dir: Annotated[str, Field(min_length=1)] = ".fleet/sockets"
+    # A group that may open the sockets too (nginx's worker user's): the directory becomes
+    # 0750 and the sockets 0660, owned by this group.
+    socket_group: Annotated[str, Field(min_length=1)] | None = None
 
     _numbers = field_validator(
         "base_port", "start_timeout", "stop_timeout", "drain_timeout", "health_interval",
@@ -273,6 +280,10 @@ class Deployment(_Strict):
     # Per deployment `engines.stall_timeout`; set here, it also watches a command the
     # fleet does not recognise as vLLM (a wrapper script). 0 turns it off.
     stall_timeout: Annotated[float, Field(ge=0)] | None = None
+    # How the gateway reaches the engine: `uds`, a Unix socket in engines.socket_dir that
+    # no other user can open (the command's `{uds}`, or `--uds PATH` added); `tcp`, the
+    # command's `{host}`/`{port}` (an engine without `--uds`, or nginx in front).
+    listen: Literal["uds", "tcp"] = "uds"
 
     _coerce_args = field_validator("args", "env", "command", mode="before")(
         lambda v: _stringify_scalars(v)

@@ -48,6 +48,7 @@ from typing import BinaryIO
 import aiohttp
 
 from vllm_fleet.config import EnginesConfig
+from vllm_fleet.engines import sockets
 from vllm_fleet.engines.logs import rotate_if_over
 from vllm_fleet.engines.stall import Progress, judge
 from vllm_fleet.engines.vllm_metrics import EngineLoad, parse_load
@@ -183,6 +184,9 @@ class EngineProcess:
         self.upstream = upstream
         self.settings = settings
         self.session = session
+        # An engine on a Unix socket is checked through a session of its own, whose
+        # connector opens that socket (aiohttp's UnixConnector serves one path).
+        self._uds_session: aiohttp.ClientSession | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Task[int] | None = None
         self._stopped = False  # the last started process went through stop()
@@ -259,11 +263,29 @@ class EngineProcess:
             stopping.cancel()
         return bool(done)
 
+    def _client(self, path: str) -> tuple[aiohttp.ClientSession, str]:
+        """The session and URL that reach `path` on the engine (its socket, or TCP)."""
+        uds = self.spec.uds
+        if uds is None:
+            return self.session, f"{self.spec.url}{path}"
+        if self._uds_session is None:
+            connector = aiohttp.UnixConnector(path=str(uds), force_close=True)
+            self._uds_session = aiohttp.ClientSession(connector=connector)
+        return self._uds_session, f"http://localhost{path}"
+
+    async def close(self) -> None:
+        """After the last stop: close the socket's session, remove the socket file."""
+        if self._uds_session is not None:
+            await self._uds_session.close()
+            self._uds_session = None
+        if self.spec.uds is not None and self.proc is not None and not self.running:
+            sockets.remove(self.spec.uds)
+
     async def _health(self, timeout: float) -> str | None:
         """None when /health answers 200, else why not."""
-        url = f"{self.spec.url}/health"
+        session, url = self._client("/health")
         try:
-            async with self.session.get(
+            async with session.get(
                 url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
             ) as resp:
                 await resp.read()
@@ -275,9 +297,9 @@ class EngineProcess:
     async def _load(self, timeout: float) -> EngineLoad | str:
         """The engine's load from /metrics, or why there is none: a str starting
         "no vLLM metrics" when the page lacks them, else the failed read."""
-        url = f"{self.spec.url}/metrics"
+        session, url = self._client("/metrics")
         try:
-            async with self.session.get(
+            async with session.get(
                 url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
             ) as resp:
                 # The whole page (up to the limit): read(n) would return only what has
@@ -329,6 +351,10 @@ class EngineProcess:
             if interrupted:
                 continue
             if problem is None:
+                if self.spec.uds is not None and self.settings.socket_group is not None:
+                    shared = sockets.share(self.spec.uds, self.settings.socket_group)
+                    if shared is not None:
+                        log.error("%s: %s", self.spec.name, shared)
                 elapsed = time.monotonic() - self.started_at
                 self.upstream.readmit(began)  # an ejection before this start is void
                 self.upstream.set_state(State.READY, f"ready after {elapsed:.1f}s")

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import aiohttp
 
-from vllm_fleet.config import FleetConfig
+from vllm_fleet.config import EnginesConfig, FleetConfig
+from vllm_fleet.engines import sockets
 from vllm_fleet.engines.process import LOG_MARK, EngineProcess, Outcome, SpawnError, killpg
 from vllm_fleet.engines.remote import watch_remote
 from vllm_fleet.plan import EngineSpec
@@ -71,6 +72,32 @@ def port_problem(host: str, port: int) -> str | None:
         except OSError as exc:
             return exc.strerror or str(exc)
     return None
+
+
+def listen_problem(spec: EngineSpec, settings: EnginesConfig) -> str | None:
+    """None when the engine can listen where its spec says, else why not (in words, with
+    what to do). A Unix socket's directory is made private first and a stale socket file
+    from an earlier run removed."""
+    if spec.uds is not None:
+        problem = sockets.prepare_dir(spec.uds.parent, settings.socket_group)
+        if problem is not None:
+            return problem
+        busy = sockets.socket_problem(spec.uds)
+        if busy is None:
+            return None
+        return (
+            f"socket {spec.uds} is not free ({busy}); another process (an engine from an "
+            "earlier run?) holds it. Stop it, or set engines.socket_dir to another directory"
+        )
+    assert spec.port is not None
+    busy = port_problem(spec.host, spec.port)
+    if busy is None:
+        return None
+    return (
+        f"port {spec.port} on {spec.host} is not free ({busy}); another process "
+        f"(an engine from an earlier run?) holds it. Stop it, or set `port:` on "
+        f"deployment `{spec.deployment}` in the fleet file to a free port"
+    )
 
 
 def read_log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
@@ -286,6 +313,7 @@ class Supervisor:
         finally:
             running = engine.running
             await asyncio.shield(engine.stop())
+            await engine.close()
             if running:
                 self.registry.count_stop(engine.spec.deployment, owner.stop_reason)
             if engine.upstream.state is not State.FAILED:
@@ -300,13 +328,8 @@ class Supervisor:
             # Read each time: a reload may give the engine new settings or, for the same
             # process, a new spec (log file, timeouts) for its next start.
             settings, spec = engine.settings, engine.spec
-            busy = port_problem(spec.host, spec.port)
-            if busy is not None:
-                reason = (
-                    f"port {spec.port} on {spec.host} is not free ({busy}); another process "
-                    f"(an engine from an earlier run?) holds it. Stop it, or set `port:` on "
-                    f"deployment `{spec.deployment}` in the fleet file to a free port"
-                )
+            reason = listen_problem(spec, settings)
+            if reason is not None:
                 if engine.attempts == 0:
                     upstream.set_state(State.FAILED, reason)
                     log.error("%s: %s", spec.name, reason)

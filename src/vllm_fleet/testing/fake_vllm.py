@@ -1,15 +1,17 @@
 """A small server that behaves like `vllm serve`, for tests, benchmarks and demos.
 
-    python -m vllm_fleet.testing.fake_vllm MODEL --host H --port P \\
+    python -m vllm_fleet.testing.fake_vllm MODEL (--host H --port P | --uds PATH) \\
         --served-model-name NAME [NAME ...] [--startup-delay S] [--token-delay S] \\
         [--tokens N] [--fail-start] [--api-key KEY] [--max-model-len N] [--disable-log-stats]
 
 Unknown flags (vLLM's own) are ignored. Like vLLM (see shared/notes/vllm-facts.md): the
-port stays closed while "loading"; an unknown body `model` gets vLLM's exact 404 unless
+port (or socket: `--uds PATH` listens there and on no TCP port) stays closed while
+"loading"; an unknown body `model` gets vLLM's exact 404 unless
 `VLLM_SKIP_MODEL_NAME_VALIDATION=1`; responses name the first served name; SSE chunks end
 with `data: [DONE]`; `--api-key` protects `/v1*` only. Generated text is deterministic
-("tok0 tok1 ..."); `system_fingerprint` is `fake-<port>` and every response carries
-`X-Fake-Engine: <first served name>:<port>`, so tests can tell which engine answered.
+("tok0 tok1 ..."); `system_fingerprint` is `fake-<where>` and every response carries
+`X-Fake-Engine: <first served name>:<where>`, so tests can tell which engine answered;
+<where> is the port, or on a socket its file name without `.sock` (`qwen-0`).
 `/metrics` has vLLM's request gauges and token counters, named and labelled as vLLM 0.32
 exports them (`vllm:num_requests_running`, `vllm:num_requests_waiting`,
 `vllm:generation_tokens_total`, `vllm:prompt_tokens_total`); `--disable-log-stats` turns
@@ -78,9 +80,16 @@ class Engine:
     prompt_tokens: int = 0
     started: float = field(default_factory=time.time)
 
+    uds: str | None = None
+
+    @property
+    def where(self) -> str:
+        """The port, or the socket's file name without `.sock`: which engine this is."""
+        return os.path.basename(self.uds).removesuffix(".sock") if self.uds else str(self.port)
+
     @property
     def fingerprint(self) -> str:
-        return f"fake-{self.port}"
+        return f"fake-{self.where}"
 
 
 ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
@@ -133,7 +142,7 @@ async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
 
 async def _engine_header(request: web.Request, response: web.StreamResponse) -> None:
     engine = request.app[ENGINE]
-    response.headers["X-Fake-Engine"] = f"{engine.names[0]}:{engine.port}"
+    response.headers["X-Fake-Engine"] = f"{engine.names[0]}:{engine.where}"
 
 
 def _unknown_model(engine: Engine, model: object) -> web.Response | None:
@@ -207,7 +216,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     prompt = _prompt_tokens(body.get("messages") if chat else body.get("prompt"))
     usage = {"prompt_tokens": prompt, "completion_tokens": count, "total_tokens": prompt + count}
     engine.counter += 1
-    ident = f"{'chatcmpl' if chat else 'cmpl'}-{engine.port}-{engine.counter}"
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{engine.where}-{engine.counter}"
     head = {
         "id": ident,
         "object": "chat.completion.chunk" if chat else "text_completion",
@@ -356,7 +365,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     engine.counter += 1
     return web.json_response(
         {
-            "id": f"embd-{engine.port}-{engine.counter}",
+            "id": f"embd-{engine.where}-{engine.counter}",
             "object": "list",
             "created": int(time.time()),
             "model": engine.names[0],
@@ -523,6 +532,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", dest="model_flag")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--uds", default=None, help="listen on this Unix socket, not on TCP")
     parser.add_argument("--served-model-name", nargs="+", default=None)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--api-key", default=None)
@@ -564,12 +574,19 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> int:
         any_model=os.environ.get("VLLM_SKIP_MODEL_NAME_VALIDATION", "") not in ("", "0"),
         argv=argv,
         log_stats=not args.disable_log_stats,
+        uds=args.uds,
     )
     runner = web.AppRunner(create_app(engine), access_log=None, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
+    site: web.BaseSite
+    if args.uds:
+        site = web.UnixSite(runner, args.uds)
+        where = f"unix:{args.uds}"
+    else:
+        site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
+        where = f"http://{args.host}:{args.port}"
     await site.start()
-    print(f"fake_vllm: serving {engine.names} on http://{args.host}:{args.port}", flush=True)
+    print(f"fake_vllm: serving {engine.names} on {where}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

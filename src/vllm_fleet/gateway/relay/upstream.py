@@ -288,11 +288,14 @@ class EngineConnection(asyncio.Protocol):
 
 
 class EnginePool:
-    """Idle keep-alive connections to one engine URL (most recently used first)."""
+    """Idle keep-alive connections to one engine URL (most recently used first): an
+    `http(s)://` URL, or `unix:/path` for an engine on a Unix socket (sent `Host:
+    localhost`)."""
 
     def __init__(self, url: str, connect_timeout: float) -> None:
-        parts = urlsplit(url)
         self.url = url
+        self.uds: str | None = url[len("unix:") :] if url.startswith("unix:") else None
+        parts = urlsplit(url if self.uds is None else "http://localhost")
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.ssl: ssl.SSLContext | None = (
@@ -324,8 +327,10 @@ class EnginePool:
         """Open a fresh connection; `done` gets it, or the OSError / TimeoutError when
         the engine is not there. One task, and a timer for the connect timeout."""
         loop = asyncio.get_running_loop()
-        task = loop.create_task(
-            loop.create_connection(
+        opening = (
+            loop.create_unix_connection(lambda: EngineConnection(self), self.uds)
+            if self.uds is not None
+            else loop.create_connection(
                 lambda: EngineConnection(self),
                 self.host,
                 self.port,
@@ -333,6 +338,7 @@ class EnginePool:
                 server_hostname=self.host if self.ssl is not None else None,
             )
         )
+        task = loop.create_task(opening)
         timer = loop.call_later(self.connect_timeout, task.cancel)
 
         def finished(task: asyncio.Task[tuple[asyncio.BaseTransport, EngineConnection]]) -> None:
