@@ -62,6 +62,19 @@ deployments:
 """
 LOCAL = {"gateway-uds": "uds", "gateway-tcp": "tcp"}  # front -> deployment
 
+# The same fleet with a key on every request: limits the run never reaches (so every
+# request pays for their checks and headers), the usage ledger and its meter on, as for
+# the plain gateway.
+BENCH_KEY = "sk-bench-0123456789"
+KEYS = f"""\
+  keys:
+    - name: bench
+      key: {BENCH_KEY}
+      rpm: 1000000000
+      tpm: 1000000000000
+      max_concurrent: 1000000
+"""
+
 NGINX_MAIN = """\
 worker_processes 1;
 daemon off;
@@ -87,19 +100,16 @@ def fleet_command() -> list[str]:
 
 
 def write_fleet_file(
-    workdir: Path,
-    gateway_port: int,
-    upstream_port: int,
+    workdir: Path, gateway_port: int, upstream_port: int, keys: bool = False
 ) -> Path:
-    """The benchmark's fleet file."""
-    path = workdir / "bench-fleet.yaml"
-    path.write_text(
-        FLEET_FILE.format(
-            gateway_port=gateway_port,
-            upstream_port=upstream_port,
-            deployment=DEPLOYMENT,
-        )
+    """The benchmark's fleet file (`keys`: with a key and its limits, bench-keys-fleet.yaml)."""
+    path = workdir / ("bench-keys-fleet.yaml" if keys else "bench-fleet.yaml")
+    text = FLEET_FILE.format(
+        gateway_port=gateway_port, upstream_port=upstream_port, deployment=DEPLOYMENT
     )
+    if keys:
+        text = text.replace("  accept_any_model: true\n", "  accept_any_model: true\n" + KEYS)
+    path.write_text(text)
     return path
 
 
@@ -196,7 +206,7 @@ def start_gateway(
 ) -> Managed:
     """`fleet up bench-fleet.yaml`; `fleet` replaces the command (to compare a patched one)."""
     argv = [*(fleet or fleet_command()), "up", str(fleet_file)]
-    gateway = Managed("gateway", argv, cores.proxy, workdir / "gateway.log")
+    gateway = Managed("gateway", argv, cores.proxy, workdir / f"{fleet_file.stem}.log")
     gateway.wait_port(port, timeout=60)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as answer:
         if answer.status != 200:

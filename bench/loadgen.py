@@ -240,10 +240,11 @@ async def connect(host: str, port: int, record_gaps: bool = True) -> Client:
     return protocol
 
 
-def post(host: str, port: int, path: str, body: bytes) -> bytes:
-    """The bytes of one POST with a JSON body, built once and sent many times."""
+def post(host: str, port: int, path: str, body: bytes, headers: bytes = b"") -> bytes:
+    """The bytes of one POST with a JSON body (and `headers`, whole lines), built once and
+    sent many times."""
     return (
         b"POST %s HTTP/1.1\r\nhost: %s:%d\r\ncontent-type: application/json\r\n"
-        b"accept: */*\r\ncontent-length: %d\r\n\r\n%s"
-        % (path.encode(), host.encode(), port, len(body), body)
+        b"accept: */*\r\n%scontent-length: %d\r\n\r\n%s"
+        % (path.encode(), host.encode(), port, headers, len(body), body)
     )

@@ -15,7 +15,10 @@ from pathlib import Path
 FRONTS = ("direct", "nginx", "gateway")
 # The gateway to engines it started itself: over a Unix socket and over TCP (bench/fronts.py).
 LOCAL_FRONTS = ("gateway-uds", "gateway-tcp")
-LOCAL_SCENARIOS = ("b", "c")
+# The gateway (same upstream as `gateway`) with a key on every request, limits and usage on.
+KEY_FRONTS = ("gateway-keys",)
+LOCAL_SCENARIOS = ("b", "c")  # the scenarios LOCAL_FRONTS and KEY_FRONTS are measured in
+EXTRA_FRONTS = LOCAL_FRONTS + KEY_FRONTS
 # scenario -> front -> one metrics dict per repetition
 Runs = dict[str, dict[str, list[dict[str, float]]]]
 
@@ -73,14 +76,38 @@ LOCAL_ROWS = (
 
 def local_table(runs: Runs, titles: dict[str, str]) -> str:
     """The gateway to its own engine over a Unix socket against over TCP, same run."""
-    head = "| scenario | metric | over TCP | over a Unix socket | socket÷TCP |"
+    return pair_table(
+        runs,
+        titles,
+        ("gateway-tcp", "over TCP"),
+        ("gateway-uds", "over a Unix socket"),
+        "socket÷TCP",
+    )
+
+
+def keys_table(runs: Runs, titles: dict[str, str]) -> str:
+    """The gateway with a key, limits and usage on every request, against without."""
+    return pair_table(
+        runs, titles, ("gateway", "no key"), ("gateway-keys", "key + limits"), "keys÷none"
+    )
+
+
+def pair_table(
+    runs: Runs,
+    titles: dict[str, str],
+    base: tuple[str, str],
+    other: tuple[str, str],
+    ratio_name: str,
+) -> str:
+    """Two gateway fronts side by side on LOCAL_ROWS, and other÷base."""
+    head = f"| scenario | metric | {base[1]} | {other[1]} | {ratio_name} |"
     lines = [head, "|---|---|---:|---:|---:|"]
     for row in sorted(LOCAL_ROWS, key=lambda r: r.scenario):
-        if not any(values(runs, row.scenario, f, row.metric) for f in LOCAL_FRONTS):
+        if not any(values(runs, row.scenario, f, row.metric) for f in (base[0], other[0])):
             continue
-        cells = [_cell(runs, row, f) for f in ("gateway-tcp", "gateway-uds")]
-        mine = median(runs, row.scenario, "gateway-uds", row.metric)
-        theirs = median(runs, row.scenario, "gateway-tcp", row.metric)
+        cells = [_cell(runs, row, f) for f in (base[0], other[0])]
+        mine = median(runs, row.scenario, other[0], row.metric)
+        theirs = median(runs, row.scenario, base[0], row.metric)
         ratio = ""
         if not row.total and theirs and not math.isnan(mine / theirs):
             ratio = f"{mine / theirs:.2f}×"

@@ -112,7 +112,7 @@ async def measure(
             if rep >= count:
                 continue
             for target in order:
-                if target.name in report.LOCAL_FRONTS and name not in report.LOCAL_SCENARIOS:
+                if target.name in report.EXTRA_FRONTS and name not in report.LOCAL_SCENARIOS:
                     continue
                 metrics = await scenario(target, settings)
                 runs[name][target.name].append(metrics)
@@ -232,6 +232,19 @@ def write_results(
             report.local_table(runs, titles),
             "",
         ]
+    if any(runs.get(s, {}).get("gateway-keys") for s in report.LOCAL_SCENARIOS):
+        lines += [
+            "## Keys, limits and usage on every request (issue 12)",
+            "",
+            "One more `fleet up` (on the proxy core too) in front of the same upstream, its "
+            "fleet file the same but for a key with rpm, tpm and max_concurrent limits the "
+            "run never reaches; every request sends the key, is admitted against the three "
+            "limits, gets the x-ratelimit-* headers and is settled with its usage. The "
+            "plain `gateway` has no key; both keep the usage ledger (the default).",
+            "",
+            report.keys_table(runs, titles),
+            "",
+        ]
     if drawn:
         lines += ["![TTFT, tokens/s and requests/s per front end](latest.png)", ""]
     text = "\n".join(lines)
@@ -255,10 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     parser.add_argument(
         "--fronts",
-        default=",".join(report.FRONTS + report.LOCAL_FRONTS),
-        help="a subset of direct,nginx,gateway,gateway-uds,gateway-tcp, e.g. gateway "
-        "(gateway-uds/-tcp: the gateway to an engine it started, over a Unix socket / TCP; "
-        "scenarios b and c only)",
+        default=",".join(report.FRONTS + report.EXTRA_FRONTS),
+        help="a subset of direct,nginx,gateway,gateway-uds,gateway-tcp,gateway-keys, e.g. "
+        "gateway (gateway-uds/-tcp: the gateway to an engine it started, over a Unix socket "
+        "/ TCP; gateway-keys: with a key and limits on every request; scenarios b and c "
+        "only)",
     )
     parser.add_argument("--scenarios", default="a,b,c,d", help="e.g. b,c")
     parser.add_argument(
@@ -285,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**{**vars(settings), **counts})
     names = [n for n in args.fronts.split(",") if n]
     chosen = [n for n in args.scenarios.split(",") if n]
-    every = report.FRONTS + report.LOCAL_FRONTS
+    every = report.FRONTS + report.EXTRA_FRONTS
     if not set(names) <= set(every) or not set(chosen) <= set("abcd"):
         parser.error(f"--fronts is a subset of {','.join(every)}; --scenarios of a,b,c,d")
     full = set(report.FRONTS) <= set(names) and set(chosen) == set("abcd")
@@ -323,6 +337,16 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(Target("gateway", gateway_port, prefix, gateway.pids, up_pids))
             if args.profile is not None:
                 profiler = start_profiler(gateway.pid, args.profile, workdir)
+        if "gateway-keys" in names:
+            keys_port = procs.free_port()
+            keys_file = fronts.write_fleet_file(workdir, keys_port, upstream_port, keys=True)
+            fleet = shlex.split(args.fleet) if args.fleet else None
+            keyed = fronts.start_gateway(workdir, keys_file, keys_port, cores, fleet)
+            keyed.name = "gateway-keys"
+            managed.append(keyed)
+            key_line = b"authorization: Bearer %s\r\n" % fronts.BENCH_KEY.encode()
+            prefix = f"/{fronts.DEPLOYMENT}"
+            targets.append(Target("gateway-keys", keys_port, prefix, keyed.pids, up_pids, key_line))
         local = [n for n in report.LOCAL_FRONTS if n in names]
         if local:
             local_port = procs.free_port()

@@ -79,6 +79,7 @@ class Target:
     prefix: str  # "" for the engine itself, "/bench" for a proxy's path route
     pids: Callable[[], list[int]]  # the proxy's processes (none for direct)
     upstream_pids: list[int]
+    headers: bytes = b""  # header lines every request carries (a key)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -106,7 +107,7 @@ def chat_body(tokens: int, stream: bool, delay: float = 0.0) -> bytes:
 
 
 def payload(target: Target, body: bytes) -> bytes:
-    return post(HOST, target.port, f"{target.prefix}/v1/chat/completions", body)
+    return post(HOST, target.port, f"{target.prefix}/v1/chat/completions", body, target.headers)
 
 
 @contextmanager

@@ -281,7 +281,12 @@ def test_a_metrics_page_that_arrives_in_pieces_is_read_whole(tmp_path: Path) -> 
     async def body() -> None:
         await sup.start()
         try:
-            await until(lambda: up.stalls >= 1, what="the engine found stalled", timeout=15)
+            # Found stalled, then stopped and its failure noted (before it restarts).
+            await until(
+                lambda: up.stalls >= 1 and bool(up.last_failure),
+                what="the engine found stalled",
+                timeout=15,
+            )
         finally:
             await sup.stop()
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from vllm_fleet.config.models import KEY_NAME_PATTERN, key_digest
+from vllm_fleet.config.models import KEY_NAME_PATTERN, KEY_NAME_RULE, key_digest
 
 PREFIX = "sk-fleet-"
 
@@ -26,10 +26,7 @@ def new_key() -> str:
 
 def check_name(name: str) -> str:
     if not KEY_NAME_PATTERN.fullmatch(name):
-        raise KeyNameError(
-            f"`{name}` is not a key name: 1-64 letters, digits, `.`, `_`, `@`, `-`, "
-            "starting with a letter or digit (e.g. team-a)"
-        )
+        raise KeyNameError(f"`{name}` is not a key name: {KEY_NAME_RULE}")
     return name
 
 

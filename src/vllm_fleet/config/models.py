@@ -66,6 +66,9 @@ def _check_host(value: str) -> str:
 
 
 KEY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+KEY_NAME_RULE = (
+    "1-64 letters, digits, `.`, `_`, `@`, `-`, starting with a letter or digit (e.g. team-a)"
+)
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 PositiveInt = Annotated[int, Field(ge=1)]
 
@@ -105,10 +108,7 @@ class KeyConfig(KeyLimits):
     @classmethod
     def _name(cls, value: str) -> str:
         if not KEY_NAME_PATTERN.fullmatch(value):
-            raise ValueError(
-                f"`{value}` is not a key name: 1-64 letters, digits, `.`, `_`, `@`, `-`, "
-                "starting with a letter or digit (e.g. team-a)"
-            )
+            raise ValueError(f"`{value}` is not a key name: {KEY_NAME_RULE}")
         return value
 
     @field_validator("key_sha256")
