@@ -242,3 +242,37 @@ def test_a_stream_left_after_its_usage_event_counts_as_answered(tmp_path: Path) 
     accounting.close()
     rows = read_usage(tmp_path / "u.db", None, "both")["rows"]
     assert [(r["requests"], r["errors"], r["completion_tokens"]) for r in rows] == [(2, 1, 3)]
+
+
+def test_the_ledger_survives_a_restart_of_fleet_up(tmp_path: Path) -> None:
+    """`fleet up` with the default ledger (.fleet/usage.db beside the fleet file), stopped
+    with SIGTERM and started again: `fleet usage` counts the requests of both runs."""
+    import subprocess
+    import sys
+
+    from tests.conftest import fake_fleet_file
+    from tests.test_fleet_up import FleetUp
+
+    path = fake_fleet_file(tmp_path, {"chat": {"model": CHAT}})
+    used = [0, 0]
+    for _ in range(2):
+        fleet = FleetUp(path)
+        try:
+            fleet.wait_ready(1)
+            client = openai.OpenAI(base_url=f"{fleet.url}/chat/v1", api_key="-", max_retries=0)
+            done = client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=3)
+            assert done.usage is not None
+            used[0] += done.usage.prompt_tokens
+            used[1] += done.usage.completion_tokens
+        finally:
+            assert fleet.stop() == 0, fleet.text()
+    assert (tmp_path / ".fleet" / "usage.db").exists()
+    shown = subprocess.run(
+        [sys.executable, "-m", "vllm_fleet.cli", "usage", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = json.loads(shown.stdout)["rows"]
+    assert [(r["key"], r["deployment"], r["requests"]) for r in rows] == [("-", "chat", 2)]
+    assert [rows[0]["prompt_tokens"], rows[0]["completion_tokens"]] == used

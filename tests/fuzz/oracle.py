@@ -326,9 +326,11 @@ def _load(body: bytes) -> Any:
     return json.loads(body.decode(json.detect_encoding(body)))
 
 
-def same_body(sent: bytes, got: bytes, deployment: str) -> bool:
+def same_body(sent: bytes, got: bytes, deployment: str, path: bytes = b"") -> bool:
     """Whether the engine got the body sent: the same bytes, or the same JSON object once
-    its `model` is the deployment's served name."""
+    its `model` is the deployment's served name (and, for a chat or completion stream at
+    `path` whose client did not ask for it, `stream_options.include_usage` set: the
+    gateway asks for the usage it counts)."""
     if sent == got:
         return True
     try:
@@ -336,6 +338,16 @@ def same_body(sent: bytes, got: bytes, deployment: str) -> bool:
         if not isinstance(before, dict) or not isinstance(after, dict):
             return False
         before["model"] = SERVED[deployment]
+        options = before.get("stream_options")
+        if (
+            before.get("stream") is True
+            and path.endswith((b"/chat/completions", b"/completions"))
+            and (
+                options is None
+                or (isinstance(options, dict) and options.get("include_usage") is not True)
+            )
+        ):
+            before["stream_options"] = {**(options or {}), "include_usage": True}
         return json.dumps(before, sort_keys=True) == json.dumps(after, sort_keys=True)
     except (ValueError, RecursionError):
         return False
@@ -365,7 +377,7 @@ def check_seen(seen: Seen, req: Req | None, index: int, after_close: int | None)
     dep = deployment_of(seen.target)
     if dep is None:
         problems.append(f"the engine received a target outside every deployment: {what}")
-    elif not same_body(req.body, seen.body, dep):
+    elif not same_body(req.body, seen.body, dep, seen.target.split(b"?", 1)[0]):
         problems.append(
             f"the engine received another body ({len(seen.body)} bytes {seen.body[:200]!r}, "
             f"sent {len(req.body)} bytes {req.body[:200]!r}): {what}"

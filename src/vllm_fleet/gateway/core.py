@@ -1,7 +1,8 @@
 """What the gateway decides, apart from how bytes reach it (that is `relay/`'s job).
 
-Authentication, routing a request to a deployment, the body checks and the `model`
-rewrite, the replica pick, the 503/404 answers, and the gateway's own endpoints. Every
+Who is asking and what they may use (keys.py's table, limits.py's limiter), routing a
+request to a deployment, the body's checks and rewrite (body.py), the replica pick, the
+503/404 answers, and the gateway's own endpoints. Every
 function takes plain values (method, path, header values, body bytes) and returns a
 `Forward` (where to send what) or a `Reply` (the answer to give); none does I/O. The
 protocol-level relay (`relay/`) sits on top.
@@ -17,11 +18,19 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import orjson
-
 from vllm_fleet.config import FleetConfig
 from vllm_fleet.gateway import form, replicas
 from vllm_fleet.gateway.accounting import Accounting
+from vllm_fleet.gateway.body import (
+    Body,
+    ask_usage,
+    estimate,
+    is_json,
+    is_multipart,
+    mime_type,
+    parse_object,
+    with_model,
+)
 from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.keys import Client, KeyTable, admin_only, not_allowed
 from vllm_fleet.gateway.limits import Ticket
@@ -56,31 +65,6 @@ class Forward:
 
 def json_reply(data: Any, status: int = 200) -> Reply:
     return Reply(status, json.dumps(data).encode())
-
-
-def is_json(content_type: str | None) -> bool:
-    """Whether a body with this Content-Type header (None: absent) is JSON to the gateway."""
-    known = _JSON_TYPES.get(content_type)
-    if known is not None:
-        return known
-    if content_type is None:
-        return True  # clients that send JSON without saying so
-    mime = mime_type(content_type)
-    answer = mime == "application/json" or mime.endswith("+json")
-    if len(_JSON_TYPES) < 64 and len(content_type) <= 128:
-        _JSON_TYPES[content_type] = answer  # the few a fleet's clients send, remembered
-    return answer
-
-
-_JSON_TYPES: dict[str | None, bool] = {None: True}
-
-
-def is_multipart(content_type: str) -> bool:
-    return mime_type(content_type) == form.MULTIPART
-
-
-def mime_type(content_type: str) -> str:
-    return content_type.partition(";")[0].strip().lower()
 
 
 class Core:
@@ -255,7 +239,7 @@ class Core:
                 self._routes[path] = route
         if isinstance(route, RouteError):
             return self.route_error(route)
-        parsed: _Body | None = None
+        parsed: Body | None = None
         if isinstance(route, ByModel):
             target = self._by_model(method, path, route, content_type, body)
             if isinstance(target, Reply):
@@ -267,7 +251,7 @@ class Core:
             if body and is_json(content_type):
                 # Routes that name the deployment set `model` to what its engine serves
                 # (in a JSON body, or an upload's form); other bodies pass untouched.
-                found_body = _parse_object(body)
+                found_body = parse_object(body)
                 if isinstance(found_body, Reply):
                     return found_body
                 parsed = found_body
@@ -276,11 +260,11 @@ class Core:
                 if isinstance(found, Reply):
                     return found
                 body = form.with_model(body, found, self.names.served[dep_id])
-        estimate, stream, drop_usage = 0, False, False
+        tokens, stream, drop_usage = 0, False, False
         if parsed is not None:
-            stream, drop_usage = _ask_usage(parsed, upstream_path)
-            estimate = _estimate(parsed, len(body), upstream_path, self.default_max_tokens)
-            rewritten = _with_model(parsed, body, self.names.served[dep_id], drop_usage)
+            stream, drop_usage = ask_usage(parsed, upstream_path)
+            tokens = estimate(parsed, len(body), upstream_path, self.default_max_tokens)
+            rewritten = with_model(parsed, body, self.names.served[dep_id], drop_usage)
             if isinstance(rewritten, Reply):
                 return rewritten
             body = rewritten
@@ -289,11 +273,11 @@ class Core:
         if quote_path:
             upstream_path = quote(upstream_path, safe=PATH_SAFE, errors="surrogateescape")
         path_qs = f"{upstream_path}?{query}" if query else upstream_path
-        return Forward(dep_id, style, path_qs, body, estimate, stream, drop_usage)
+        return Forward(dep_id, style, path_qs, body, tokens, stream, drop_usage)
 
     def _by_model(
         self, method: str, path: str, route: ByModel, content_type: str | None, body: bytes
-    ) -> tuple[str, _Body | None, bytes] | Reply:
+    ) -> tuple[str, Body | None, bytes] | Reply:
         if not body:
             return error_reply(
                 400 if method == "POST" else 404,
@@ -320,23 +304,13 @@ class Core:
                 f"deployments: {self.names.listing()}",
                 "unsupported_content_type",
             )
-        parsed = _parse_object(body)
+        parsed = parse_object(body)
         if isinstance(parsed, Reply):
             return parsed
         dep_id = self.names.resolve(parsed.get("model"))
         if isinstance(dep_id, RouteError):
             return self.route_error(dep_id)
         return dep_id, parsed, body
-
-    def repeated_header(self, name: str) -> Reply:
-        """A header the gateway decides on came twice: the engine might read the other
-        one (which key, which body type), so the request is refused."""
-        return error_reply(
-            400,
-            f"the request has more than one {name} header; send it once",
-            "invalid_request",
-            name,
-        )
 
     def route_error(self, error: RouteError) -> Reply:
         return error_reply(error.status, error.message, error.code, error.param)
@@ -464,140 +438,3 @@ def _has_param(query: str, name: str) -> bool:
         if key == name and value:
             return True
     return False
-
-
-_decode = json.JSONDecoder().decode
-# The fallback writes ASCII: a lone surrogate the client escaped (`"\\ud800"`) stays an
-# escape rather than failing to encode.
-_encode = json.JSONEncoder(separators=(",", ":")).encode
-# orjson reads integers beyond 64 bits as floats: a body with a run of 19 digits (even
-# inside a string) takes the json module's exact path instead. The run is found by
-# mapping digits to "0" and everything else to " " (faster than a regex).
-_DIGITS_ONLY = bytes(0x30 if 0x30 <= c <= 0x39 else 0x20 for c in range(256))
-_LONG_RUN = b"0" * 19
-
-
-class _Body:
-    """A request body parsed as a JSON object, and which parser read it."""
-
-    __slots__ = ("fast", "obj")
-
-    def __init__(self, obj: dict[str, Any], fast: bool) -> None:
-        self.obj = obj
-        self.fast = fast  # orjson read it (and writes it back); else the json module
-
-    def get(self, key: str) -> Any:
-        return self.obj.get(key)
-
-
-def _parse_object(body: bytes) -> _Body | Reply:
-    """The body as a JSON object, or the 400 to answer. orjson reads the common case;
-    what it refuses or could change (NaN, huge integers, UTF-16, a BOM, bad JSON) goes
-    to the json module, whose result and error messages are the reference."""
-    if _LONG_RUN not in body.translate(_DIGITS_ONLY):
-        try:
-            fast = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            pass
-        else:
-            if isinstance(fast, dict):
-                return _Body(fast, True)
-    encoding = json.detect_encoding(body)  # UTF-8, or UTF-16/32 and BOMs, as RFC 4627
-    try:
-        parsed = _decode(body.decode(encoding))
-    except UnicodeDecodeError as exc:
-        return error_reply(
-            400,
-            f"the request body is not valid JSON (not {encoding} text: {exc.reason} at "
-            f"byte {exc.start}); send a JSON object in UTF-8",
-            "invalid_json",
-        )
-    except (ValueError, RecursionError) as exc:
-        return error_reply(
-            400,
-            f"the request body is not valid JSON ({exc}); send a JSON object",
-            "invalid_json",
-        )
-    if not isinstance(parsed, dict):
-        return error_reply(
-            400,
-            f"the request body must be a JSON object, not {_json_kind(parsed)}",
-            "invalid_json",
-        )
-    return _Body(parsed, False)
-
-
-def _json_kind(value: Any) -> str:
-    """What a JSON value is, in JSON's words (never Python's `NoneType`)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    return "a string" if isinstance(value, str) else "an array"
-
-
-# Engine paths whose streams report usage when asked (stream_options.include_usage).
-_STREAM_USAGE_PATHS = ("/chat/completions", "/completions")
-# Engine paths that generate: a request reserves its max_tokens (or the default).
-_GENERATING_PATHS = (*_STREAM_USAGE_PATHS, "/responses")
-
-
-def _ask_usage(parsed: _Body, upstream_path: str) -> tuple[bool, bool]:
-    """(a stream, the gateway adds `stream_options.include_usage`): a stream whose
-    client did not ask for its usage event gets one, read by the gateway and dropped."""
-    obj = parsed.obj
-    if obj.get("stream") is not True or not upstream_path.endswith(_STREAM_USAGE_PATHS):
-        return False, False
-    options = obj.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage") is True:
-        return True, False
-    if options is not None and not isinstance(options, dict):
-        return True, False  # the engine's 400 says what is wrong with it
-    obj["stream_options"] = {**(options or {}), "include_usage": True}
-    return True, True
-
-
-def _estimate(parsed: _Body, size: int, upstream_path: str, default: int) -> int:
-    """Tokens a request may use, reserved against its key's `tpm`: the completion's
-    cap (x `n`) and the prompt, taken as a token per 4 bytes of body (an overestimate
-    for JSON, which the real usage corrects)."""
-    obj = parsed.obj
-    cap = 0
-    if upstream_path.endswith(_GENERATING_PATHS):
-        for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-            value = obj.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                cap = value
-                break
-        else:
-            cap = default
-        n = obj.get("n")
-        if isinstance(n, int) and not isinstance(n, bool) and n > 1:
-            cap *= min(n, 128)
-    return cap + size // 4
-
-
-def _with_model(parsed: _Body, body: bytes, served: str, changed: bool = False) -> bytes | Reply:
-    """The body with `model` set to `served` (`changed`: another field was set too)."""
-    obj = parsed.obj
-    if obj.get("model") == served and not changed:
-        return body  # already right: forward the client's bytes as they are
-    obj["model"] = served
-    if parsed.fast:
-        try:
-            return orjson.dumps(obj)
-        except orjson.JSONEncodeError:
-            pass  # nested deeper than orjson writes (it reads deeper than it writes)
-    try:
-        return _encode(obj).encode("ascii")
-    except RecursionError:
-        # orjson reads up to 1024 levels; the json module writes fewer (its depth is
-        # Python's recursion limit, less the stack already in use).
-        return error_reply(
-            400,
-            "the request body is nested too deeply for the gateway to rewrite its `model`; "
-            "send a JSON object nested less than 900 levels deep",
-            "invalid_json",
-        )

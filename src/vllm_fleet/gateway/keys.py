@@ -33,13 +33,15 @@ class Client:
     limits: KeyLimits = _NO_LIMITS
     per_deployment: dict[str, KeyLimits] = field(default_factory=dict)
     expires_at: float | None = None  # unix time the key stops working (end of its day)
+    limited: bool = field(init=False)  # it has a limit somewhere (read per request)
+
+    def __post_init__(self) -> None:
+        own = self.limits
+        has_own = own.rpm is not None or own.tpm is not None or own.max_concurrent is not None
+        object.__setattr__(self, "limited", has_own or bool(self.per_deployment))
 
     def allows(self, deployment: str) -> bool:
         return self.deployments is None or deployment in self.deployments
-
-    @property
-    def limited(self) -> bool:
-        return self.limits != _NO_LIMITS or bool(self.per_deployment)
 
 
 def _end_of_day(day: datetime.date) -> float:

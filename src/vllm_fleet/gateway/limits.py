@@ -36,7 +36,8 @@ class Bucket:
 
     def refill(self, now: float) -> None:
         if now > self.stamp:
-            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+            level = self.level + (now - self.stamp) * self.rate
+            self.level = level if level < self.capacity else self.capacity
             self.stamp = now
 
     def resize(self, capacity: int) -> None:
@@ -194,31 +195,38 @@ def _too_large(client: Client, estimate: int, tpm: int, scope: str) -> Reply:
     )
 
 
-def _tightest(quotas: list[Quota] | tuple[Quota, ...], kind: str) -> Bucket | None:
-    buckets = [b for q in quotas if (b := q.requests if kind == "requests" else q.tokens)]
-    return min(buckets, key=lambda b: b.level, default=None)
+_TEMPLATES = {
+    kind: b"x-ratelimit-limit-%s: %%d\r\nx-ratelimit-remaining-%s: %%d\r\n"
+    b"x-ratelimit-reset-%s: %%s\r\n" % (kind, kind, kind)
+    for kind in (b"requests", b"tokens")
+}
 
 
 def rate_headers(quotas: list[Quota] | tuple[Quota, ...], now: float) -> bytes:
-    lines = []
-    for kind in ("requests", "tokens"):
-        bucket = _tightest(quotas, kind)
-        if bucket is None:
-            continue
-        bucket.refill(now)
-        lines.append(
-            b"x-ratelimit-limit-%s: %d\r\nx-ratelimit-remaining-%s: %d\r\n"
-            b"x-ratelimit-reset-%s: %s\r\n"
-            % (
-                kind.encode(),
-                bucket.capacity,
-                kind.encode(),
-                max(0, math.floor(bucket.level)),
-                kind.encode(),
-                duration(bucket.reset()).encode(),
-            )
-        )
-    return b"".join(lines)
+    """The x-ratelimit-* lines for the tightest request and token buckets of `quotas`."""
+    requests: Bucket | None = None
+    tokens: Bucket | None = None
+    for quota in quotas:
+        bucket = quota.requests
+        if bucket is not None:
+            bucket.refill(now)
+            if requests is None or bucket.level < requests.level:
+                requests = bucket
+        bucket = quota.tokens
+        if bucket is not None:
+            bucket.refill(now)
+            if tokens is None or bucket.level < tokens.level:
+                tokens = bucket
+    out = b""
+    for bucket, template in ((requests, _TEMPLATES[b"requests"]), (tokens, _TEMPLATES[b"tokens"])):
+        if bucket is not None:
+            level = int(bucket.level)
+            out += template % (bucket.capacity, level if level > 0 else 0, _reset(bucket))
+    return out
+
+
+def _reset(bucket: Bucket) -> bytes:
+    return duration((bucket.capacity - bucket.level) / bucket.rate).encode()
 
 
 def _refusal_headers(quotas: list[Quota], now: float, retry: float) -> dict[str, str]:
@@ -234,9 +242,10 @@ def _refusal_headers(quotas: list[Quota], now: float, retry: float) -> dict[str,
 
 
 def duration(seconds: float) -> str:
-    """A wait as OpenAI's headers write it: `20ms`, `1.5s`, `6m0s`."""
+    """A wait as OpenAI's headers write it: `20ms`, `1.5s`, `6m0s` (at least `1ms`)."""
     if seconds < 1.0:
-        return f"{max(1, math.ceil(seconds * 1000))}ms"
+        ms = math.ceil(seconds * 1000)
+        return f"{ms if ms > 1 else 1}ms"
     minutes, rest = divmod(seconds, 60.0)
     text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
     return f"{int(minutes)}m{text}" if minutes else text

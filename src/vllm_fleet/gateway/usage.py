@@ -51,13 +51,13 @@ def _event_end(buf: bytes) -> int:
 class Meter:
     """What one answer used, watched as its body passes (`feed`, then `end`)."""
 
-    __slots__ = ("_body", "_held", "_size", "drop_usage", "sse", "usage")
+    __slots__ = ("_body", "_size", "drop_usage", "held", "sse", "usage")
 
     def __init__(self, drop_usage: bool) -> None:
         self.drop_usage = drop_usage  # the client did not ask for the usage event
         self.sse = False
         self.usage: tuple[int, int] | None = None
-        self._held = b""
+        self.held = b""  # an unfinished event, passed on once it is whole
         self._body: list[bytes] | None = None
         self._size = 0  # bytes in _body
 
@@ -67,7 +67,8 @@ class Meter:
         self._body = [] if json_body and not sse else None
 
     def feed(self, data: bytes) -> bytes:
-        """The bytes of `data` to pass on now."""
+        """The bytes of `data` to pass on now. (The relay skips the call for a stream's
+        common read: a whole event, no usage in it, nothing held back before it.)"""
         if not self.sse:
             body = self._body
             if body is not None:
@@ -76,13 +77,14 @@ class Meter:
                 if self._size > MAX_BODY:
                     self._body = None  # too big to keep: no usage read from it
             return data
-        if self._held:
-            data = self._held + data
-            self._held = b""
-        end = _event_end(data)
-        if end < len(data) and len(data) - end <= MAX_HELD:
-            self._held = data[end:]
-            data = data[:end]
+        if self.held:
+            data = self.held + data
+            self.held = b""
+        if not data.endswith(b"\n\n"):  # (the common read ends with its last event)
+            end = _event_end(data)
+            if end < len(data) and len(data) - end <= MAX_HELD:
+                self.held = data[end:]
+                data = data[:end]
         if USAGE_MARK in data:
             data = self._take_usage(data)
         return data
@@ -90,7 +92,7 @@ class Meter:
     def end(self) -> bytes:
         """The answer is complete: what was still held back, to pass on last."""
         if self.sse:
-            rest, self._held = self._held, b""
+            rest, self.held = self.held, b""
             return self._take_usage(rest) if USAGE_MARK in rest else rest
         if self._body:
             self.usage = body_tokens(b"".join(self._body))

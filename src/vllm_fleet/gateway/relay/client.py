@@ -28,28 +28,16 @@ from vllm_fleet.gateway.relay.admission import Admission
 from vllm_fleet.gateway.relay.exchange import Exchange
 from vllm_fleet.gateway.relay.linger import Linger
 from vllm_fleet.gateway.relay.request import (
-    API_KEY,
-    AUTH,
-    CONNECTION,
-    CTYPE,
-    EXPECT,
-    HEADER_KIND,
-    HOST,
     HOST_VALUE,
-    LENGTH,
     MAX_HEAD,
     MAX_HEADERS,
     MAX_URL,
-    TE,
-    UPGRADE,
-    XFF,
     Reject,
     Request,
     decode_target,
     engine_headers,
     internal_error,
     over_limit,
-    unsupported_coding,
 )
 from vllm_fleet.gateway.relay.state import ServerState
 from vllm_fleet.gateway.relay.upstream import Pools
@@ -257,44 +245,7 @@ class ClientConnection(asyncio.Protocol):
                     "headers_too_large",
                 )
             )
-        kind = HEADER_KIND.get(name.lower())
-        if kind is None:
-            request.lines += (name, b": ", value, b"\r\n")
-        elif kind == CTYPE:
-            if request.content_type is not None:
-                raise Reject(self.state.core.repeated_header("Content-Type"))
-            request.content_type = value.decode("latin-1")
-            request.lines += (name, b": ", value, b"\r\n")
-        elif kind == HOST:
-            request.host = value
-            request.hosts += 1
-        elif kind == LENGTH:
-            request.length = value
-        elif kind == AUTH:
-            if request.authorization is not None:
-                raise Reject(self.state.core.repeated_header("Authorization"))
-            request.authorization = value.decode("latin-1")
-            request.lines += (name, b": ", value, b"\r\n")
-        elif kind == API_KEY:
-            if request.api_key is not None:
-                raise Reject(self.state.core.repeated_header("api-key"))
-            request.api_key = value.decode("latin-1")
-        elif kind == XFF:
-            prior = request.forwarded_for
-            request.forwarded_for = prior + b", " + value if prior else value
-        elif kind == CONNECTION:
-            request.connection = value
-        elif kind == EXPECT:
-            request.expect = value
-        elif kind == UPGRADE:
-            request.upgrade = value
-        elif kind == TE:
-            codings = [c.strip().lower() for c in value.split(b",")]
-            if codings != [b"chunked"]:
-                # llhttp takes any codings that end in chunked (`gzip, chunked`); the
-                # engine would get a body still in a coding nobody names (RFC 9112 6.1).
-                raise Reject(unsupported_coding(value, chunked_last=codings[-1] == b"chunked"))
-            request.chunked = True
+        request.add_header(name, value)
 
     def on_headers_complete(self) -> None:
         self.progress = True
@@ -557,9 +508,9 @@ class ClientConnection(asyncio.Protocol):
         else:
             connection = b"" if request.http11 else b"Connection: keep-alive\r\n"
         request.status = reply.status
-        self.write(
-            wire.reply_bytes(reply, head_only=request.method == "HEAD", connection=connection)
-        )
+        data = wire.reply_bytes(reply, head_only=request.method == "HEAD", connection=connection)
+        request.bytes_out = len(data)
+        self.write(data)
         self.finish(keep_alive)
 
     def finish(self, keep_alive: bool) -> None:

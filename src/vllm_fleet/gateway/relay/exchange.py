@@ -32,6 +32,7 @@ from vllm_fleet.gateway.relay import wire
 from vllm_fleet.gateway.relay.request import Request
 from vllm_fleet.gateway.relay.state import ServerState
 from vllm_fleet.gateway.relay.upstream import EngineConnection, Framing, Pools
+from vllm_fleet.gateway.usage import USAGE_MARK
 from vllm_fleet.registry import Upstream
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class Exchange:
         "forward",
         "headers",
         "is_sse",
+        "meter",
         "pools",
         "relay_headers",
         "request",
@@ -107,6 +109,7 @@ class Exchange:
         self.pools = pools
         self.request = request
         self.forward = forward
+        self.meter = request.meter  # reads the answer's usage (accounting.py)
         self.headers = headers  # the request's header lines for the engine, less Host
         self.upstream: Upstream | None = None
         self.engine: EngineConnection | None = None
@@ -229,7 +232,7 @@ class Exchange:
         request.status = status
         request.responded = True
         request.first_byte = now = time.monotonic()
-        meter = request.meter
+        meter = self.meter
         if meter is not None:
             meter.start(framing.sse, status == 200)
             if framing.length is not None and not framing.chunked:
@@ -258,15 +261,17 @@ class Exchange:
         self.core.counted(self.forward.deployment, self.forward.style, status)
 
     def on_body(self, data: bytes) -> None:
-        meter = self.request.meter
-        if meter is not None:
+        meter = self.meter
+        # Most reads of a stream are whole events without usage: passed on, unlooked at.
+        if meter is not None and not (
+            meter.sse and not meter.held and USAGE_MARK not in data and data.endswith(b"\n\n")
+        ):
             data = meter.feed(data)
             if not data:
                 return  # held back (an unfinished event), or the usage event left out
         self._add(data)
 
     def _add(self, data: bytes) -> None:
-        self.request.bytes_out += len(data)
         if self.chunked:
             self._out.append(b"%x\r\n" % len(data))
             self._out.append(data)
@@ -278,7 +283,9 @@ class Exchange:
         if self._out:
             out = self._out
             self._out = []
-            self.client.write(b"".join(out) if len(out) > 1 else out[0])
+            data = b"".join(out) if len(out) > 1 else out[0]
+            self.request.bytes_out += len(data)
+            self.client.write(data)
 
     def on_end(self) -> None:
         if self.done:
@@ -293,7 +300,7 @@ class Exchange:
 
     def _end_meter(self) -> None:
         """Pass on what the meter still held back (the stream's last, unfinished event)."""
-        meter = self.request.meter
+        meter = self.meter
         if meter is not None and self.responded:
             rest = meter.end()
             if rest:

@@ -118,7 +118,7 @@ class Request:
         self.status = 0  # of the answer's head, once sent
         self.responded = False  # an engine began answering it
         self.first_byte = 0.0  # time.monotonic() of the answer's head
-        self.bytes_out = 0  # body bytes written to the client
+        self.bytes_out = 0  # bytes of the answer written to the client, head included
         self.ticket: Ticket | None = None  # its hold on the key's limits
         self.meter: Meter | None = None  # reads the answer's usage
 
@@ -127,6 +127,48 @@ class Request:
         # Only once the whole head is in and checked (on_headers_complete): a head still
         # arriving may yet be refused, or expect something else (417), or be HTTP/1.0.
         return self.expect is not None and self.headers_done
+
+    def add_header(self, name: bytes, value: bytes) -> None:
+        """Take one header line: forwarded as it came, or kept for the gateway to decide
+        on (Host, Content-Length, the keys, ...), or dropped (hop-by-hop)."""
+        kind = HEADER_KIND.get(name.lower())
+        if kind is None:
+            self.lines += (name, b": ", value, b"\r\n")
+        elif kind == CTYPE:
+            if self.content_type is not None:
+                raise Reject(repeated_header("Content-Type"))
+            self.content_type = value.decode("latin-1")
+            self.lines += (name, b": ", value, b"\r\n")
+        elif kind == HOST:
+            self.host = value
+            self.hosts += 1
+        elif kind == LENGTH:
+            self.length = value
+        elif kind == AUTH:
+            if self.authorization is not None:
+                raise Reject(repeated_header("Authorization"))
+            self.authorization = value.decode("latin-1")
+            self.lines += (name, b": ", value, b"\r\n")
+        elif kind == API_KEY:
+            if self.api_key is not None:
+                raise Reject(repeated_header("api-key"))
+            self.api_key = value.decode("latin-1")
+        elif kind == XFF:
+            prior = self.forwarded_for
+            self.forwarded_for = prior + b", " + value if prior else value
+        elif kind == CONNECTION:
+            self.connection = value
+        elif kind == EXPECT:
+            self.expect = value
+        elif kind == UPGRADE:
+            self.upgrade = value
+        elif kind == TE:
+            codings = [c.strip().lower() for c in value.split(b",")]
+            if codings != [b"chunked"]:
+                # llhttp takes any codings that end in chunked (`gzip, chunked`); the
+                # engine would get a body still in a coding nobody names (RFC 9112 6.1).
+                raise Reject(unsupported_coding(value, chunked_last=codings[-1] == b"chunked"))
+            self.chunked = True
 
 
 # Request headers the relay looks at (lower-case name -> what it is); all others are
@@ -176,6 +218,14 @@ def engine_headers(request: Request, peer: bytes, body: bytes, scheme: bytes = b
 
 
 # ---------------------------------------------------------------- the relay's own refusals
+
+
+def repeated_header(name: str) -> Reply:
+    """A header the gateway decides on came twice: the engine might read the other one
+    (which key, which body type), so the request is refused."""
+    return error_reply(
+        400, f"the request has more than one {name} header; send it once", "invalid_request", name
+    )
 
 
 def over_limit(limit: int) -> Reply:
