@@ -474,3 +474,50 @@ def test_reloading_the_same_file_starts_again_an_engine_that_had_failed(
     assert "pinned-0: restart (it had failed)" in done.stdout, done.stdout + done.stderr
     assert done.returncode == 0, done.stdout + done.stderr
     assert chat(fleet.url, "pinned")[0] == 200
+
+
+def test_keys_change_on_a_reload_their_counters_go_on_and_no_engine_moves(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    keys = [
+        {"name": "ops", "key": "sk-ops", "admin": True},
+        {"name": "a", "key": "sk-a", "deployments": ["chat"], "rpm": 2},
+    ]
+    path = fleet_file(tmp_path, {"chat": {"model": "org/chat"}}, keys=keys, usage_db=None)
+    fleet = FleetUp(path)
+    fleets.append(fleet)
+
+    def engines() -> dict[str, Any]:
+        data = fleet.status_with_key("sk-ops")
+        ups = [u for d in data.get("deployments", {}).values() for u in d["upstreams"]]
+        return {u["name"]: u["pid"] for u in ups if u["state"] == "ready"}
+
+    wait_until(lambda: engines(), what="chat ready")
+    before = engines()
+
+    def ask(key: str) -> int:
+        request = urllib.request.Request(
+            f"{fleet.url}/chat/v1/chat/completions",
+            data=b'{"messages": [], "max_tokens": 1}',
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert [ask("sk-a"), ask("sk-a"), ask("sk-a"), ask("sk-b")] == [200, 200, 429, 401]
+
+    def change(data: dict[str, Any]) -> None:
+        data["gateway"]["keys"][1]["rpm"] = 3
+        data["gateway"]["keys"].append({"name": "b", "key": "sk-b"})
+
+    rewrite(path, change)
+    done = fleet_cli("reload", str(path))  # the CLI sends the file's plain admin key
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "keys: added b; changed a" in done.stdout
+    assert "sk-" not in done.stdout + done.stderr  # names, never the keys
+    # `a` used 2 of its minute; under its new limit of 3 one more passes, not three.
+    assert [ask("sk-b"), ask("sk-a"), ask("sk-a")] == [200, 200, 429]
+    assert engines() == before
