@@ -105,3 +105,27 @@ def group_members(pgid: int) -> list[int]:
         if fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
             found.append(int(entry.name))
     return found
+
+
+def listening_ports(pids: list[int]) -> set[int]:
+    """TCP ports the processes `pids` listen on (from /proc: their socket inodes)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports

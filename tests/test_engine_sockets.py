@@ -17,31 +17,11 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import fake_fleet_file
+from tests.conftest import fake_fleet_file, listening_ports
 from tests.test_fleet_up import FleetUp
 from tests.test_supervisor import make_supervisor, only, run, until
 from vllm_fleet.registry import State
 from vllm_fleet.testing.harness import engine_json
-
-
-def tcp_listeners(pid: int) -> list[int]:
-    """The TCP ports process `pid` listens on (its sockets' inodes in /proc/PID/fd, found
-    among the LISTEN entries of /proc/net/tcp and tcp6)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    ports = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                ports.append(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
 
 
 def test_engines_serve_every_route_over_their_sockets_and_listen_on_no_tcp_port(
@@ -63,7 +43,7 @@ def test_engines_serve_every_route_over_their_sockets_and_listen_on_no_tcp_port(
         assert info.st_uid == os.geteuid()
         for up in ups:
             assert stat.S_ISSOCK(Path(up["socket"]).stat().st_mode)
-            assert tcp_listeners(up["pid"]) == []  # the fake engine opened no TCP port
+            assert listening_ports([up["pid"]]) == set()  # the fake engine opened no TCP port
         # Every route style, through the gateway, reaches the engines over their sockets.
         seen = set()
         client = openai.OpenAI(base_url=f"{fleet.url}/chat/v1", api_key="x")
@@ -264,7 +244,7 @@ def test_listen_tcp_engines_serve_on_their_port(tmp_path: Path) -> None:
     try:
         (up,) = fleet.wait_ready(1)
         assert up["socket"] is None and up["url"] == f"http://127.0.0.1:{up['port']}"
-        assert tcp_listeners(up["pid"]) == [up["port"]]
+        assert listening_ports([up["pid"]]) == {up["port"]}
         client = openai.OpenAI(base_url=f"{fleet.url}/t/v1", api_key="x")
         reply = client.completions.create(model="x", prompt="x", max_tokens=2)
         assert reply.system_fingerprint == f"fake-{up['port']}"

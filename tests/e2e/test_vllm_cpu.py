@@ -420,13 +420,13 @@ def test_embeddings_have_384_dimensions_and_mean_something(fleet: Fleet) -> None
 def test_vllm_engines_listen_on_unix_sockets_and_on_no_tcp_port(fleet: Fleet) -> None:
     """vLLM started with `--uds`: every request of this module reached it over its socket,
     in a directory only the fleet's user may open, and its server opened no TCP port."""
-    from tests.test_engine_sockets import tcp_listeners
+    from tests.conftest import listening_ports
 
     for upstream in fleet.upstreams(fleet.status()):
         sock = Path(upstream["socket"])
         assert upstream["url"] == f"unix:{sock}" and upstream["port"] is None
         assert sock.is_socket() and (sock.parent.stat().st_mode & 0o777) == 0o700
-        assert tcp_listeners(int(upstream["pid"])) == []
+        assert listening_ports([int(upstream["pid"])]) == set()
 
 
 def test_v1_models_lists_both_deployments(fleet: Fleet) -> None:

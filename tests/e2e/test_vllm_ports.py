@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import group_members
+from tests.conftest import group_members, listening_ports
 from tests.e2e.test_vllm_cpu import (
     DEMO_FILE,
     ENGINE_PYTHON,
@@ -58,30 +58,6 @@ from vllm_fleet.registry import Registry, State
 
 ROUNDS = 10
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(ROUNDS * 240)]
-
-
-def listening_ports(pids: list[int]) -> set[int]:
-    """TCP ports the processes `pids` listen on (from /proc: their socket inodes)."""
-    inodes = set()
-    for pid in pids:
-        try:
-            fds = list(Path(f"/proc/{pid}/fd").iterdir())
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[len("socket:[") : -1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
 
 
 def vllm_ports_seen(pids: list[int]) -> set[str | None]:
