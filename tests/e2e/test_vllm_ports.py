@@ -17,7 +17,8 @@ on purpose.
 What this build does at tensor-parallel size 1 (seen here with the demo's engines, and
 in vllm/v1/executor/multiproc_executor.py): the workers meet through a FileStore
 (`get_file_store_init_method()`), not a TCPStore, unless ROCm's AITER all-reduce is on;
-so these engines listen on their serving port only and never read VLLM_PORT. The race is
+so these engines listen on their serving socket (and on ports of the kernel's choosing
+for their own processes' messages) and never read VLLM_PORT. The race is
 real for the Ray executor, data parallelism, multi-node and fault tolerance, which this
 machine cannot run. So the test proves what it can: both engines get ready every round,
 each engine's API server runs with its own VLLM_PORT (which its engine core and worker
@@ -110,7 +111,10 @@ async def one_round(specs_env: dict[str, str], logs: Path) -> tuple[float, list[
                 seen = {pid: vllm_ports_seen([pid]) for pid in members}
                 problems.append(f"{up.name}: VLLM_PORT {own} planned, processes have {seen}")
             listens = listening_ports(members)
-            if spec.port not in listens:
+            if spec.uds is not None:  # the default: its socket, and no serving TCP port
+                if not spec.uds.is_socket():
+                    problems.append(f"{up.name}: no socket at {spec.uds}")
+            elif spec.port not in listens:
                 problems.append(f"{up.name}: not listening on {spec.port} ({listens})")
             for other_up, other in engines:
                 assert isinstance(other, EngineSpec) and other.vllm_ports is not None
