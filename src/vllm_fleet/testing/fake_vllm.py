@@ -42,8 +42,8 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+
+from vllm_fleet.testing.fake_metrics import VllmStats
 
 EMBED_DIMS = 384
 # Request headers /fake/stats reports, so tests can see what a proxy forwarded.
@@ -413,40 +413,6 @@ async def version(request: web.Request) -> web.Response:
     return web.json_response({"version": "0.0.0+fake"})
 
 
-class _VllmStats(Collector):
-    """vLLM's request gauges and token counters (vllm/v1/metrics/loggers.py), read from
-    the engine at scrape time."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    def collect(self) -> Any:
-        engine = self.engine
-        labels = ["engine", "model_name"]
-        values = ["0", engine.names[0]]
-        running = GaugeMetricFamily(
-            "vllm:num_requests_running",
-            "Number of requests in model execution batches.",
-            labels=labels,
-        )
-        running.add_metric(values, float(engine.in_flight))
-        waiting = GaugeMetricFamily(
-            "vllm:num_requests_waiting",
-            "Number of requests waiting to be processed.",
-            labels=labels,
-        )
-        waiting.add_metric(values, float(engine.waiting))
-        generated = CounterMetricFamily(
-            "vllm:generation_tokens", "Number of generation tokens processed.", labels=labels
-        )
-        generated.add_metric(values, float(engine.generation_tokens), created=engine.started)
-        prompt = CounterMetricFamily(
-            "vllm:prompt_tokens", "Number of prefill tokens processed.", labels=labels
-        )
-        prompt.add_metric(values, float(engine.prompt_tokens), created=engine.started)
-        yield from (running, waiting, prompt, generated)
-
-
 METRICS: web.AppKey[CollectorRegistry] = web.AppKey("metrics", CollectorRegistry)
 
 
@@ -505,7 +471,7 @@ def create_app(engine: Engine) -> web.Application:
     app[ENGINE] = engine
     app[METRICS] = CollectorRegistry(auto_describe=True)
     if engine.log_stats:
-        app[METRICS].register(_VllmStats(engine))
+        app[METRICS].register(VllmStats(engine))
     app.on_response_prepare.append(_engine_header)
     app.router.add_get("/health", health)
     app.router.add_get("/ping", health)
