@@ -74,6 +74,19 @@ CASES = {
     ),
     "a yes/no in args": ("deployments:\n  a: {model: m, args: [--x, true]}\n", False),
     "no limit (null)": ("gateway: {max_connections: null}\n" + OK, True),
+    "on demand, its keys": (
+        "deployments:\n  a: {model: m, start: on_demand, idle_timeout: 60, sleep: 1, "
+        "swap_group: big, queue_timeout: 30, max_queued: 0, swap_drain_timeout: 0, "
+        "min_hold: 0}\n",
+        True,
+    ),
+    "start neither always nor on_demand": ("deployments:\n  a: {model: m, start: lazy}\n", False),
+    "sleep as a yes/no": ("deployments:\n  a: {model: m, start: on_demand, sleep: true}\n", False),
+    "sleep level 3": ("deployments:\n  a: {model: m, start: on_demand, sleep: 3}\n", False),
+    "a swap group name that is no id": (
+        "deployments:\n  a: {model: m, start: on_demand, swap_group: Big}\n",
+        False,
+    ),
 }
 
 

@@ -4,7 +4,8 @@ FleetConfig -> plan -> engines -> gateway.
 
 Modules, each importing only those above it: `problems` (ConfigIssue, ConfigError),
 `envsubst` (`${VAR}`), `yaml_source` (lines, numbers as written, duplicate keys),
-`models` (pydantic), `checks` (cross-field rules on the models), `loading` (all together).
+`models` (pydantic), `on_demand` (the rules of `start: on_demand` and swap groups),
+`checks` (cross-field rules on the models), `loading` (all together).
 """
 
 from vllm_fleet.config.loading import load, loads

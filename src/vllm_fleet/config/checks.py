@@ -10,11 +10,10 @@ import re
 from typing import Literal
 
 from vllm_fleet.config.access import check_keys
-from vllm_fleet.config.models import Deployment, FleetConfig
+from vllm_fleet.config.models import ID_MAX_LEN, ID_PATTERN, Deployment, FleetConfig
+from vllm_fleet.config.on_demand import check_on_demand
 from vllm_fleet.config.problems import ConfigIssue, Loc
 
-ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-ID_MAX_LEN = 63
 # First path segments the gateway answers itself; a deployment id may not shadow them.
 RESERVED_IDS = frozenset(
     {"v1", "v2", "openai", "health", "metrics", "fleet", "ping", "version", "docs", "api"}
@@ -222,10 +221,10 @@ def check(config: FleetConfig) -> list[ConfigIssue]:
                 users = gpu_users.setdefault(gpu, [])
                 if dep_id in users:
                     continue  # listed twice in this deployment: reported above
-                # A GPU is shared only when every deployment on it says it shares.
+                # A GPU is shared only when every deployment on it says it shares, or
+                # swapped between on-demand ones (one holds it at a time).
                 blocker = next(
-                    (u for u in users if not (_shares(dep) and _shares(config.deployments[u]))),
-                    None,
+                    (u for u in users if not _may_share(dep, config.deployments[u])), None
                 )
                 if blocker is not None:
                     add(
@@ -234,7 +233,7 @@ def check(config: FleetConfig) -> list[ConfigIssue]:
                             message=f"GPU {gpu} is already used by deployment `{blocker}`; "
                             "give each deployment its own GPUs, or let both share it: set "
                             "`share_gpus: true` and `--gpu-memory-utilization` (e.g. 0.45) "
-                            "on both",
+                            "on both, or make both `start: on_demand` to swap them on this GPU",
                         )
                     )
                     continue
@@ -243,6 +242,7 @@ def check(config: FleetConfig) -> list[ConfigIssue]:
         issues.extend(_check_parallelism(dep, at))
     issues.extend(_check_names(config))
     issues.extend(_check_vllm_ports(config))
+    issues.extend(check_on_demand(config))
     return issues
 
 
@@ -366,6 +366,10 @@ def _shares(dep: Deployment) -> bool:
     return dep.share_gpus or flag_value(dep.args, "--gpu-memory-utilization") is not None
 
 
+def _may_share(dep: Deployment, other: Deployment) -> bool:
+    return (dep.on_demand and other.on_demand) or (_shares(dep) and _shares(other))
+
+
 def _utilization(dep: Deployment) -> float:
     value = flag_value(dep.args, "--gpu-memory-utilization")
     try:
@@ -396,19 +400,24 @@ def _check_utilization(dep: Deployment, at: Loc) -> list[ConfigIssue]:
 def _check_shared_memory(
     config: FleetConfig, gpu: int, users: list[str], at: Loc
 ) -> list[ConfigIssue]:
-    """Engines sharing a GPU each take their --gpu-memory-utilization of the whole card."""
-    if len(users) < 2:
+    """Engines sharing a GPU each take their --gpu-memory-utilization of the whole card;
+    of the on-demand ones on it (they take turns: one loaded at a time), the largest."""
+    swapping = [u for u in users if config.deployments[u].on_demand]
+    counted = [u for u in users if u not in swapping]
+    if swapping:
+        counted.append(max(swapping, key=lambda u: _utilization(config.deployments[u])))
+    total = sum(_utilization(config.deployments[u]) for u in counted)
+    if len(counted) < 2 or total <= 1.0 + 1e-9:
         return []
-    total = sum(_utilization(config.deployments[u]) for u in users)
-    if total <= 1.0 + 1e-9:
-        return []
+    turns = ", ".join(f"`{u}`" for u in swapping)
+    note = f" (of {turns}, which take turns on it, the largest)" if len(swapping) > 1 else ""
     return [
         ConfigIssue(
             loc=at,
-            message=f"GPU {gpu} is shared by {', '.join(f'`{u}`' for u in users)}, whose "
-            f"--gpu-memory-utilization add up to {total:.2f} of the card (an engine without "
-            f"the flag takes {DEFAULT_GPU_MEMORY_UTILIZATION}); the later engine would run out "
-            "of memory; set it on each so they add up to at most 1, e.g. 0.45 each",
+            message=f"GPU {gpu} is shared by {', '.join(f'`{u}`' for u in counted)}, whose "
+            f"--gpu-memory-utilization add up to {total:.2f} of the card{note} (an engine "
+            f"without the flag takes {DEFAULT_GPU_MEMORY_UTILIZATION}); the later engine would "
+            "run out of memory; set it on each so they add up to at most 1, e.g. 0.45 each",
         )
     ]
 

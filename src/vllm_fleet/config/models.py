@@ -45,7 +45,22 @@ def _no_bool(value: Any) -> Any:
     return value
 
 
+def _sleep_level(value: Any) -> Any:
+    """`sleep: true` is no level (pydantic would take it as 1); `${VAR}` gives text."""
+    if isinstance(value, bool):
+        raise ValueError(
+            "`sleep` is a level of vLLM's sleep mode, not a yes/no: 0 (stop the engine), "
+            "1 (weights offloaded to CPU memory) or 2 (weights dropped); e.g. `sleep: 1`"
+        )
+    if isinstance(value, str) and value.strip() in ("0", "1", "2"):
+        return int(value)
+    return value
+
+
 Port = Annotated[int, Field(ge=1, le=65535)]
+# A deployment id (and a swap group's name): URL-safe, as it becomes a path segment.
+ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+ID_MAX_LEN = 63
 
 # A host name or an IP address (IPv6 without brackets): nothing that could break out of a
 # URL or an nginx directive (`fleet nginx` renders hosts and endpoints into its vhost).
@@ -284,12 +299,46 @@ class Deployment(_Strict):
     # no other user can open (the command's `{uds}`, or `--uds PATH` added); `tcp`, the
     # command's `{host}`/`{port}` (an engine without `--uds`, or nginx in front).
     listen: Literal["uds", "tcp"] = "uds"
+    # `always`: started with the fleet. `on_demand`: started by the first request for it
+    # (which waits in a queue meanwhile); the fields below apply to on-demand ones only.
+    start: Literal["always", "on_demand"] = "always"
+    # Seconds without requests before the engine is unloaded (stopped, or put to sleep
+    # with `sleep`); None: kept loaded until another member of its swap group needs it.
+    idle_timeout: Annotated[float, Field(gt=0)] | None = None
+    # vLLM's sleep mode at this level instead of stopping: 1 offloads the weights to CPU
+    # memory, 2 drops them; 0 stops the engine.
+    sleep: Literal[0, 1, 2] = 0
+    # On-demand deployments that take turns on the same GPUs: those sharing a GPU form
+    # one group by themselves; a name joins deployments that list no GPU in common too.
+    swap_group: str | None = Field(default=None, json_schema_extra={"pattern": ID_PATTERN.pattern})
+    # A request waits this long for the engine to load, and at most this many wait.
+    queue_timeout: Annotated[float, Field(gt=0)] = 300.0
+    max_queued: Annotated[int, Field(ge=0)] = 64
+    # Swapped out, a member's requests in flight get this long to finish; once loaded, it
+    # keeps the GPUs at least this long before another member may take them.
+    swap_drain_timeout: Annotated[float, Field(ge=0)] = 30.0
+    min_hold: Annotated[float, Field(ge=0)] = 10.0
 
     _coerce_args = field_validator("args", "env", "command", mode="before")(
         lambda v: _stringify_scalars(v)
     )
-    _numbers = field_validator("gpus", "port", "replicas", mode="before")(lambda v: _no_bool(v))
+    _numbers = field_validator(
+        "gpus", "port", "replicas", "idle_timeout", "queue_timeout", "max_queued",
+        "swap_drain_timeout", "min_hold", mode="before",
+    )(lambda v: _no_bool(v))  # fmt: skip
+    _sleep = field_validator("sleep", mode="before")(lambda v: _sleep_level(v))
     _host = field_validator("host")(lambda v: _check_host(v))
+
+    @field_validator("swap_group")
+    @classmethod
+    def _group_name(cls, value: str | None) -> str | None:
+        if value is not None and not ID_PATTERN.fullmatch(value):
+            raise ValueError(
+                f"`{value}` is not a swap group name: at most {ID_MAX_LEN} lowercase "
+                "letters, digits, `.`, `_` and `-`, starting with a letter or digit "
+                "(e.g. big-models)"
+            )
+        return value
 
     @field_validator("endpoints")
     @classmethod
@@ -305,6 +354,11 @@ class Deployment(_Strict):
     @property
     def remote(self) -> bool:
         return bool(self.endpoints)
+
+    @property
+    def on_demand(self) -> bool:
+        """Started by its first request, not with the fleet (`start: on_demand`)."""
+        return self.start == "on_demand"
 
     @property
     def served_as(self) -> str:

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm_fleet.config.checks import ID_PATTERN
-from vllm_fleet.config.models import FleetConfig
+from vllm_fleet.config.models import ID_PATTERN, FleetConfig
 
 DRAFT = "http://json-schema.org/draft-07/schema#"
 TITLE = "vllm-fleet fleet file"
