@@ -171,3 +171,37 @@ def test_check_invalid_yaml_exits_1_with_the_line(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "line 5, (top level): not valid YAML" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_check_lists_the_swap_groups_and_what_each_on_demand_deployment_does(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(
+        "engine_command: [python3, -m, vllm_fleet.testing.fake_vllm, '{model}']\n"
+        "engines: {start_timeout: 600}\n"
+        "deployments:\n"
+        "  chat: {model: m1, gpus: [0], start: on_demand, idle_timeout: 300}\n"
+        "  code: {model: m2, gpus: [0], start: on_demand, sleep: 1}\n"
+        "  embed: {model: m3, gpus: [1]}\n"
+    )
+    done = fleet_check(path, tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    at = lines.index("swap group gpu0: GPUs 0; members: chat, code (one loaded at a time)")
+    assert lines[at - 1].startswith("on-demand deployments")
+    assert lines[at + 1 : at + 5] == [
+        "chat (swap group gpu0)",
+        "  on request: cold start (start_timeout 600s)",
+        "  when idle: unloaded after 300s idle",
+        "  queues up to 64 requests for 300s",
+    ]
+    code = lines.index("code (swap group gpu0)")
+    assert lines[code + 1 : code + 4] == [
+        "  on request: wake from sleep level 1; the first time, cold start (start_timeout 600s)",
+        "  when idle: kept loaded until another member needs the GPUs",
+        "  queues up to 64 requests for 300s",
+    ]
+    # The engines are planned as any other: sleep mode's flag and environment on `code`.
+    assert any("VLLM_SERVER_DEV_MODE=1" in line and "--enable-sleep-mode" in line for line in lines)
+    assert "embed" not in "\n".join(lines[at - 1 :])

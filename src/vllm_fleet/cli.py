@@ -16,6 +16,7 @@ from vllm_fleet.gpus import Inventory, read_inventory
 from vllm_fleet.ledger import By
 from vllm_fleet.masking import mask_argv, mask_env
 from vllm_fleet.plan import EngineSpec, Plan, build_plan, stall_watch
+from vllm_fleet.swap_groups import on_demand_lines
 
 if TYPE_CHECKING:
     from vllm_fleet.status import Trust
@@ -69,7 +70,8 @@ def _describe_engine_watch(config: FleetConfig, engine: EngineSpec) -> str:
 def check(fleet_file: FleetFile) -> None:
     """Validate a fleet file and print the plan: every engine's GPUs, port, command line
     and environment (secrets masked), its range of vLLM's internal ports and whether its
-    stalls are watched. Exit code 0 when valid, 1 when not."""
+    stalls are watched; then the on-demand deployments and their swap groups. Exit code
+    0 when valid, 1 when not."""
     from vllm_fleet.gateway.tls import server_tls
     from vllm_fleet.runner import gateway_url
 
@@ -105,6 +107,9 @@ def check(fleet_file: FleetFile) -> None:
     console.print()
     for warning in plan.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+    on_demand = on_demand_lines(config, plan.groups)
+    for line in ([""] if plan.warnings and on_demand else []) + on_demand:
+        console.print(line, highlight=False)
 
 
 @app.command()

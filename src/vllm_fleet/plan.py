@@ -24,6 +24,7 @@ from vllm_fleet.config import ConfigError, ConfigIssue, Deployment, FleetConfig
 from vllm_fleet.config.checks import engine_ports, flag_name, vllm_port_blocks
 from vllm_fleet.gpus import Inventory
 from vllm_fleet.socket_plan import assign_sockets, socket_dir
+from vllm_fleet.swap_groups import SwapGroup, sleep_warnings, swap_groups
 
 _PLACEHOLDER = re.compile(r"\{(model|host|port|uds|python|id)\}")
 
@@ -100,6 +101,12 @@ class Plan:
     remotes: tuple[RemoteSpec, ...]
     inventory: Inventory
     warnings: tuple[str, ...] = field(default=())
+    # On-demand deployments taking turns on the same GPUs (see swap_groups.py).
+    groups: tuple[SwapGroup, ...] = field(default=())
+
+    def group_of(self, dep_id: str) -> SwapGroup | None:
+        """The swap group the deployment is a member of, if any."""
+        return next((g for g in self.groups if dep_id in g.members), None)
 
     def for_deployment(self, dep_id: str) -> list[EngineSpec | RemoteSpec]:
         found: list[EngineSpec | RemoteSpec] = [e for e in self.engines if e.deployment == dep_id]
@@ -118,6 +125,7 @@ def build_plan(
     kept = _keep_prior(config, inventory, python, prior)
     held = [e for e in prior.engines] if prior is not None else []
     gpu_plan = _assign_gpus(config, inventory, issues, warnings, kept, held)
+    groups = swap_groups(config, gpu_plan, issues)
     blocks = _assign_blocks(config, issues, kept, held)
     port_plan = _assign_ports(config, issues, blocks, kept, held)
     socket_plan = assign_sockets(
@@ -161,11 +169,13 @@ def build_plan(
             {(e.deployment, e.replica): e.vllm_ports for e in engines if e.vllm_ports is not None},
         )
     )
+    vllm = {d for d, dep in config.deployments.items() if runs_vllm(_template(config, dep))}
+    warnings.extend(sleep_warnings(config, inventory, vllm))
     if issues:
         for issue in issues:
             issue.line = issue.line or config.line_of(issue.loc)
         raise ConfigError(config.source, issues)
-    return Plan(tuple(engines), tuple(remotes), inventory, tuple(warnings))
+    return Plan(tuple(engines), tuple(remotes), inventory, tuple(warnings), groups)
 
 
 def _engine_spec(
@@ -282,7 +292,7 @@ def engine_argv(
 ) -> list[str]:
     """The engine's command line: the template's placeholders filled in; then, when the
     template does not place them, `--uds PATH` (on a socket) or `--host H --port P`."""
-    template = dep.command if dep.command is not None else config.engine_command
+    template = _template(config, dep)
     values = {
         "model": dep.model,
         "host": dep.host,
@@ -306,8 +316,14 @@ def engine_argv(
         # On SIGTERM vLLM then lets its requests in flight finish (for this long) instead of
         # aborting them; the gateway drains first, so this covers what the drain cut off.
         argv += ["--shutdown-timeout", f"{math.ceil(config.engines.drain_timeout)}"]
+    if dep.sleep and not any(flag_name(a) == "--enable-sleep-mode" for a in dep.args):
+        argv.append("--enable-sleep-mode")  # `sleep: 1|2`: unloaded by /sleep, not stopped
     argv += dep.args
     return argv
+
+
+def _template(config: FleetConfig, dep: Deployment) -> list[str]:
+    return dep.command if dep.command is not None else config.engine_command
 
 
 def runs_vllm(command: list[str]) -> bool:
@@ -329,7 +345,7 @@ def stall_watch(config: FleetConfig, dep: Deployment) -> tuple[float | None, str
     `fleet check` says about it. The deployment's own `stall_timeout` also watches a
     command not recognised as vLLM; else `engines.stall_timeout` for vLLM commands. 0 is
     off, and so is `--disable-log-stats` (vLLM then exports none of its metrics)."""
-    template = dep.command if dep.command is not None else config.engine_command
+    template = _template(config, dep)
     own = dep.stall_timeout is not None
     timeout = dep.stall_timeout if dep.stall_timeout is not None else config.engines.stall_timeout
     if not timeout:
@@ -362,6 +378,8 @@ def engine_env(
         # Set even when the fleet's own environment has one: every engine inheriting the
         # same VLLM_PORT would scan from the same port and collide for certain.
         env["VLLM_PORT"] = str(vllm_ports.start)
+    if dep.sleep:
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # vLLM's /sleep and /wake_up are dev routes
     return env
 
 
