@@ -36,6 +36,11 @@ class State(StrEnum):
     # A ready engine busy without token progress (engines/stall.py): out of the
     # rotation while it is stopped, then restarted like any failure.
     STALLED = "stalled"
+    # On-demand engines (engines/demand.py): not running until asked for; out of the
+    # rotation while draining to make room; asleep in vLLM's sleep mode.
+    UNLOADED = "unloaded"
+    UNLOADING = "unloading"
+    SLEEPING = "sleeping"
 
 
 @dataclass(eq=False)
@@ -49,6 +54,7 @@ class Upstream:
     pid: int | None = None
     restarts: int = 0
     outstanding: int = 0
+    served: int = 0  # requests sent to it (the gateway counts; idle unload reads it)
     message: str = ""
     since: float = field(default_factory=time.time)
     ejected: str | None = None  # why the gateway took it out of the rotation; None: in it
@@ -118,7 +124,10 @@ class Registry:
             dep_id: [] for dep_id in config.deployments
         }
         for engine in plan.engines:
-            self.by_deployment[engine.deployment].append(upstream_for(engine))
+            upstream = upstream_for(engine)
+            if config.deployments[engine.deployment].on_demand:
+                upstream.set_state(State.UNLOADED, "unloaded (start: on_demand)")
+            self.by_deployment[engine.deployment].append(upstream)
         for remote in plan.remotes:
             self.by_deployment[remote.deployment].append(upstream_for(remote))
         # Out of routing, draining or stopping (a reload removed or replaced them).
@@ -145,7 +154,7 @@ class Registry:
         ups = self.all()
         engines = tuple(u.spec for u in ups if isinstance(u.spec, EngineSpec))
         remotes = tuple(u.spec for u in ups if isinstance(u.spec, RemoteSpec))
-        return Plan(engines, remotes, self.plan.inventory, self.plan.warnings)
+        return Plan(engines, remotes, self.plan.inventory, self.plan.warnings, self.plan.groups)
 
     def reconfigure(self, config: FleetConfig, plan: Plan) -> None:
         """The new file's deployments, in its order (each removed one must be empty)."""

@@ -32,6 +32,7 @@ from rich.markup import escape
 
 from vllm_fleet.config import ConfigError, FleetConfig, load
 from vllm_fleet.engines import Supervisor
+from vllm_fleet.engines.demand import Demand
 from vllm_fleet.engines.rollout import Rollout
 from vllm_fleet.gateway.errors import error_object
 from vllm_fleet.gateway.relay import RelayServer
@@ -108,6 +109,7 @@ class Reloader:
         self.overrides = overrides or {}
         self.hurry = hurry
         self.server: RelayServer | None = None
+        self.demand: Demand | None = None  # the on-demand deployments (`fleet up` sets it)
         self.tls: ServerTls | None = None  # what the gateway serves with (`fleet up` sets it)
         self._applying: asyncio.Task[None] | None = None
         registry.fleet = {
@@ -224,11 +226,15 @@ class Reloader:
         tls: ServerTls | None = None,
     ) -> None:
         """Switch routing and the gateway now; start the rest (see the module docstring)."""
+        on_demand = frozenset(i for i, d in config.deployments.items() if d.on_demand)
         rollout = Rollout(
-            changes, self.registry, self.supervisor, config.engines.drain_timeout, self.hurry
-        )
+            changes, self.registry, self.supervisor, config.engines.drain_timeout, self.hurry,
+            on_demand=on_demand,
+        )  # fmt: skip
         rollout.begin()
         self.registry.reconfigure(config, plan)
+        if self.demand is not None:
+            self.demand.reconfigure(config)
         self._reconfigure_gateway(config)
         if tls is not None and self.server is not None and self.server.tls:
             self.server.use_tls(tls.context)

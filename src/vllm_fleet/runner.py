@@ -37,6 +37,7 @@ from rich.text import Text
 
 from vllm_fleet.config import ConfigError, FleetConfig
 from vllm_fleet.engines import EngineEvent, Supervisor
+from vllm_fleet.engines.demand import Demand
 from vllm_fleet.gateway.relay.server import connection_limit
 from vllm_fleet.gateway.server import serve
 from vllm_fleet.gateway.tls import server_tls
@@ -179,13 +180,24 @@ class Progress:
                 settled.cancel()
 
     def print_ready(self, config: FleetConfig) -> None:
-        managed = [u for u in self.registry.all() if u.managed]
+        everything = [u for u in self.registry.all() if u.managed]
+        # On-demand engines wait to be asked for: counted apart.
+        deployments = self.registry.config.deployments  # (a reload may have come already)
+        managed = [u for u in everything if not deployments[u.deployment].on_demand]
         ready = sum(1 for u in managed if u.state is State.READY)
         failed = [u.name for u in managed if u.state is State.FAILED]
         url = gateway_url(config)
         took = time.monotonic() - self.started
         summary = f"{ready}/{len(managed)} engines ready in {took:.0f}s"
-        if managed and len(failed) == len(managed) and not self.registry.plan.remotes:
+        on_demand = sorted({u.deployment for u in everything} - {u.deployment for u in managed})
+        if on_demand:
+            summary += f"; loaded on demand: {', '.join(on_demand)}"
+        if (
+            managed
+            and len(failed) == len(managed)
+            and not self.registry.plan.remotes
+            and not on_demand
+        ):
             self.console.print(
                 f"[bold red]every engine failed[/] (see above, or `fleet status`); the gateway "
                 f"at {url} answers 503 until you fix the fleet file and run `fleet up` again. "
@@ -245,9 +257,10 @@ def _print_plan(console: Console, config: FleetConfig, registry: Registry, open_
             continue
         gpus = getattr(spec, "gpus", None)
         on = "GPUs " + ",".join(map(str, gpus)) if gpus is not None else "GPUs not pinned"
+        when = ", loaded on demand" if up.state is State.UNLOADED else ""
         console.print(
             f"  {escape(up.name)}: {on}, listens {escape(getattr(spec, 'address', '?'))}, "
-            f"log {escape(str(getattr(spec, 'log_path', '')))}",
+            f"log {escape(str(getattr(spec, 'log_path', '')))}{when}",
             highlight=False,
         )
 
@@ -260,6 +273,7 @@ async def _run(
     registry = Registry(config, plan)
     progress = Progress(console, registry)
     supervisor = Supervisor(registry, on_event=progress.on_event)
+    demand: Demand | None = None
     stop = asyncio.Event()
     hurry = asyncio.Event()  # a second signal: no more waiting for anything
     reloader = Reloader(file, config, registry, supervisor, console, overrides, hurry)
@@ -321,6 +335,8 @@ async def _run(
             )
         return 1
     reloader.server, reloader.tls = gateway, tls
+    demand = Demand(registry, supervisor, gateway.core.metrics.prometheus)
+    gateway.core.demand = reloader.demand = demand
 
     # Everything loaded so far (config, modules) lives as long as the process: keep it out
     # of the cyclic collector's scans, which otherwise walk it all on every full pass.
@@ -330,6 +346,7 @@ async def _run(
         _print_plan(console, config, registry, open_files)
         if not stop.is_set():
             await supervisor.start()
+            demand.start()
             await progress.until_settled(supervisor, stop)
         if not stop.is_set():
             progress.print_ready(config)
@@ -337,6 +354,8 @@ async def _run(
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
         reloader.cancel()  # a reload still applying stops where it is
+        if demand is not None:  # requests waiting for an engine get their 503 now
+            await demand.stop()
         # Engines stop only once the requests they serve are done (or the drain timed out).
         await gateway.drain(reloader.config.engines.drain_timeout, cut_short=hurry)
         stopping = asyncio.create_task(supervisor.stop())

@@ -24,6 +24,9 @@ STATE_STYLES = {
     "failed": "bold red",
     "unreachable": "red",
     "stalled": "bold red",
+    "unloaded": "dim",
+    "unloading": "yellow",
+    "sleeping": "cyan",
 }
 
 
@@ -166,7 +169,9 @@ def render_status(data: dict[str, Any], now: float | None = None) -> Group:
                 str(up.get("restarts", 0)),
                 str(up.get("outstanding", 0)),
             )
-            if state != "ready" or not managed or ejected:
+            if state in ("unloaded", "sleeping"):
+                pass  # on demand: said once per deployment below the table
+            elif state != "ready" or not managed or ejected:
                 note = Text(f"{up.get('name', '')}: ", style="bold")
                 if ejected:
                     note.append(f"out of the rotation until a health check passes: {ejected}")
@@ -192,7 +197,48 @@ def render_status(data: dict[str, Any], now: float | None = None) -> Group:
             note.append(f", {busy} request(s) in flight" if busy else "")
             notes.append(note)
     head = _fleet_line(data.get("fleet"), now)
-    return Group(*head, table, *notes)
+    return Group(*head, table, *notes, *_on_demand_lines(data.get("on_demand"), now))
+
+
+def _on_demand_lines(data: Any, now: float) -> list[Text]:
+    """Swap groups (holder, queue, last swap) and each on-demand deployment's state."""
+    if not isinstance(data, dict) or not (data.get("deployments") or data.get("groups")):
+        return []
+    out = [Text("on demand", style="bold")]
+    for name, group in (data.get("groups") or {}).items():
+        gpus = ",".join(map(str, group.get("gpus") or [])) or "no GPUs"
+        line = Text(f"  swap group {name} ", style="bold")
+        line.append(f"(GPUs {gpus}): {', '.join(group.get('members') or [])}; holder ")
+        line.append(str(group.get("holder") or "none"), style="green")
+        line.append(f"; {group.get('queued', 0)} queued; {group.get('swaps', 0)} swap(s)")
+        last = group.get("last_swap")
+        if isinstance(last, dict):
+            took = last.get("seconds")
+            line.append(
+                f"; last: {', '.join(last.get('from') or []) or 'nothing'} -> {last.get('to')} "
+                f"({last.get('kind')}, {took}s, {_age(last.get('at'), now)} ago)",
+                style="dim",
+            )
+            if last.get("failed"):
+                line.append(f" failed: {last['failed']}", style="red")
+        out.append(line)
+    for dep_id, dep in (data.get("deployments") or {}).items():
+        state = str(dep.get("state", "?"))
+        line = Text(f"  {dep_id}: ")
+        line.append(state, style=STATE_STYLES.get(state, "green" if state == "loaded" else ""))
+        if dep.get("queued"):
+            line.append(f", {dep['queued']} queued (oldest {dep.get('oldest_wait_s')}s)")
+        idle = dep.get("idle_timeout")
+        line.append(
+            f"; idle {dep.get('idle_s')}s" + (f" of {idle:g}s" if idle else " (never unloaded)"),
+            style="dim",
+        )
+        if dep.get("last_load_s") is not None:
+            line.append(f"; last load {dep['last_load_s']}s", style="dim")
+        if dep.get("note"):
+            line.append(f"\n    {dep['note']}", style="yellow")
+        out.append(line)
+    return out
 
 
 def _fleet_line(fleet: Any, now: float) -> list[Text]:

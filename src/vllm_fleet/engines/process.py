@@ -263,7 +263,7 @@ class EngineProcess:
             stopping.cancel()
         return bool(done)
 
-    def _client(self, path: str) -> tuple[aiohttp.ClientSession, str]:
+    def client(self, path: str) -> tuple[aiohttp.ClientSession, str]:
         """The session and URL that reach `path` on the engine (its socket, or TCP)."""
         uds = self.spec.uds
         if uds is None:
@@ -283,7 +283,7 @@ class EngineProcess:
 
     async def _health(self, timeout: float) -> str | None:
         """None when /health answers 200, else why not."""
-        session, url = self._client("/health")
+        session, url = self.client("/health")
         try:
             async with session.get(
                 url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
@@ -297,7 +297,7 @@ class EngineProcess:
     async def _load(self, timeout: float) -> EngineLoad | str:
         """The engine's load from /metrics, or why there is none: a str starting
         "no vLLM metrics" when the page lacks them, else the failed read."""
-        session, url = self._client("/metrics")
+        session, url = self.client("/metrics")
         try:
             async with session.get(
                 url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False

@@ -17,6 +17,10 @@ requests go on), updates take their new spec. `run()` then does the slow part:
 - restart: an engine that had failed, kept by the new file, is started again (with the
   new file's settings for it).
 
+On-demand deployments (`start: on_demand`, engines/demand.py) are loaded only when asked
+for: a new engine of one joins routing unloaded; a replaced one is stopped first and its
+replacement waits, unloaded, for the next request; one that had failed is unloaded.
+
 Every failure is said in the result, by engine; nothing else is rolled back.
 """
 
@@ -40,6 +44,7 @@ class Rollout:
     supervisor: Supervisor
     drain: float
     cut_short: asyncio.Event | None = None
+    on_demand: frozenset[str] = frozenset()  # deployments loaded only when asked for
     failures: list[str] = field(default_factory=list)
     done: list[str] = field(default_factory=list)
     _stopped: dict[str, asyncio.Event] = field(default_factory=dict)  # engine name -> gone
@@ -58,7 +63,9 @@ class Rollout:
                 registry.remove(old)
             elif step.action is Action.START and step.new is not None:
                 up = upstream_for(step.new)
-                if step.after:
+                if up.managed and step.deployment in self.on_demand:
+                    up.set_state(State.UNLOADED, "unloaded (start: on_demand)")
+                elif step.after:
                     up.set_state(State.STARTING, f"waiting for {', '.join(step.after)} to stop")
                 self._new[step.name] = up
                 registry.add(up)
@@ -79,6 +86,8 @@ class Rollout:
                         registry.swap(old, up)
                     else:
                         registry.add(up)
+                elif step.deployment in self.on_demand:
+                    up.set_state(State.UNLOADED, "unloaded (start: on_demand)")
                 elif step.beside:
                     up.set_state(State.STARTING, f"replacing {step.name}, on standby")
                     registry.standby.append(up)
@@ -129,6 +138,9 @@ class Rollout:
 
     async def _start(self, step: Step) -> None:
         up = self._new[step.name]
+        if up.managed and step.deployment in self.on_demand:
+            self.done.append(f"{step.name}: added, loaded when asked for ({step.why})")
+            return
         await self._wait_for(step.after)
         self.supervisor.ensure(up, "reload")
         if not up.managed:
@@ -140,6 +152,10 @@ class Rollout:
             self.failures.append(f"{step.name}: did not start: {up.message or up.state.value}")
 
     async def _restart(self, up: Upstream) -> None:
+        if up.deployment in self.on_demand:
+            up.set_state(State.UNLOADED, "unloaded (start: on_demand); it had failed")
+            self.done.append(f"{up.name}: had failed; unloaded, loaded when asked for")
+            return
         self.supervisor.ensure(up, "reload")
         if await self.supervisor.until_ready(up):
             self.done.append(f"{up.name}: had failed; started again and ready")
@@ -161,6 +177,17 @@ class Rollout:
             self.done.append(f"{step.name}: endpoint replaced ({step.why})")
             return
         await self._wait_for(step.after)
+        if step.deployment in self.on_demand:
+            # Stopped first (a swap group's GPUs hold one member at a time); the new
+            # engine is loaded by the next request for it.
+            if old is not None:
+                self.registry.swap(old, new)
+                await self._retire(step.name, old)
+            else:
+                self.registry.add(new)
+            gone.set()
+            self.done.append(f"{step.name}: replaced; loaded when asked for ({step.why})")
+            return
         if step.beside:
             self.supervisor.ensure(new, "reload")
             if not await self.supervisor.until_ready(new):

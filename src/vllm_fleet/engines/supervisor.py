@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 
 from vllm_fleet.config import EnginesConfig, FleetConfig
-from vllm_fleet.engines import sockets
+from vllm_fleet.engines import sleep_mode, sockets
 from vllm_fleet.engines.process import LOG_MARK, EngineProcess, Outcome, SpawnError, killpg
 from vllm_fleet.engines.remote import watch_remote
 from vllm_fleet.plan import EngineSpec
@@ -177,7 +177,8 @@ class Supervisor:
             return
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
         for upstream in self.registry.all():
-            self.ensure(upstream, "fleet up")
+            if upstream.state is not State.UNLOADED:  # on-demand ones wait to be asked for
+                self.ensure(upstream, "fleet up")
 
     def ensure(self, upstream: Upstream, reason: str = "reload") -> None:
         """Own `upstream` from now on: start its engine (or probe the remote endpoint).
@@ -203,7 +204,7 @@ class Supervisor:
             )  # fmt: skip
             owner.task = asyncio.create_task(watch, name=f"probe {upstream.name}")
         elif isinstance(upstream.spec, EngineSpec):
-            if upstream.state in (State.FAILED, State.STOPPED):
+            if upstream.state in (State.FAILED, State.STOPPED, State.UNLOADED):
                 # Starting from now on: whoever waits for it must not read the state of
                 # the engine's last life (a failure) before its new owner has run.
                 upstream.set_state(State.STARTING, "starting")
@@ -219,11 +220,16 @@ class Supervisor:
         return owner is not None and owner.task is not None and not owner.task.done()
 
     async def retire(
-        self, upstream: Upstream, drain: float, cut_short: asyncio.Event | None = None
+        self,
+        upstream: Upstream,
+        drain: float,
+        cut_short: asyncio.Event | None = None,
+        reason: str = "reload",
     ) -> None:
         """Drain and stop one upstream, already out of routing: requests in flight get
         up to `drain` seconds to finish (or until `cut_short`), then its engine is
-        stopped by the usual sequence and its owner is gone."""
+        stopped by the usual sequence and its owner is gone. `reason`: what the stop
+        is counted as (fleet_engine_stops_total)."""
         owner = self._owners.get(upstream)
         if owner is None:
             return
@@ -237,13 +243,58 @@ class Supervisor:
                 "%s: %d request(s) still in flight after the %gs drain; stopping it",
                 upstream.name, upstream.outstanding, drain,
             )  # fmt: skip
-        owner.stop_reason = "reload"
+        owner.stop_reason = reason
         owner.stop.set()
         if owner.task is not None:
             await asyncio.gather(owner.task, return_exceptions=True)
         if owner.engine is not None:
             await owner.engine.stop()
         self._owners.pop(upstream, None)
+
+    # ------------------------------------------------------------ on demand
+
+    async def unload(self, upstream: Upstream, reason: str, message: str) -> None:
+        """Stop an on-demand engine (drained already) and mark it unloaded: it starts
+        again only when `ensure()`d."""
+        await self.retire(upstream, 0.0, reason=reason)
+        upstream.set_state(State.UNLOADED, message)
+        self._emit(upstream)
+
+    def engine_of(self, upstream: Upstream) -> EngineProcess | None:
+        owner = self._owners.get(upstream)
+        if owner is None or owner.task is None or owner.task.done():
+            return None
+        return owner.engine
+
+    async def sleep(self, upstream: Upstream, level: int) -> str | None:
+        """Put a ready engine (drained already) to sleep at `level`: None when it sleeps,
+        else why not (the caller stops it instead)."""
+        engine = self.engine_of(upstream)
+        if engine is None or not engine.running:
+            return "its engine is not running"
+        problem = await sleep_mode.sleep(engine, level)
+        if problem is None:
+            upstream.set_state(State.SLEEPING, f"asleep at level {level}")
+            engine.note(f"put to sleep at level {level}")
+            self._emit(upstream)
+        return problem
+
+    async def wake(self, upstream: Upstream, level: int) -> str | None:
+        """Wake a sleeping engine: None once it serves again (ready), else why not (the
+        caller stops it and starts it cold)."""
+        engine = self.engine_of(upstream)
+        if engine is None or not engine.running:
+            return "its engine is not running"
+        upstream.set_state(State.STARTING, f"waking from sleep level {level}")
+        self._emit(upstream)
+        began = time.monotonic()
+        problem = await sleep_mode.wake(engine, level)
+        if problem is None and self.engine_of(upstream) is engine:
+            upstream.set_state(State.READY, f"woken in {time.monotonic() - began:.1f}s")
+            engine.note(f"woken from sleep level {level}")
+            self._emit(upstream)
+            return None
+        return problem or "its engine stopped while waking"
 
     async def until_ready(self, upstream: Upstream) -> bool:
         """Wait until `upstream` is ready (True), or has failed or stopped for good."""
@@ -316,7 +367,7 @@ class Supervisor:
             await engine.close()
             if running:
                 self.registry.count_stop(engine.spec.deployment, owner.stop_reason)
-            if engine.upstream.state is not State.FAILED:
+            if engine.upstream.state not in (State.FAILED, State.UNLOADED):
                 engine.upstream.set_state(State.STOPPED, "stopped")
                 self._emit(engine.upstream)
 
@@ -358,6 +409,17 @@ class Supervisor:
                 if outcome is Outcome.STOPPED:
                     return
                 why = _describe(outcome, engine)
+                if upstream.state in (State.SLEEPING, State.UNLOADING):
+                    # An on-demand engine that was asleep or making room: not restarted
+                    # (it would take the GPUs back); it loads again when asked for.
+                    log.warning("%s: %s while %s; unloaded", spec.name, why, upstream.state)
+                    engine.note(f"stopping it: {why} while {upstream.state.value}")
+                    await engine.stop()
+                    self.registry.count_stop(spec.deployment, "failure")
+                    upstream.last_failure, upstream.last_failure_at = why, time.time()
+                    upstream.set_state(State.UNLOADED, f"unloaded: {why}")
+                    self._emit(upstream)
+                    return
                 log.warning("%s: %s", spec.name, why)
                 if outcome is Outcome.STALLED:
                     upstream.stalls += 1

@@ -1,10 +1,12 @@
-"""The gateway's admin routes, decided (pure): `POST /fleet/reload`, `GET /fleet/usage`.
+"""The gateway's admin routes, decided (pure): `POST /fleet/reload`, `GET /fleet/usage`,
+`POST /fleet/deployments/{id}/load` and `/unload` (on-demand deployments, by hand).
 
 Who may reload: with keys set, a request with an admin key (`admin: true` in
 gateway.keys, or one of gateway.api_keys); without keys, only a client on this machine
 (loopback), since anyone who can reach the gateway could otherwise change the fleet.
 The body is optional: `{"file": PATH, "dry_run": true}` (or `?dry_run=1`); without
-`file` the fleet re-reads the file it was started with. The usage report needs an admin
+`file` the fleet re-reads the file it was started with. Loading and unloading a
+deployment by hand is allowed to the same callers. The usage report needs an admin
 key too (any request when the fleet has no keys).
 """
 
@@ -20,6 +22,8 @@ from vllm_fleet.gateway.errors import Reply, error_reply
 
 RELOAD_PATH = "/fleet/reload"
 USAGE_PATH = "/fleet/usage"
+DEPLOYMENTS_PATH = "/fleet/deployments/"
+DEPLOYMENT_ACTIONS = ("load", "unload")
 USAGE_GROUPS = ("key", "deployment", "both")
 
 
@@ -27,6 +31,12 @@ USAGE_GROUPS = ("key", "deployment", "both")
 class UsageAsk:
     since: float | None  # unix time; None: everything
     by: str  # one of USAGE_GROUPS
+
+
+@dataclass(frozen=True)
+class DeploymentAsk:
+    deployment: str
+    action: str  # one of DEPLOYMENT_ACTIONS
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,56 @@ def is_loopback(peer: str) -> bool:
     return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
+def _may_change(
+    core: Core, peer: str, api_key: str | None, authorization: str | None, what: str
+) -> Reply | None:
+    """None when the caller may change the fleet (`what`): an admin key, or without
+    keys a client on this machine; else the error to answer."""
+    if core.keys.enabled:
+        return core.admin(api_key, authorization, what)
+    if not is_loopback(peer):
+        return error_reply(
+            403,
+            f"{what} is accepted only from this machine while the fleet has no keys "
+            "(gateway.keys, gateway.api_keys); run it there, or give the fleet an admin key",
+            "forbidden",
+        )
+    return None
+
+
+def deployment_request(
+    core: Core,
+    method: str,
+    path: str,
+    peer: str,
+    api_key: str | None,
+    authorization: str | None,
+) -> DeploymentAsk | Reply:
+    """What `POST /fleet/deployments/{id}/load|unload` asks, or the error to answer."""
+    dep_id, _, action = path.removeprefix(DEPLOYMENTS_PATH).partition("/")
+    if action not in DEPLOYMENT_ACTIONS or "/" in action:
+        return error_reply(
+            404,
+            f"no such path `{path}`; an admin loads or unloads an on-demand deployment with "
+            "POST /fleet/deployments/<deployment>/load or /unload",
+            "not_found",
+        )
+    if method != "POST":
+        return error_reply(
+            405, f"{path} takes POST", "method_not_allowed", headers={"Allow": "POST"}
+        )
+    denied = _may_change(core, peer, api_key, authorization, path)
+    if denied is not None:
+        return denied
+    if dep_id not in core.config.deployments:
+        return error_reply(
+            404,
+            f"no deployment `{dep_id}`; deployments: {core.names.listing()}",
+            "deployment_not_found",
+        )
+    return DeploymentAsk(dep_id, action)
+
+
 def reload_request(
     core: Core,
     method: str,
@@ -63,18 +123,9 @@ def reload_request(
             "method_not_allowed",
             headers={"Allow": "POST"},
         )
-    if core.keys.enabled:
-        denied = core.admin(api_key, authorization, RELOAD_PATH)
-        if denied is not None:
-            return denied
-    elif not is_loopback(peer):
-        return error_reply(
-            403,
-            f"{RELOAD_PATH} is accepted only from this machine while the fleet has no keys "
-            "(gateway.keys, gateway.api_keys); run `fleet reload` there, or give the fleet "
-            "an admin key",
-            "forbidden",
-        )
+    denied = _may_change(core, peer, api_key, authorization, RELOAD_PATH)
+    if denied is not None:
+        return denied
     dry_run = any(
         part.partition("=")[0] == "dry_run" and part.partition("=")[2] not in ("", "0", "false")
         for part in query.split("&")

@@ -13,9 +13,9 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from vllm_fleet.config import FleetConfig
@@ -37,6 +37,7 @@ from vllm_fleet.gateway.limits import Ticket
 from vllm_fleet.gateway.metrics import GatewayMetrics
 from vllm_fleet.gateway.routing import ByModel, Names, RouteError, Style, Target, match
 from vllm_fleet.registry import Registry, State, Upstream
+from vllm_fleet.swaps import phase_of
 
 RETRY_AFTER_LOADING = "10"
 RETRY_AFTER_FAILED = "30"
@@ -63,6 +64,29 @@ class Forward:
     drop_usage: bool = False  # the gateway asked for the usage event; the client did not
 
 
+class Queued(Protocol):
+    """A request waiting for its on-demand deployment (engines/demand.py's Waiter)."""
+
+    def cancel(self) -> None:
+        """The client left: out of the queue, never resumed."""
+        ...
+
+
+class OnDemand(Protocol):
+    """The fleet's on-demand deployments, as the gateway reaches them."""
+
+    def enqueue(self, dep_id: str, resume: Callable[[Reply | None], None]) -> Queued | Reply | None:
+        """Wait for `dep_id` to be loaded: resumed with None (pick a replica) or with
+        the 503 to answer; a Reply to answer now; None when it is not waited for."""
+        ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+    async def load(self, dep_id: str) -> tuple[int, dict[str, Any]]: ...
+
+    async def unload(self, dep_id: str) -> tuple[int, dict[str, Any]]: ...
+
+
 def json_reply(data: Any, status: int = 200) -> Reply:
     return Reply(status, json.dumps(data).encode())
 
@@ -86,6 +110,8 @@ class Core:
         self.default_max_tokens = config.gateway.default_max_tokens
         self.max_body = config.gateway.max_body_bytes
         self.started: float = prior.started if prior is not None else time.time()
+        # On-demand deployments' queues (`fleet up` sets it; None: none are waited for).
+        self.demand: OnDemand | None = prior.demand if prior is not None else None
         self._tie = itertools.count()
         self._counts = self.metrics.requests
         self._failovers = self.metrics.failovers
@@ -157,6 +183,8 @@ class Core:
 
     def status(self) -> Reply:
         snapshot = self.registry.snapshot()
+        if self.demand is not None:
+            snapshot["on_demand"] = self.demand.snapshot()
         snapshot["gateway"] = {
             "host": self.config.gateway.host,
             "port": self.config.gateway.port,
@@ -168,7 +196,8 @@ class Core:
         return Reply(200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
 
     def models(self, client: Client | None = None) -> Reply:
-        """The deployments (those `client` may use, when given)."""
+        """The deployments (those `client` may use, when given), each with its state:
+        loaded, loading, sleeping, unloaded (on-demand ones), unloading or failed."""
         data = []
         for dep_id, dep in self.config.deployments.items():
             if client is not None and not client.allows(dep_id):
@@ -184,6 +213,8 @@ class Core:
                     "parent": None,
                     "aliases": list(dep.aliases),
                     "ready": any(u.state is State.READY for u in ups),
+                    "state": phase_of(ups).value,
+                    "start": dep.start,
                 }
             )
         return json_reply({"object": "list", "data": data})
@@ -405,6 +436,15 @@ class Core:
                 "see `fleet status` and the engine logs",
                 "deployment_failed",
                 headers={"Retry-After": RETRY_AFTER_FAILED},
+            )
+        idle = [u for u in ups if u.state in (State.UNLOADED, State.SLEEPING, State.UNLOADING)]
+        if idle:
+            return error_reply(
+                503,
+                f"deployment `{dep_id}` is not loaded ({', '.join(u.state.value for u in idle)}; "
+                "start: on_demand) and its request could not wait; retry shortly",
+                "deployment_not_loaded",
+                headers={"Retry-After": RETRY_AFTER_LOADING},
             )
         return error_reply(
             503,

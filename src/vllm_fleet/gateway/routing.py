@@ -18,6 +18,35 @@ from vllm_fleet.config import FleetConfig
 GATEWAY_PATHS = frozenset({"/health", "/metrics", "/fleet/status", "/v1/models", "/openai/models"})
 
 
+# vLLM's routes for its own operators: those it serves with VLLM_SERVER_DEV_MODE=1
+# (sleep mode, RPC into the workers, cache resets, weight updates, pause, elastic EP)
+# and the profiler's. The fleet sleeps and wakes its engines itself; a client must
+# never reach them, on any engine, dev mode or not (`/{id}/sleep` is refused).
+ENGINE_ONLY_ROUTES = frozenset({
+    # vLLM 0.32 with VLLM_SERVER_DEV_MODE=1: entrypoints/serve/dev/ and entrypoints/rl/
+    "/sleep", "/wake_up", "/is_sleeping", "/release_kv_cache_memory", "/collective_rpc",
+    "/reset_prefix_cache", "/reset_mm_cache", "/reset_encoder_cache", "/server_info",
+    "/pause", "/resume", "/is_paused", "/abort_requests", "/get_world_size",
+    "/init_weight_transfer_engine", "/shutdown_weight_transfer_engine",
+    "/start_weight_update", "/start_draft_weight_update", "/finish_weight_update",
+    "/update_weights", "/update_weight_version", "/weight_checker", "/weight_info",
+    # elastic expert parallelism, fault tolerance, the profiler
+    "/scale_elastic_ep", "/is_scaling_elastic_ep", "/fault_tolerance",
+    "/start_profile", "/stop_profile",
+})  # fmt: skip
+
+
+def engine_only(upstream_path: str) -> bool:
+    """Whether an engine path is one of ENGINE_ONLY_ROUTES (or below one)."""
+    path = upstream_path
+    while "//" in path:  # a server behind that folds slashes must not see one
+        path = path.replace("//", "/")
+    path = path.rstrip("/") or "/"
+    if path in ENGINE_ONLY_ROUTES:
+        return True
+    return any(path.startswith(route + "/") for route in ENGINE_ONLY_ROUTES)
+
+
 class Style(StrEnum):
     PATH = "path"
     AZURE = "azure"
@@ -133,7 +162,17 @@ def match(path: str, names: Names) -> Target | ByModel | RouteError:
         return _match_azure(path, names)
     first, sep, rest = path[1:].partition("/")
     if first in names.served:
-        return Target(first, "/" + rest if sep else "/", Style.PATH)
+        upstream_path = "/" + rest if sep else "/"
+        if engine_only(upstream_path):
+            return RouteError(
+                403,
+                f"`{upstream_path}` is the fleet's own route on its engines, never a "
+                "client's (vLLM's dev-mode and profiler routes: the fleet sleeps, wakes and "
+                "manages engines itself); to free or warm a deployment, an admin uses "
+                f"POST /fleet/deployments/{first}/unload or /load",
+                "route_not_allowed",
+            )
+        return Target(first, upstream_path, Style.PATH)
     return RouteError(
         404,
         f"no deployment `{first}` and no such path `{path}`; deployments: {names.listing()}. "

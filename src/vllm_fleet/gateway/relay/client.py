@@ -20,7 +20,7 @@ from typing import cast
 
 import httptools
 
-from vllm_fleet.gateway.admin import RELOAD_PATH, USAGE_PATH
+from vllm_fleet.gateway.admin import DEPLOYMENTS_PATH, RELOAD_PATH, USAGE_PATH
 from vllm_fleet.gateway.core import OWN_ENDPOINTS
 from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.relay import control, wire
@@ -465,6 +465,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if path == USAGE_PATH and method in ("GET", "HEAD"):
             control.usage(self, self.state, request, query)
+            return
+        if path.startswith(DEPLOYMENTS_PATH):
+            control.deployment(self, self.state, request, method, path)
             return
         request.deployment = "-"  # an API request: counted, though it reach no deployment
         client = request.client

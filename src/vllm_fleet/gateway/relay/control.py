@@ -3,6 +3,8 @@
 `POST /fleet/reload`: the fleet (`state.control`) plans and applies; the answer is given
 on the client connection once the plan is decided (the change goes on in the background).
 `GET /fleet/usage`: the ledger is read in a thread, off the event loop.
+`POST /fleet/deployments/{id}/load|unload`: answered once the deployment is loaded or
+unloaded (the fleet's on-demand queues, `core.demand`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
-from vllm_fleet.gateway.admin import reload_request, usage_request
-from vllm_fleet.gateway.errors import Reply
+from vllm_fleet.gateway.admin import deployment_request, reload_request, usage_request
+from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.relay.request import Request, internal_error
 from vllm_fleet.gateway.relay.state import ServerState
 
@@ -67,6 +69,39 @@ def usage(conn: Answerer, state: ServerState, request: Request, query: str) -> N
         return Reply(200, json.dumps(data).encode())
 
     _answer_later(conn, state, request, answer(), "reading the usage ledger failed")
+
+
+def deployment(
+    conn: Answerer, state: ServerState, request: Request, method: str, path: str
+) -> None:
+    """Answer POST /fleet/deployments/{id}/load or /unload."""
+    core = state.core
+    asked = deployment_request(
+        core, method, path, conn.peer_bytes.decode("latin-1"), request.api_key,
+        request.authorization,
+    )  # fmt: skip
+    if isinstance(asked, Reply):
+        conn.reply(asked)
+        return
+    demand = core.demand
+    if demand is None:
+        conn.reply(
+            error_reply(
+                409,
+                f"deployment `{asked.deployment}` has `start: always`: its engines run all the "
+                "time; give it `start: on_demand` to load and unload it",
+                "not_on_demand",
+            )
+        )
+        return
+    ask = asked
+
+    async def answer() -> Reply:
+        act = demand.load if ask.action == "load" else demand.unload
+        status, data = await act(ask.deployment)
+        return Reply(status, json.dumps(data).encode())
+
+    _answer_later(conn, state, request, answer(), f"{ask.action} failed")
 
 
 def _answer_later(

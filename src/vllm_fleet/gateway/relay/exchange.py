@@ -26,7 +26,7 @@ import logging
 import time
 from typing import Protocol
 
-from vllm_fleet.gateway.core import Core, Forward
+from vllm_fleet.gateway.core import Core, Forward, Queued
 from vllm_fleet.gateway.errors import Reply, sse_error_event
 from vllm_fleet.gateway.relay import wire
 from vllm_fleet.gateway.relay.request import Request
@@ -83,6 +83,7 @@ class Exchange:
         "is_sse",
         "meter",
         "pools",
+        "queued",
         "relay_headers",
         "request",
         "responded",
@@ -91,6 +92,7 @@ class Exchange:
         "tried",
         "unanswered",
         "upstream",
+        "waited",
     )
 
     def __init__(
@@ -125,6 +127,8 @@ class Exchange:
         self.done = False
         self._out: list[bytes] = []
         self.relay_headers = b""
+        self.queued: Queued | None = None  # waiting for its on-demand deployment to load
+        self.waited = False  # it waited once already
 
     # ------------------------------------------------------------ sending
 
@@ -133,7 +137,18 @@ class Exchange:
         dep_id = self.forward.deployment
         upstream = core.pick(dep_id, self.tried)
         if upstream is None:
-            if not self.failures:
+            demand = core.demand
+            if demand is not None and not self.failures and not self.waited:
+                queued = demand.enqueue(dep_id, self._resumed)
+                if isinstance(queued, Reply):
+                    reply = queued
+                elif queued is not None:
+                    self.queued = queued
+                    self.waited = True
+                    return
+                else:
+                    reply = core.unavailable(dep_id)
+            elif not self.failures:
                 reply = core.unavailable(dep_id)
             elif self.unanswered:
                 reply = core.unanswered(dep_id, self.failures)
@@ -151,12 +166,26 @@ class Exchange:
         self.relay_headers = upstream_headers(upstream.name)
         self.retried = False
         upstream.outstanding += 1
+        upstream.served += 1
         pool = self.pools.get(upstream.url)
         conn = pool.take_idle()
         if conn is not None:
             self._send(conn)
         else:
             self._connect_later()
+
+    def _resumed(self, reply: Reply | None) -> None:
+        """Its on-demand deployment is loaded (None: pick a replica now), or it waited
+        in vain (the 503 to answer)."""
+        self.queued = None
+        if self.done:
+            return
+        if reply is None:
+            self.start()
+            return
+        self.done = True
+        self.core.counted(self.forward.deployment, self.forward.style, reply.status)
+        self.client.reply(reply)
 
     def _connect_later(self) -> None:
         assert self.upstream is not None
@@ -361,6 +390,9 @@ class Exchange:
         if self.done:
             return
         self.done = True
+        if self.queued is not None:
+            self.queued.cancel()
+            self.queued = None
         if self.engine is not None:
             self.engine.abort()
             self.engine = None

@@ -1,0 +1,668 @@
+"""On-demand deployments at run time: a request for an engine that is not loaded waits
+in its deployment's bounded queue while the fleet makes room in the swap group and
+loads or wakes it; a loaded one idle for its `idle_timeout` is unloaded.
+
+One task per group (an on-demand deployment that shares no GPU is a group of one) asks
+`swaps.next_step` what to do and does it, one step at a time, so a group has one swap at
+a time. A step holds the locks of the deployments it moves, so a reload that regroups
+them never runs two steps on one deployment at once. The supervisor owns the engine
+processes; this only asks it to start (`ensure`), stop (`unload`), `sleep` and `wake`.
+
+The queue: `enqueue` (the gateway's exchange, when no replica may take a request) gives
+a `Waiter`, or the 503 to answer at once (the queue is full, or the last load failed
+moments ago), or None when the deployment is not waited for (loaded, or not on-demand:
+the usual answer applies). A waiter is resumed with None once a replica is ready (the
+exchange picks one as usual), or with the 503 to answer when it waited its
+`queue_timeout`, the load failed, or the fleet stops. Nothing goes to the client before
+that, so a streaming client waits the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from vllm_fleet.config import FleetConfig
+from vllm_fleet.engines import host_memory
+from vllm_fleet.engines.supervisor import Supervisor
+from vllm_fleet.gateway.errors import Reply, error_object, error_reply
+from vllm_fleet.registry import Registry, State, Upstream
+from vllm_fleet.swaps import HOLDING, Load, Member, Phase, Unload, next_step, phase_of, sleep_fits
+
+log = logging.getLogger(__name__)
+
+POLL = 1.0  # how often a group looks at its members when nothing wakes it (idle clocks)
+POLL_WAITING = 0.1  # ... while requests wait for an engine that is restarting
+RETRY_FAILED_LOAD = 30.0  # a failed load is not tried again before this
+SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+
+Resume = Callable[[Reply | None], None]
+
+
+@dataclass(eq=False)
+class Waiter:
+    """One request waiting for its deployment to be loaded."""
+
+    deployment: str
+    since: float  # time.monotonic()
+    resume: Resume
+    queue: deque[Waiter] | None = None
+    timer: asyncio.TimerHandle | None = None
+
+    def cancel(self) -> None:
+        """The client left: out of the queue, never resumed."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.queue is not None:
+            with contextlib.suppress(ValueError):
+                self.queue.remove(self)
+            self.queue = None
+
+
+@dataclass(eq=False)
+class _Dep:
+    """What the fleet keeps about one on-demand deployment between steps."""
+
+    id: str
+    queue: deque[Waiter] = field(default_factory=deque)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_used: float = field(default_factory=time.monotonic)
+    loaded_at: float = 0.0
+    served: int = -1  # its engines' request count when last looked at
+    retry_at: float = 0.0
+    note: str = ""  # the last thing worth saying (a failed load, a sleep refused)
+    last_load_s: float | None = None
+
+
+@dataclass(eq=False)
+class _Group:
+    name: str
+    members: list[_Dep]
+    gpus: tuple[int, ...]
+    shown: bool  # a real swap group (two members or more), not a lone deployment
+    kick: asyncio.Event = field(default_factory=asyncio.Event)
+    manual: deque[tuple[str, asyncio.Future[str]]] = field(default_factory=deque)
+    task: asyncio.Task[None] | None = None
+    retired: bool = False
+    swaps: int = 0
+    last_swap: dict[str, Any] | None = None
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        reg = registry if registry is not None else CollectorRegistry()
+        self.swaps = Counter(
+            "fleet_swaps", "engines loaded on demand, by swap group and kind (cold_start, wake)",
+            ["group", "kind"], registry=reg,
+        )  # fmt: skip
+        self.swap_seconds = Histogram(
+            "fleet_swap_seconds",
+            "from the decision to swap (or load) to the engine ready: the holder's drain and "
+            "unload, and the cold start or wake",
+            ["group"], buckets=SECONDS_BUCKETS, registry=reg,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "fleet_queue_wait_seconds",
+            "how long requests waited for their on-demand deployment to be loaded",
+            ["deployment"], buckets=SECONDS_BUCKETS, registry=reg,
+        )  # fmt: skip
+        self.refused = Counter(
+            "fleet_queue_refused",
+            "requests for an on-demand deployment answered 503 by its queue, by reason "
+            "(full, timeout, failed, stopping, removed)",
+            ["deployment", "reason"], registry=reg,
+        )  # fmt: skip
+        self.queued = Gauge(
+            "fleet_queued_requests",
+            "requests waiting for their on-demand deployment to be loaded",
+            ["deployment"], registry=reg,
+        )  # fmt: skip
+
+
+class Demand:
+    """The on-demand deployments of a running fleet (the gateway's `OnDemand`)."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        supervisor: Supervisor,
+        prometheus: CollectorRegistry | None = None,
+    ) -> None:
+        self.registry = registry
+        self.supervisor = supervisor
+        self.metrics = _Metrics(prometheus)
+        self._deps: dict[str, _Dep] = {}
+        self._groups: dict[str, _Group] = {}
+        self._of: dict[str, _Group] = {}  # deployment -> its group
+        self._started = False
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._arrange(registry.config)
+
+    # ------------------------------------------------------------ life
+
+    def start(self) -> None:
+        self._started = True
+        self._loop = asyncio.get_running_loop()
+        for group in self._groups.values():
+            self._run_group(group)
+
+    def reconfigure(self, config: FleetConfig) -> None:
+        """A reload's file: regroup, keep the queues of deployments still on demand,
+        answer those of removed ones, and start the engines of deployments that are no
+        longer on demand (`start: always`) but not running."""
+        old = set(self._deps)
+        self._arrange(config)
+        for dep_id in old - set(self._deps):
+            if dep_id not in config.deployments:
+                self._answer_all(dep_id, "removed", "it was removed from the fleet file")
+                continue
+            self._answer_all(dep_id, None, "")  # an always-on deployment now: served as such
+            for up in self.registry.upstreams(dep_id):
+                if up.state in (State.UNLOADED, State.SLEEPING):
+                    self._spawn(self._bring_up_always(up, config.deployments[dep_id].sleep))
+        if self._started:
+            for group in self._groups.values():
+                if group.task is None:
+                    self._run_group(group)
+
+    async def stop(self) -> None:
+        """The fleet stops: every waiting request gets its 503, the groups end."""
+        self._closed = True
+        for dep_id in list(self._deps):
+            self._answer_all(dep_id, "stopping", "the fleet is stopping")
+        tasks = [g.task for g in self._groups.values() if g.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _arrange(self, config: FleetConfig) -> None:
+        """Records and groups for `config`'s on-demand deployments (the plan's swap
+        groups; a deployment in none is a group of its own). A group whose members are
+        the same keeps its task; the others' tasks end after their current step."""
+        planned = {name: g for g in self.registry.plan.groups for name in g.members}
+        deps = {
+            dep_id: self._deps.get(dep_id) or _Dep(dep_id)
+            for dep_id, dep in config.deployments.items()
+            if dep.on_demand
+        }
+        groups: dict[str, _Group] = {}
+        of: dict[str, _Group] = {}
+        for dep_id, record in deps.items():
+            plan_group = planned.get(dep_id)
+            name = plan_group.name if plan_group is not None else dep_id
+            group = groups.get(name)
+            if group is None:
+                gpus = plan_group.gpus if plan_group is not None else ()
+                group = groups[name] = _Group(name, [], gpus, plan_group is not None)
+            group.members.append(record)
+            of[dep_id] = group
+        for name, group in list(groups.items()):
+            kept = self._groups.get(name)
+            if kept is not None and not kept.retired and kept.members == group.members:
+                kept.gpus, kept.shown = group.gpus, group.shown
+                groups[name] = kept
+                for record in kept.members:
+                    of[record.id] = kept
+        for name, group in self._groups.items():
+            if groups.get(name) is not group:
+                group.retired = True
+                group.kick.set()
+                for _, done in group.manual:
+                    if not done.done():
+                        done.set_result("regrouped by a reload; ask again")
+        self._deps, self._groups, self._of = deps, groups, of
+
+    def _run_group(self, group: _Group) -> None:
+        group.task = asyncio.create_task(self._group_loop(group), name=f"swap group {group.name}")
+
+    def _spawn(self, job: Any) -> None:
+        task = asyncio.ensure_future(job)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    # ------------------------------------------------------------ the queue
+
+    def handles(self, dep_id: str) -> bool:
+        return dep_id in self._deps
+
+    def enqueue(self, dep_id: str, resume: Resume) -> Waiter | Reply | None:
+        """A request for `dep_id` found no replica to take it (see the module docstring)."""
+        record = self._deps.get(dep_id)
+        if record is None or self._closed:
+            return None
+        ups = self.registry.upstreams(dep_id)
+        phase = phase_of(ups)
+        if phase is Phase.LOADED and not any(u.state is State.STARTING for u in ups):
+            return None  # loaded, but no replica may take it: the usual 503
+        settings = self.registry.config.deployments[dep_id]
+        now = time.monotonic()
+        if phase is Phase.FAILED and now < record.retry_at:
+            self.metrics.refused.labels(dep_id, "failed").inc()
+            return self._refusal(
+                dep_id,
+                f"deployment `{dep_id}` failed to load moments ago ({self._failure(record, ups)}); "
+                "see `fleet status` and its engine log",
+                "deployment_failed",
+                record.retry_at - now,
+            )
+        if len(record.queue) >= settings.max_queued:
+            self.metrics.refused.labels(dep_id, "full").inc()
+            return self._refusal(
+                dep_id,
+                f"deployment `{dep_id}` is {self._doing(record)}, and {len(record.queue)} "
+                f"request(s) already wait for it (max_queued: {settings.max_queued}); retry "
+                "shortly, or raise its max_queued",
+                "queue_full",
+                record.last_load_s or 10.0,
+            )
+        waiter = Waiter(dep_id, now, resume, record.queue)
+        record.queue.append(waiter)
+        loop = self._loop or asyncio.get_running_loop()
+        waiter.timer = loop.call_later(settings.queue_timeout, self._expire, waiter)
+        self.metrics.queued.labels(dep_id).set(len(record.queue))
+        group = self._of.get(dep_id)
+        if group is not None:
+            group.kick.set()
+        return waiter
+
+    def _expire(self, waiter: Waiter) -> None:
+        waiter.timer = None
+        record = self._deps.get(waiter.deployment)
+        waiter.cancel()
+        if record is None:
+            return
+        settings = self.registry.config.deployments[waiter.deployment]
+        self.metrics.refused.labels(waiter.deployment, "timeout").inc()
+        self.metrics.queued.labels(waiter.deployment).set(len(record.queue))
+        waiter.resume(
+            self._refusal(
+                waiter.deployment,
+                f"waited {settings.queue_timeout:g}s (queue_timeout) for deployment "
+                f"`{waiter.deployment}`, which is {self._doing(record)}; retry, or raise its "
+                "queue_timeout",
+                "queue_timeout",
+                record.last_load_s or 10.0,
+            )
+        )
+
+    def _refusal(self, dep_id: str, message: str, code: str, retry_after: float) -> Reply:
+        seconds = max(1, int(retry_after + 0.999))
+        return error_reply(503, message, code, headers={"Retry-After": str(seconds)})
+
+    def _resume_ready(self, record: _Dep) -> None:
+        """Requests waiting for a deployment that has a replica to take them: go."""
+        if not record.queue:
+            return
+        ups = self.registry.upstreams(record.id)
+        if not any(u.state is State.READY and u.ejected is None for u in ups):
+            return
+        now = time.monotonic()
+        waiting = list(record.queue)
+        record.queue.clear()
+        self.metrics.queued.labels(record.id).set(0)
+        for waiter in waiting:
+            waiter.queue = None
+            if waiter.timer is not None:
+                waiter.timer.cancel()
+                waiter.timer = None
+            self.metrics.queue_wait.labels(record.id).observe(now - waiter.since)
+            waiter.resume(None)
+
+    def _answer_all(self, dep_id: str, reason: str | None, why: str) -> None:
+        """Resume every waiter of `dep_id` with a 503 (`reason` for the metric), or with
+        None (`reason` None: let them be answered as usual)."""
+        record = self._deps.get(dep_id)
+        if record is None:
+            return
+        waiting = list(record.queue)
+        record.queue.clear()
+        self.metrics.queued.labels(dep_id).set(0)
+        for waiter in waiting:
+            waiter.queue = None
+            if waiter.timer is not None:
+                waiter.timer.cancel()
+                waiter.timer = None
+            if reason is None:
+                waiter.resume(None)
+                continue
+            self.metrics.refused.labels(dep_id, reason).inc()
+            waiter.resume(
+                self._refusal(
+                    dep_id,
+                    f"deployment `{dep_id}` was not loaded: {why}",
+                    "deployment_unavailable",
+                    RETRY_FAILED_LOAD,
+                )
+            )
+
+    # ------------------------------------------------------------ words
+
+    def _failure(self, record: _Dep, ups: list[Upstream]) -> str:
+        failed = [f"{u.name}: {u.message}" for u in ups if u.state is State.FAILED and u.message]
+        return "; ".join(failed) or record.note or "no engine became ready"
+
+    def _doing(self, record: _Dep) -> str:
+        """What the deployment is doing now, in words, for the 503s."""
+        ups = self.registry.upstreams(record.id)
+        phase = phase_of(ups)
+        now = time.time()
+        if phase is Phase.LOADING:
+            since = min((u.since for u in ups), default=now)
+            return f"loading for {now - since:.0f}s ({ups[0].message if ups else 'starting'})"
+        if phase is Phase.UNLOADING:
+            return "being unloaded to make room (its requests in flight finish first)"
+        group = self._of.get(record.id)
+        holders = [
+            m.id for m in (group.members if group else []) if phase_of(self._ups(m.id)) in HOLDING
+        ]
+        holders = [h for h in holders if h != record.id]
+        state = phase.value
+        if holders:
+            return (
+                f"{state}, waiting for `{', '.join(holders)}` to free the GPUs of swap group "
+                f"`{group.name if group else record.id}`"
+            )
+        return f"{state}, about to load"
+
+    def _ups(self, dep_id: str) -> list[Upstream]:
+        return [u for u in self.registry.upstreams(dep_id) if u.managed]
+
+    # ------------------------------------------------------------ the group's steps
+
+    async def _group_loop(self, group: _Group) -> None:
+        while not self._closed and not group.retired:
+            try:
+                timeout = await self._one_step(group)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("swap group %s: a step failed", group.name)
+                timeout = POLL
+            if timeout is None:
+                continue
+            group.kick.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(group.kick.wait(), timeout)
+
+    async def _one_step(self, group: _Group) -> float | None:
+        """Do the group's next step; None when done one (look again at once), else how
+        long to wait for something to change."""
+        now = time.monotonic()
+        members = []
+        restarting = False
+        for record in group.members:
+            ups = self._ups(record.id)
+            served = sum(u.served for u in ups)
+            in_flight = sum(u.outstanding for u in ups)
+            if served != record.served or in_flight > 0:
+                record.last_used = now
+                record.served = served
+            self._resume_ready(record)
+            phase = phase_of(ups)
+            restarting = restarting or bool(record.queue and phase is Phase.LOADING)
+            if phase is Phase.LOADED and record.loaded_at == 0.0:
+                record.loaded_at = now  # loaded before (fleet up of a kept engine, a reload)
+            members.append(
+                Member(
+                    record.id,
+                    phase,
+                    in_flight,
+                    record.queue[0].since if record.queue else None,
+                    record.last_used,
+                    record.loaded_at,
+                    self.registry.config.deployments[record.id].idle_timeout,
+                    self.registry.config.deployments[record.id].min_hold,
+                    record.retry_at,
+                )
+            )
+        if group.manual:
+            dep_id, done = group.manual.popleft()
+            found = self._deps.get(dep_id)
+            if found is not None:
+                async with found.lock:
+                    await self._release(found, "unloaded by hand", "by hand", keep_sleeping=False)
+            if not done.done():
+                done.set_result(phase_of(self._ups(dep_id)).value)
+            return None
+        step = next_step(members, now)
+        if isinstance(step, Load):
+            await self._swap(group, step)
+            return None
+        if isinstance(step, Unload):
+            record = self._deps[step.deployment]
+            async with record.lock:
+                await self._release(record, step.why, "idle", keep_sleeping=True)
+            return None
+        timeout = POLL_WAITING if restarting else POLL
+        if step.until is not None:
+            timeout = min(timeout, max(0.0, step.until - now))
+        return timeout
+
+    async def _swap(self, group: _Group, step: Load) -> None:
+        records = [self._deps[name] for name in (*step.evict, step.deployment)]
+        async with contextlib.AsyncExitStack() as stack:
+            for record in sorted(records, key=lambda r: r.id):
+                await stack.enter_async_context(record.lock)
+            began = time.monotonic()
+            wanted = self._deps[step.deployment]
+            for name in step.evict:
+                await self._release(
+                    self._deps[name], f"making room for `{step.deployment}`", "swap",
+                    keep_sleeping=True,
+                )  # fmt: skip
+            room = time.monotonic()
+            kind, problem = await self._bring_up(wanted)
+            took = time.monotonic() - began
+        now = time.monotonic()
+        timing = {
+            "seconds": round(took, 3),
+            "unload_s": round(room - began, 3),
+            "load_s": round(now - room, 3),
+        }
+        if problem is None:
+            wanted.loaded_at = wanted.last_used = now
+            wanted.last_load_s = took
+            wanted.note = ""
+            group.swaps += 1
+            self.metrics.swaps.labels(group.name, kind).inc()
+            self.metrics.swap_seconds.labels(group.name).observe(took)
+            group.last_swap = {
+                "to": step.deployment,
+                "from": list(step.evict),
+                "kind": kind,
+                **timing,
+                "at": round(time.time(), 3),
+            }
+            log.info(
+                "swap group %s: %s loaded (%s) in %.2fs%s", group.name, step.deployment, kind,
+                took, f", after unloading {', '.join(step.evict)}" if step.evict else "",
+            )  # fmt: skip
+            self._resume_ready(wanted)
+            return
+        wanted.retry_at = now + RETRY_FAILED_LOAD
+        wanted.note = problem
+        log.error("swap group %s: %s did not load: %s", group.name, step.deployment, problem)
+        group.last_swap = {
+            "to": step.deployment, "from": list(step.evict), "kind": kind, **timing,
+            "at": round(time.time(), 3), "failed": problem,
+        }  # fmt: skip
+        self._answer_all(step.deployment, "failed", f"its load failed ({problem})")
+
+    async def _release(self, record: _Dep, why: str, reason: str, keep_sleeping: bool) -> None:
+        """Unload one deployment: out of the rotation, drained for its
+        swap_drain_timeout, then slept (its `sleep` level) or stopped. `keep_sleeping`:
+        a sleeping engine stays asleep (else it is stopped too: unloaded by hand)."""
+        settings = self.registry.config.deployments[record.id]
+        ups = self._ups(record.id)
+        for up in ups:
+            if up.state is State.READY:
+                up.set_state(State.UNLOADING, f"{why}: draining its requests in flight")
+        deadline = time.monotonic() + settings.swap_drain_timeout
+        # Polled: the request path changes `outstanding` and sets no event for it.
+        while any(u.outstanding > 0 for u in ups) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        level = settings.sleep
+        if level == 1 and ups:
+            spec = ups[0].spec
+            cwd = getattr(spec, "cwd", None)
+            weights = (
+                await asyncio.to_thread(host_memory.weights_size, settings.model, cwd)
+                if cwd is not None
+                else None
+            )
+            problem = sleep_fits(weights, host_memory.available())
+            if problem is not None:
+                log.warning("%s: %s", record.id, problem)
+                record.note = problem
+                level = 0
+
+        async def one(up: Upstream) -> None:
+            if up.state is State.SLEEPING and keep_sleeping:
+                return
+            if level and up.state is State.UNLOADING:
+                problem = await self.supervisor.sleep(up, level)
+                if problem is None:
+                    return
+                log.warning("%s: could not sleep (%s); stopping it", up.name, problem)
+                record.note = f"could not sleep: {problem}"
+            if up.state is not State.UNLOADED:
+                await self.supervisor.unload(up, reason, f"unloaded ({why})")
+
+        await asyncio.gather(*(one(up) for up in ups))
+
+    async def _bring_up(self, record: _Dep) -> tuple[str, str | None]:
+        """Cold-start or wake every engine of `record`: (kind, None when one at least is
+        ready, else why none is)."""
+        level = self.registry.config.deployments[record.id].sleep
+        ups = self._ups(record.id)
+        kind = "wake" if any(u.state is State.SLEEPING for u in ups) else "cold_start"
+
+        async def one(up: Upstream) -> bool:
+            if up.state is State.SLEEPING:
+                problem = await self.supervisor.wake(up, level)
+                if problem is None:
+                    return True
+                log.warning("%s: wake failed (%s); starting it cold", up.name, problem)
+                await self.supervisor.unload(up, "failure", f"wake failed: {problem}")
+            if up.state is State.READY:
+                return True
+            self.supervisor.ensure(up, "on demand")
+            return await self.supervisor.until_ready(up)
+
+        results = await asyncio.gather(*(one(up) for up in ups))
+        if any(results):
+            return kind, None
+        return kind, self._failure(record, ups)
+
+    async def _bring_up_always(self, up: Upstream, level: int) -> None:
+        if up.state is State.SLEEPING and await self.supervisor.wake(up, level) is None:
+            return
+        if up.state is State.SLEEPING:
+            await self.supervisor.unload(up, "failure", "wake failed")
+        self.supervisor.ensure(up, "reload")
+
+    # ------------------------------------------------------------ by hand
+
+    async def load(self, dep_id: str) -> tuple[int, dict[str, Any]]:
+        """`POST /fleet/deployments/{id}/load`: queue for it like a request, and answer
+        once it is loaded (or could not be)."""
+        if dep_id not in self._deps:
+            return 409, self._not_on_demand(dep_id)
+        began = time.monotonic()
+        answered: asyncio.Future[Reply | None] = asyncio.get_running_loop().create_future()
+
+        def resume(reply: Reply | None) -> None:
+            if not answered.done():
+                answered.set_result(reply)
+
+        queued = self.enqueue(dep_id, resume)
+        if isinstance(queued, Reply):
+            return queued.status, _body(queued)
+        if isinstance(queued, Waiter):
+            try:
+                reply = await answered
+            finally:
+                queued.cancel()
+            if reply is not None:
+                return reply.status, _body(reply)
+        took = time.monotonic() - began
+        return 200, {"deployment": dep_id, "state": self.phase(dep_id), "took_s": round(took, 3)}
+
+    async def unload(self, dep_id: str) -> tuple[int, dict[str, Any]]:
+        """`POST /fleet/deployments/{id}/unload`: drain it and stop its engines."""
+        group = self._of.get(dep_id)
+        if group is None:
+            return 409, self._not_on_demand(dep_id)
+        began = time.monotonic()
+        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        group.manual.append((dep_id, done))
+        group.kick.set()
+        state = await done
+        took = time.monotonic() - began
+        return 200, {"deployment": dep_id, "state": state, "took_s": round(took, 3)}
+
+    def _not_on_demand(self, dep_id: str) -> dict[str, Any]:
+        known = dep_id in self.registry.config.deployments
+        message = (
+            f"deployment `{dep_id}` has `start: always`: its engines run all the time; give "
+            "it `start: on_demand` to load and unload it"
+            if known
+            else f"no deployment `{dep_id}`"
+        )
+        return error_object(409, message, "not_on_demand")
+
+    # ------------------------------------------------------------ status
+
+    def phase(self, dep_id: str) -> str:
+        return phase_of(self.registry.upstreams(dep_id)).value
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        deployments = {}
+        for dep_id, record in self._deps.items():
+            settings = self.registry.config.deployments[dep_id]
+            group = self._of.get(dep_id)
+            deployments[dep_id] = {
+                "state": self.phase(dep_id),
+                "group": group.name if group is not None and group.shown else None,
+                "queued": len(record.queue),
+                "oldest_wait_s": round(now - record.queue[0].since, 3) if record.queue else None,
+                "idle_s": round(now - record.last_used, 1),
+                "idle_timeout": settings.idle_timeout,
+                "sleep": settings.sleep,
+                "last_load_s": round(record.last_load_s, 3) if record.last_load_s else None,
+                "note": record.note,
+            }
+        groups = {}
+        for group in self._groups.values():
+            if not group.shown:
+                continue
+            holders = [m.id for m in group.members if phase_of(self._ups(m.id)) in HOLDING]
+            groups[group.name] = {
+                "members": [m.id for m in group.members],
+                "gpus": list(group.gpus),
+                "holder": holders[0] if holders else None,
+                "queued": sum(len(m.queue) for m in group.members),
+                "swaps": group.swaps,
+                "last_swap": group.last_swap,
+            }
+        return {"deployments": deployments, "groups": groups}
+
+    def waiting(self) -> Iterator[Waiter]:
+        for record in self._deps.values():
+            yield from record.queue
+
+
+def _body(reply: Reply) -> dict[str, Any]:
+    data = json.loads(reply.body)
+    return data if isinstance(data, dict) else {"error": data}
