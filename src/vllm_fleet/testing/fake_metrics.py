@@ -1,12 +1,21 @@
-"""The fake engine's `/metrics`: vLLM's request gauges and token counters, under vLLM's
-names and labels, read from the engine's counters at scrape time."""
+"""The fake engine's `/metrics`: the route, and vLLM's request gauges and token counters,
+under vLLM's names and labels, read from the engine's counters at scrape time."""
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+METRICS: web.AppKey[CollectorRegistry] = web.AppKey("metrics", CollectorRegistry)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS])
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
 class Counted(Protocol):

@@ -2,7 +2,8 @@
 
     python -m vllm_fleet.testing.fake_vllm MODEL (--host H --port P | --uds PATH) \\
         --served-model-name NAME [NAME ...] [--startup-delay S] [--token-delay S] \\
-        [--tokens N] [--fail-start] [--api-key KEY] [--max-model-len N] [--disable-log-stats]
+        [--tokens N] [--fail-start] [--api-key KEY] [--max-model-len N] [--disable-log-stats] \\
+        [--enable-sleep-mode [--fake-sleep-delay S] [--fake-wake-delay S]]
 
 Unknown flags (vLLM's own) are ignored. Like vLLM (see shared/notes/vllm-facts.md): the
 port (or socket: `--uds PATH` listens there and on no TCP port) stays closed while
@@ -22,6 +23,14 @@ Test hooks: `GET /fake/stats` (counts, the last request as received; `?reset=1` 
 `POST /fake/hang`: from then on the engine behaves like vLLM with a deadlocked engine core
 (vLLM #39863): requests in flight stop getting tokens and stay `running`, new ones wait
 (`waiting`) forever, while `/health` keeps answering 200.
+
+Sleep mode and vLLM's dev routes (`--enable-sleep-mode`, `VLLM_SERVER_DEV_MODE=1`): see
+`fake_sleep.py`. GPU ledger, to prove engines never share a GPU: with `FAKE_VLLM_GPU_LEDGER=
+FILE` each change appends a line (one `os.write` on an O_APPEND fd) `<time.time(), 6
+decimals> <first served name>@<where> hold|release`: hold at process start (before
+`--startup-delay`) and as a wake starts; release once a sleep of level 1 or 2 is done and at
+exit (SIGTERM/SIGINT, `--fail-start`, `/fake/crash`; not SIGKILL). `fake_sleep.read_ledger`
+reads it; `fake_sleep.overlaps` lists the times two engines both held memory.
 """
 
 from __future__ import annotations
@@ -41,9 +50,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
-from vllm_fleet.testing.fake_metrics import VllmStats
+from vllm_fleet.testing import fake_sleep
+from vllm_fleet.testing.fake_metrics import METRICS, VllmStats, metrics
+from vllm_fleet.testing.fake_sleep import SleepAborted, SleepMode
 
 EMBED_DIMS = 384
 # Request headers /fake/stats reports, so tests can see what a proxy forwarded.
@@ -79,6 +90,7 @@ class Engine:
     generation_tokens: int = 0
     prompt_tokens: int = 0
     started: float = field(default_factory=time.time)
+    sleep: SleepMode = field(default_factory=SleepMode)
 
     uds: str | None = None
 
@@ -196,11 +208,12 @@ async def _stuck_if_hung(engine: Engine) -> None:
         await asyncio.get_running_loop().create_future()  # never set
 
 
-async def _next_token(engine: Engine) -> None:
-    """Wait for the next token to be computed, and count it."""
+async def _next_token(engine: Engine, ticket: int) -> None:
+    """Wait for the next token to be computed, and count it (or SleepAborted)."""
     if engine.token_delay:
         await asyncio.sleep(engine.token_delay)
     await _stuck_if_hung(engine)
+    await engine.sleep.gate(ticket)
     engine.generation_tokens += 1
 
 
@@ -232,17 +245,20 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             engine.waiting -= 1
     engine.in_flight += 1
     engine.idle.clear()
+    ticket = engine.sleep.ticket()
     if (transport := request.transport) is not None:
         engine.answering.add(transport)
     engine.prompt_tokens += prompt
     try:
         if body.get("stream"):
-            return await _stream(request, engine, head, chat, count, finish, usage, body)
+            return await _stream(request, engine, head, chat, count, finish, usage, body, ticket)
         try:
             for _ in range(count):
-                await _next_token(engine)
+                await _next_token(engine, ticket)
                 if _disconnected(request):
                     raise asyncio.CancelledError
+        except SleepAborted:
+            return fake_sleep.aborted_error()
         except asyncio.CancelledError:
             # aiohttp cancels the handler when the client goes away (handler_cancellation).
             engine.aborted += 1
@@ -271,6 +287,7 @@ async def _stream(
     finish: str,
     usage: dict[str, int],
     body: dict[str, Any],
+    ticket: int,
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
     await response.prepare(request)
@@ -287,11 +304,14 @@ async def _stream(
             first = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None}]}  # fmt: skip
             await response.write(b"data: " + json.dumps(first).encode() + b"\n\n")
-        for index in range(count):
-            await _next_token(engine)
-            if _disconnected(request):
-                raise ConnectionResetError
-            await response.write(before + json.dumps(_token(index)).encode() + after)
+        try:
+            for index in range(count):
+                await _next_token(engine, ticket)
+                if _disconnected(request):
+                    raise ConnectionResetError
+                await response.write(before + json.dumps(_token(index)).encode() + after)
+        except SleepAborted:  # vLLM ends an aborted stream with finish_reason "abort"
+            finish, options = "abort", {}
         last_choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
         if chat:
             last_choice["delta"] = {}
@@ -413,14 +433,6 @@ async def version(request: web.Request) -> web.Response:
     return web.json_response({"version": "0.0.0+fake"})
 
 
-METRICS: web.AppKey[CollectorRegistry] = web.AppKey("metrics", CollectorRegistry)
-
-
-async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS])
-    return web.Response(body=body, content_type="text/plain", charset="utf-8")
-
-
 async def hang(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     engine.hung = True
@@ -434,6 +446,7 @@ async def stats(request: web.Request) -> web.Response:
         "aborted": engine.aborted,
         "in_flight": engine.in_flight,
         "last_request": engine.last_request,
+        **engine.sleep.stats(),
     }
     if request.query.get("reset"):
         engine.requests = engine.aborted = 0
@@ -457,6 +470,7 @@ async def env(request: web.Request) -> web.Response:
 
 
 async def crash(request: web.Request) -> web.Response:
+    request.app[ENGINE].sleep.ledger.release()  # a dead process holds no GPU memory
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(int(request.query.get("status", "0")))
@@ -488,6 +502,7 @@ def create_app(engine: Engine) -> web.Application:
     app.router.add_get("/fake/env", env)
     app.router.add_post("/fake/crash", crash)
     app.router.add_post("/fake/hang", hang)
+    fake_sleep.install(app, engine.sleep, engine, app[METRICS] if engine.log_stats else None)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 
@@ -509,6 +524,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # As vLLM's (0.18+, default 0): on SIGTERM, requests in flight get this long, then abort.
     parser.add_argument("--shutdown-timeout", type=float, default=0.0)
     parser.add_argument("--disable-log-stats", action="store_true")
+    fake_sleep.add_flags(parser)
     args, _unknown = parser.parse_known_args(argv)
     # `--model M` wins: a stray value of an unknown flag may land in the positional slot.
     args.model = args.model_flag or args.model_tag
@@ -518,17 +534,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace, argv: list[str]) -> int:
-    if args.startup_delay:
-        await asyncio.sleep(args.startup_delay)  # "loading": the port stays closed
-    if args.fail_start:
-        print(
-            "OSError: You are trying to access a gated repo.\nMake sure to have access to it "
-            f"at https://huggingface.co/{args.model}.\n401 Client Error. (fake_vllm "
-            "--fail-start) Set HF_TOKEN or run `hf auth login`.",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 1
     engine = Engine(
         model=args.model,
         names=list(args.served_model_name or [args.model]),
@@ -542,6 +547,18 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> int:
         log_stats=not args.disable_log_stats,
         uds=args.uds,
     )
+    engine.sleep = fake_sleep.start(args, engine)  # holds the GPU (as loading does) until exit
+    if args.startup_delay:
+        await asyncio.sleep(args.startup_delay)  # "loading": the port stays closed
+    if args.fail_start:
+        print(
+            "OSError: You are trying to access a gated repo.\nMake sure to have access to it "
+            f"at https://huggingface.co/{args.model}.\n401 Client Error. (fake_vllm "
+            "--fail-start) Set HF_TOKEN or run `hf auth login`.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     runner = web.AppRunner(create_app(engine), access_log=None, handler_cancellation=True)
     await runner.setup()
     site: web.BaseSite
