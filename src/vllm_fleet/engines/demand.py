@@ -500,8 +500,8 @@ class Demand:
 
     async def _release(self, record: _Dep, why: str, reason: str, keep_sleeping: bool) -> None:
         """Unload one deployment: out of the rotation, drained for its
-        swap_drain_timeout, then slept (its `sleep` level) or stopped. `keep_sleeping`:
-        a sleeping engine stays asleep (else it is stopped too: unloaded by hand)."""
+        swap_drain_timeout, then slept (its `sleep` level) or stopped. Not
+        `keep_sleeping` (unloaded by hand): every engine is stopped, asleep or not."""
         settings = self.registry.config.deployments[record.id]
         ups = self._ups(record.id)
         for up in ups:
@@ -511,7 +511,7 @@ class Demand:
         # Polled: the request path changes `outstanding` and sets no event for it.
         while any(u.outstanding > 0 for u in ups) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        level = settings.sleep
+        level = settings.sleep if keep_sleeping else 0
         if level == 1 and ups:
             spec = ups[0].spec
             cwd = getattr(spec, "cwd", None)

@@ -1,0 +1,333 @@
+"""On-demand deployments with real processes: `fleet up` on fake engines with vLLM's
+sleep mode, requests queued while an engine loads, swap groups that never hold two
+members at once (the fake engines' GPU ledger says so), idle unload, the queue's 503s,
+loading and unloading by hand, and the dev-mode routes refused."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import fake_fleet_file, pid_alive, wait_until
+from tests.test_fleet_up import FleetUp
+from tests.test_fleet_up import fleets as fleets  # the fixture
+from tests.test_reload import Stream, tokens_in
+from vllm_fleet.testing.fake_sleep import overlaps, read_ledger
+
+ALTERNATE_SECONDS = 60.0  # the issue's minute of clients alternating between two members
+
+
+def call(
+    url: str, path: str, body: dict[str, Any] | None = None, timeout: float = 120
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    data = json.dumps(body).encode() if body is not None else b""
+    request = urllib.request.Request(
+        f"{url}{path}",
+        data=data if body is not None or path.startswith("/fleet/deployments") else None,
+        headers={"Content-Type": "application/json"},
+        method="POST" if body is not None or path.startswith("/fleet/deployments") else "GET",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, json.load(resp), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        return exc.code, json.loads(raw or b"{}"), dict(exc.headers)
+
+
+def chat(url: str, dep: str, tokens: int = 2) -> tuple[int, dict[str, Any], dict[str, str]]:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens}
+    return call(url, f"/{dep}/v1/chat/completions", body)
+
+
+def states(fleet: FleetUp) -> dict[str, str]:
+    _, data, _ = call(fleet.url, "/v1/models", timeout=5)
+    return {m["id"]: m["state"] for m in data["data"]}
+
+
+def wait_state(fleet: FleetUp, dep: str, state: str, timeout: float = 30) -> None:
+    def reached() -> bool:
+        assert fleet.proc.poll() is None, fleet.text()
+        try:
+            return states(fleet).get(dep) == state
+        except OSError:
+            return False
+
+    wait_until(reached, timeout=timeout, what=f"{dep} {state}")
+
+
+def on_demand(fleet: FleetUp) -> dict[str, Any]:
+    data = fleet.status()
+    assert data is not None
+    found: dict[str, Any] = data["on_demand"]
+    return found
+
+
+def metric(fleet: FleetUp, name: str) -> list[tuple[str, float]]:
+    with urllib.request.urlopen(f"{fleet.url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out = []
+    for line in text.splitlines():
+        if line.startswith(name):
+            labels, _, value = line.rpartition(" ")
+            out.append((labels, float(value)))
+    return out
+
+
+def start(fleets: list[FleetUp], tmp_path: Path, deployments: dict[str, dict[str, Any]]) -> FleetUp:
+    fleet = FleetUp(fake_fleet_file(tmp_path, deployments))
+    fleets.append(fleet)
+    wait_until(lambda: fleet.status() is not None, timeout=20, what="the gateway")
+    return fleet
+
+
+def member(ledger: Path, swap_group: str = "pair", **kw: Any) -> dict[str, Any]:
+    """A fake engine in a swap group, with the GPU ledger its memory is written to."""
+    return {
+        "start": "on_demand",
+        "swap_group": swap_group,
+        "env": {"FAKE_VLLM_GPU_LEDGER": str(ledger)},
+        **kw,
+    }
+
+
+def test_two_members_used_in_turn_never_hold_the_gpus_together(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    ledger = tmp_path / "gpu.ledger"
+    slow_start = ["--startup-delay", "0.5", "--token-delay", "0.01"]
+    fleet = start(
+        fleets,
+        tmp_path,
+        {
+            # One wakes from sleep mode, the other starts cold each time.
+            "left": member(
+                ledger, sleep=1, min_hold=2, queue_timeout=60, model="org/left",
+                args=[*slow_start, "--fake-wake-delay", "0.2"],
+            ),
+            "right": member(ledger, min_hold=2, queue_timeout=60, model="org/right",
+                            args=slow_start),
+            "always": {"model": "org/always", "args": ["--token-delay", "0.01"]},
+        },
+    )  # fmt: skip
+    wait_state(fleet, "always", "loaded")
+    assert states(fleet) == {"left": "unloaded", "right": "unloaded", "always": "loaded"}
+
+    def timed_chat(dep: str) -> tuple[int, float]:
+        began = time.monotonic()
+        status, body, _ = chat(fleet.url, dep)
+        if status == 200:
+            assert body["model"] == f"org/{dep}", body  # answered by the right engine
+        return status, time.monotonic() - began
+
+    baseline = [timed_chat("always")[1] for _ in range(50)]
+    results: dict[str, list[tuple[int, float]]] = {"left": [], "right": [], "always": []}
+    lock = threading.Lock()
+    deadline = time.monotonic() + ALTERNATE_SECONDS
+
+    def client(dep: str) -> None:
+        while time.monotonic() < deadline:
+            outcome = timed_chat(dep)
+            with lock:
+                results[dep].append(outcome)
+
+    threads = [
+        threading.Thread(target=client, args=(dep,), daemon=True)
+        for dep in ("left", "right")
+        for _ in range(8)
+    ]
+    threads.append(threading.Thread(target=client, args=("always",), daemon=True))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(ALTERNATE_SECONDS + 120)
+
+    failed = {d: [s for s, _ in r if s != 200] for d, r in results.items()}
+    assert failed == {"left": [], "right": [], "always": []}, failed
+    assert len(results["left"]) > 16 and len(results["right"]) > 16
+    entries = read_ledger(ledger)
+    assert entries, "the fake engines wrote no GPU ledger"
+    assert overlaps(entries) == []
+    group = on_demand(fleet)["groups"]["pair"]
+    kinds = dict((labels, value) for labels, value in metric(fleet, "fleet_swaps_total"))
+    wakes = sum(v for k, v in kinds.items() if 'kind="wake"' in k)
+    colds = sum(v for k, v in kinds.items() if 'kind="cold_start"' in k)
+    assert group["swaps"] >= 4, group  # they really took turns
+    assert wakes >= 1 and colds >= 2, kinds
+    # The deployment outside the group never waited in a queue.
+    assert not [k for k, _ in metric(fleet, "fleet_queue_wait_seconds_count") if "always" in k]
+    buckets: dict[str, float] = {}
+    for labels, value in metric(fleet, "fleet_queue_wait_seconds_bucket"):
+        le = labels.split('le="', 1)[1].split('"', 1)[0]
+        buckets[le] = buckets.get(le, 0.0) + value
+    queued = buckets.pop("+Inf")
+    assert queued > 0  # requests really waited for their member
+
+    def wait_quantile(q: float) -> str:  # the bucket the q-quantile falls in
+        return next(le for le, n in sorted(buckets.items(), key=lambda b: float(b[0]))
+                    if n >= q * queued)  # fmt: skip
+
+    waits = sorted(t for d in ("left", "right") for _, t in results[d])
+    always = sorted(t for _, t in results["always"])
+    report = {
+        "requests": {d: len(r) for d, r in results.items()},
+        "swaps": group["swaps"],
+        "wakes": wakes,
+        "cold_starts": colds,
+        "queued_requests": int(queued),
+        "queue_wait_p50_at_most_s": wait_quantile(0.5),
+        "queue_wait_p99_at_most_s": wait_quantile(0.99),
+        "member_latency_p50_s": round(statistics.median(waits), 3),
+        "member_latency_p99_s": round(waits[int(len(waits) * 0.99) - 1], 3),
+        "outside_p50_s": round(statistics.median(always), 4),
+        "outside_baseline_p50_s": round(statistics.median(baseline), 4),
+    }
+    (tmp_path / "swap-report.json").write_text(json.dumps(report))
+    print("swap group under alternating load:", json.dumps(report))
+
+
+def test_idle_engine_is_unloaded_and_loads_again_when_asked_for(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    fleet = start(
+        fleets, tmp_path, {"lazy": {"model": "org/lazy", "start": "on_demand", "idle_timeout": 1}}
+    )
+    assert states(fleet) == {"lazy": "unloaded"}
+    assert fleet.upstreams()[0]["pid"] is None  # nothing runs before it is asked for
+    status, body, _ = chat(fleet.url, "lazy")
+    assert status == 200 and body["model"] == "org/lazy"
+    pid = fleet.upstreams()[0]["pid"]
+    assert pid is not None and pid_alive(pid)
+    wait_state(fleet, "lazy", "unloaded", timeout=15)
+    wait_until(lambda: not pid_alive(pid), timeout=10, what="the idle engine gone")
+    status, _, _ = chat(fleet.url, "lazy")
+    assert status == 200
+    assert fleet.upstreams()[0]["pid"] not in (None, pid)
+
+
+def test_a_full_queue_and_a_queue_timeout_answer_503_with_retry_after(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    fleet = start(
+        fleets,
+        tmp_path,
+        {
+            "slow": {
+                "model": "org/slow", "start": "on_demand", "max_queued": 2,
+                "args": ["--startup-delay", "3"],
+            },
+            "slower": {
+                "model": "org/slower", "start": "on_demand", "queue_timeout": 0.5,
+                "args": ["--startup-delay", "5"],
+            },
+        },
+    )  # fmt: skip
+    answers: list[tuple[int, dict[str, Any], dict[str, str]]] = []
+
+    def ask() -> None:
+        answers.append(chat(fleet.url, "slow"))
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: on_demand(fleet)["deployments"]["slow"]["queued"] == 2, what="2 queued")
+    status, body, headers = chat(fleet.url, "slow")  # the third: over max_queued
+    assert status == 503, body
+    assert body["error"]["code"] == "queue_full"
+    assert "max_queued: 2" in body["error"]["message"]
+    assert int(headers["Retry-After"]) >= 1
+    for thread in threads:
+        thread.join(30)
+    assert sorted(a[0] for a in answers) == [200, 200]  # the two that waited were served
+    status, body, headers = chat(fleet.url, "slower")
+    assert status == 503 and body["error"]["code"] == "queue_timeout", body
+    assert "queue_timeout" in body["error"]["message"] and "loading" in body["error"]["message"]
+    assert int(headers["Retry-After"]) >= 1
+    refused = dict(metric(fleet, "fleet_queue_refused_total"))
+    assert refused['fleet_queue_refused_total{deployment="slow",reason="full"}'] == 1
+    assert refused['fleet_queue_refused_total{deployment="slower",reason="timeout"}'] == 1
+
+
+def test_a_stream_waits_for_its_engine_and_gets_every_token(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    fleet = start(
+        fleets,
+        tmp_path,
+        {"lazy": {"model": "org/lazy", "start": "on_demand", "args": ["--startup-delay", "1"]}},
+    )
+    stream = Stream(fleet.url, "lazy", 20)  # its head comes only once the engine answers
+    answer = stream.result()
+    assert tokens_in(answer) == 20 and answer.rstrip().endswith(b"0")
+    assert states(fleet)["lazy"] == "loaded"
+
+
+def test_load_and_unload_by_hand_and_the_models_list_says_each_state(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    ledger = tmp_path / "gpu.ledger"
+    fleet = start(
+        fleets,
+        tmp_path,
+        {
+            "one": member(ledger, sleep=1, model="org/one"),
+            "two": member(ledger, model="org/two"),
+            "always": {"model": "org/always"},
+        },
+    )
+    wait_state(fleet, "always", "loaded")
+    status, body, _ = call(fleet.url, "/fleet/deployments/one/load")
+    assert (status, body["state"]) == (200, "loaded"), body
+    assert states(fleet) == {"one": "loaded", "two": "unloaded", "always": "loaded"}
+    status, body, _ = call(fleet.url, "/fleet/deployments/two/load")  # a swap: one sleeps
+    assert (status, body["state"]) == (200, "loaded"), body
+    assert states(fleet) == {"one": "sleeping", "two": "loaded", "always": "loaded"}
+    group = on_demand(fleet)["groups"]["pair"]
+    assert group["holder"] == "two" and group["last_swap"]["from"] == ["one"]
+    status, body, _ = call(fleet.url, "/fleet/deployments/one/load")  # woken
+    assert (status, body["state"]) == (200, "loaded"), body
+    assert on_demand(fleet)["groups"]["pair"]["last_swap"]["kind"] == "wake"
+    status, body, _ = call(fleet.url, "/fleet/deployments/one/unload")
+    assert (status, body["state"]) == (200, "unloaded"), body
+    assert states(fleet)["one"] == "unloaded"
+    status, body, _ = call(fleet.url, "/fleet/deployments/always/unload")
+    assert status == 409 and body["error"]["code"] == "not_on_demand"
+    status, body, _ = call(fleet.url, "/fleet/deployments/nope/load")
+    assert status == 404
+    assert overlaps(read_ledger(ledger)) == []
+
+
+def test_dev_mode_routes_are_refused_on_the_path_routes(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    fleet = start(
+        fleets,
+        tmp_path,
+        {"dev": {"model": "org/dev", "sleep": 1, "start": "on_demand"}},
+    )
+    call(fleet.url, "/fleet/deployments/dev/load")
+    for method, path in (
+        ("POST", "/dev/sleep?level=1"),
+        ("POST", "/dev/wake_up"),
+        ("GET", "/dev/is_sleeping"),
+        ("POST", "/dev/collective_rpc"),
+        ("POST", "/dev//sleep"),
+        ("POST", "/dev/%73leep"),
+        ("POST", "/dev/reset_prefix_cache/"),
+    ):
+        request = urllib.request.Request(f"{fleet.url}{path}", data=b"{}", method=method)
+        if method == "GET":
+            request = urllib.request.Request(f"{fleet.url}{path}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                raise AssertionError(f"{path} answered {resp.status}")
+        except urllib.error.HTTPError as exc:
+            body = json.loads(exc.read())
+            assert exc.code == 403 and body["error"]["code"] == "route_not_allowed", (path, body)
+    assert states(fleet)["dev"] == "loaded"  # and nothing put it to sleep
