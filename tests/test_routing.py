@@ -149,3 +149,29 @@ def test_served_name_is_the_model_code_unless_the_file_names_one(names: Names) -
 )
 def test_dot_segments_are_resolved_before_routing(path: str, normal: str) -> None:
     assert remove_dot_segments(path) == normal
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/qwen/sleep",
+        "/qwen/wake_up",
+        "/qwen/is_sleeping",
+        "/qwen/collective_rpc",
+        "/qwen/reset_prefix_cache/",
+        "/qwen//sleep",
+        "/qwen/fault_tolerance/apply",
+        "/qwen/update_weights",
+        "/qwen/start_profile",
+    ],
+)
+def test_engine_only_routes_are_refused_on_path_routes(names: Names, path: str) -> None:
+    found = match(path, names)
+    assert isinstance(found, RouteError), found
+    assert found.status == 403 and found.code == "route_not_allowed"
+    assert "POST /fleet/deployments/qwen/unload" in found.message
+
+
+@pytest.mark.parametrize("path", ["/qwen/sleepy", "/qwen/v1/sleep", "/qwen/health"])
+def test_paths_that_only_look_like_engine_only_routes_pass(names: Names, path: str) -> None:
+    assert isinstance(match(path, names), Target)

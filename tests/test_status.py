@@ -138,3 +138,30 @@ def test_status_shows_the_fleet_file_generation_and_the_last_reload_with_its_fai
     assert "last reload: failed, generation 3, took 41.5s (SIGHUP, 60s ago)" in text
     assert "✗ chat-0: its replacement did not start (exited with status 1)" in text
     assert "chat-1 (retiring): out of routing, draining, then stopped; ready, pid 77, 2" in text
+
+
+def test_status_shows_swap_groups_their_holder_queue_and_last_swap() -> None:
+    data = copy.deepcopy(SNAPSHOT)
+    data["on_demand"] = {
+        "deployments": {
+            "left": {"state": "loaded", "queued": 0, "idle_s": 1.0, "idle_timeout": None},
+            "right": {
+                "state": "sleeping", "queued": 3, "oldest_wait_s": 1.5, "idle_s": 40.0,
+                "idle_timeout": 300.0, "last_load_s": 0.4, "note": "could not sleep: x",
+            },
+        },
+        "groups": {
+            "pair": {
+                "members": ["left", "right"], "gpus": [0], "holder": "left", "queued": 3,
+                "swaps": 7,
+                "last_swap": {"from": ["right"], "to": "left", "kind": "wake",
+                              "seconds": 0.4, "at": 1080.0},
+            }
+        },
+    }  # fmt: skip
+    text = render(data)
+    assert "swap group pair (GPUs 0): left, right; holder left; 3 queued; 7 swap(s)" in text
+    assert "last: right -> left (wake, 0.4s, 10s ago)" in text
+    assert "right: sleeping, 3 queued (oldest 1.5s)" in text
+    assert "idle 40.0s of 300s" in text and "left: loaded" in text
+    assert "could not sleep: x" in text

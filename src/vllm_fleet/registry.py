@@ -54,7 +54,7 @@ class Upstream:
     pid: int | None = None
     restarts: int = 0
     outstanding: int = 0
-    served: int = 0  # requests sent to it (the gateway counts; idle unload reads it)
+    served: int = 0  # POST requests sent to it (the gateway counts; idle unload reads it)
     message: str = ""
     since: float = field(default_factory=time.time)
     ejected: str | None = None  # why the gateway took it out of the rotation; None: in it

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 POLL = 1.0  # how often a group looks at its members when nothing wakes it (idle clocks)
 POLL_WAITING = 0.1  # ... while requests wait for an engine that is restarting
 RETRY_FAILED_LOAD = 30.0  # a failed load is not tried again before this
-SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300, 600)
 
 Resume = Callable[[Reply | None], None]
 
@@ -404,10 +404,12 @@ class Demand:
             ups = self._ups(record.id)
             served = sum(u.served for u in ups)
             in_flight = sum(u.outstanding for u in ups)
+            # In use: a POST sent since the last look, or requests still in flight.
             if served != record.served or in_flight > 0:
                 record.last_used = now
                 record.served = served
             self._resume_ready(record)
+            self.metrics.queued.labels(record.id).set(len(record.queue))  # (clients left)
             phase = phase_of(ups)
             restarting = restarting or bool(record.queue and phase is Phase.LOADING)
             if phase is Phase.LOADED and record.loaded_at == 0.0:

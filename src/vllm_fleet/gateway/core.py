@@ -37,7 +37,7 @@ from vllm_fleet.gateway.limits import Ticket
 from vllm_fleet.gateway.metrics import GatewayMetrics
 from vllm_fleet.gateway.routing import ByModel, Names, RouteError, Style, Target, match
 from vllm_fleet.registry import Registry, State, Upstream
-from vllm_fleet.swaps import phase_of
+from vllm_fleet.swaps import Phase, phase_of
 
 RETRY_AFTER_LOADING = "10"
 RETRY_AFTER_FAILED = "30"
@@ -168,15 +168,21 @@ class Core:
         return self.status()
 
     def health(self, ready_query: bool) -> Reply:
-        deployments = {
-            dep_id: {
-                "ready": sum(1 for u in ups if u.state is State.READY),
-                "replicas": len(ups),
-            }
-            for dep_id, ups in self.registry.by_deployment.items()
-        }
-        all_ready = all(d["ready"] > 0 for d in deployments.values())
-        # `?ready=1` is for load balancers: 503 until every deployment can answer.
+        deployments: dict[str, dict[str, Any]] = {}
+        able = True  # every deployment can answer (an on-demand one by loading)
+        for dep_id, ups in self.registry.by_deployment.items():
+            ready = sum(1 for u in ups if u.state is State.READY)
+            deployments[dep_id] = {"ready": ready, "replicas": len(ups)}
+            dep = self.config.deployments.get(dep_id)
+            if dep is not None and dep.on_demand:
+                phase = phase_of(ups)
+                deployments[dep_id]["state"] = phase.value
+                able = able and phase is not Phase.FAILED
+            else:
+                able = able and ready > 0
+        all_ready = able
+        # `?ready=1` is for load balancers: 503 until every deployment can answer (an
+        # on-demand one that is not loaded can: its requests wait while it loads).
         status = 503 if ready_query and not all_ready else 200
         body = {"status": "ok" if all_ready else "loading", "deployments": deployments}
         return json_reply(body, status)

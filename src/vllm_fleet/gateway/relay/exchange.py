@@ -138,7 +138,10 @@ class Exchange:
         upstream = core.pick(dep_id, self.tried)
         if upstream is None:
             demand = core.demand
-            if demand is not None and not self.failures and not self.waited:
+            # Only a POST (an inference) loads an engine: a monitor's GET of
+            # /{id}/health or /{id}/v1/models must not keep models loaded.
+            post = self.request.method == "POST"
+            if demand is not None and post and not self.failures and not self.waited:
                 queued = demand.enqueue(dep_id, self._resumed)
                 if isinstance(queued, Reply):
                     reply = queued
@@ -166,7 +169,8 @@ class Exchange:
         self.relay_headers = upstream_headers(upstream.name)
         self.retried = False
         upstream.outstanding += 1
-        upstream.served += 1
+        if self.request.method == "POST":
+            upstream.served += 1  # a use of the engine (idle unload reads it)
         pool = self.pools.get(upstream.url)
         conn = pool.take_idle()
         if conn is not None:
