@@ -11,7 +11,12 @@ What it checks, against the real `nvidia-smi`:
    really holds GPU memory) and each one sees exactly the GPU its plan names, by UUID,
    with CUDA_DEVICE_ORDER=PCI_BUS_ID; requests through the gateway reach each of them;
 4. after SIGTERM to `fleet up`, no engine process is left and the GPU memory they held
-   is free again.
+   is free again;
+5. on-demand: `fleet check` of two `start: on_demand` deployments on GPU 0 shows one swap
+   group and, for `sleep: 1`, adds --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 with
+   no "needs a GPU" warning; under `fleet up` a request to each in turn loads it, and
+   nvidia-smi never shows both holding GPU memory (the cold-start path: the fake engine's
+   sleep does not free CUDA memory, and vLLM itself is not installed on such machines).
 Prints one PASS/FAIL line per check (also to OUT/summary.txt); exit 0 when all pass.
 """
 
@@ -120,6 +125,78 @@ def refused(out: Path, name: str, gpus_value: str, place: str) -> None:
         f"fleet check refuses gpus: {gpus_value}",
         said.strip().splitlines()[-1] if said.strip() else f"exit {done.returncode}",
     )
+
+
+def on_demand_check(out: Path) -> None:
+    """5. (see the module docstring)"""
+    port = free_port()
+    path = out / "on-demand.yaml"
+    lines = [
+        f"gateway: {{host: 127.0.0.1, port: {port}}}",
+        f"engines: {{base_port: {free_port()}, log_dir: {out / 'logs-on-demand'}}}",
+        f'engine_command: ["{{python}}", "{ENGINE}", "{{model}}", "--hold-mib", "{HOLD_MIB}"]',
+        "deployments:",
+    ]
+    for dep in ("first", "second"):
+        lines += [f"  {dep}: {{model: check/{dep}, gpus: [0], start: on_demand, min_hold: 0}}"]
+    path.write_text("\n".join(lines) + "\n")
+    sleepy = out / "on-demand-sleep.yaml"
+    sleepy.write_text(path.read_text().replace("min_hold: 0}", "min_hold: 0, sleep: 1}"))
+    done = fleet("check", str(sleepy))
+    said = done.stdout + done.stderr
+    (out / "check-on-demand.txt").write_text(said)
+    check(
+        done.returncode == 0
+        and "swap group gpu0: GPUs 0; members: first, second" in said
+        and "--enable-sleep-mode" in said
+        and "VLLM_SERVER_DEV_MODE=1" in said
+        and "needs a GPU" not in said,
+        "fleet check: one swap group on GPU 0, sleep mode's flag and env, no GPU warning",
+        f"exit {done.returncode}",
+    )
+    log = (out / "up-on-demand.log").open("w")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "vllm_fleet.cli", "up", str(path)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    gateway = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and up.poll() is None:
+            with contextlib.suppress(OSError):
+                if get(f"{gateway}/health")[0] == 200:
+                    break
+            time.sleep(0.5)
+        base = {g["index"]: g["used"] for g in gpus()}[0]
+        for dep in ("first", "second", "first"):
+            code, body = get(
+                f"{gateway}/{dep}/v1/chat/completions",
+                {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+            )
+            status = get(f"{gateway}/fleet/status")[1]
+            pids = {
+                d: u.get("pid") for d, v in status["deployments"].items() for u in v["upstreams"]
+            }
+            mine = [a for a in apps() if a["pid"] in [p for p in pids.values() if p]]
+            used = {g["index"]: g["used"] for g in gpus()}[0] - base
+            check(
+                code == 200
+                and body.get("model") == f"check/{dep}"
+                and [d for d, p in pids.items() if p] == [dep]
+                and len(mine) <= 1
+                and used < 2 * HOLD_MIB,
+                f"on demand: {dep} loaded alone on GPU 0",
+                f"{code}, engines running: {pids}, nvidia-smi: {mine}, +{used} MiB",
+            )
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGTERM)
+        try:
+            up.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+        log.close()
 
 
 def main() -> int:
@@ -250,6 +327,8 @@ def main() -> int:
     )
     leftover = [a for a in apps() if a["pid"] in reports]
     check(not leftover, "nvidia-smi lists no engine", json.dumps(leftover) if leftover else "")
+
+    on_demand_check(out)
 
     failed = [name for ok, name, _ in results if not ok]
     summary = "\n".join(f"{'PASS' if ok else 'FAIL'} {n}: {d}" for ok, n, d in results)

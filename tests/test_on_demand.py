@@ -290,7 +290,7 @@ def test_load_and_unload_by_hand_and_the_models_list_says_each_state(
         tmp_path,
         {
             "one": member(ledger, sleep=1, model="org/one"),
-            "two": member(ledger, model="org/two"),
+            "two": member(ledger, sleep=2, model="org/two"),
             "always": {"model": "org/always"},
         },
     )
@@ -306,7 +306,12 @@ def test_load_and_unload_by_hand_and_the_models_list_says_each_state(
     status, body, _ = call(fleet.url, "/fleet/deployments/one/load")  # woken
     assert (status, body["state"]) == (200, "loaded"), body
     assert on_demand(fleet)["groups"]["pair"]["last_swap"]["kind"] == "wake"
-    status, body, _ = call(fleet.url, "/fleet/deployments/one/unload")
+    assert states(fleet)["two"] == "sleeping"  # at level 2
+    status, body, _ = call(fleet.url, "/fleet/deployments/two/load")  # woken, weights reloaded
+    assert (status, body["state"]) == (200, "loaded"), body
+    assert on_demand(fleet)["groups"]["pair"]["last_swap"]["kind"] == "wake"
+    assert chat(fleet.url, "two")[1]["model"] == "org/two"
+    status, body, _ = call(fleet.url, "/fleet/deployments/one/unload")  # asleep: stopped
     assert (status, body["state"]) == (200, "unloaded"), body
     assert states(fleet)["one"] == "unloaded"
     status, body, _ = call(fleet.url, "/fleet/deployments/always/unload")
@@ -377,3 +382,30 @@ def test_a_reload_adds_an_on_demand_deployment_unloaded_and_replaces_a_loaded_on
     status, body, _ = chat(fleet.url, "kept")  # the new engine, loaded by its request
     assert status == 200 and body["model"] == "org/kept"
     assert states(fleet) == {"kept": "loaded", "added": "unloaded"}
+
+
+def test_a_load_that_fails_answers_its_queue_at_once_and_is_not_retried_for_a_while(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    fleet = start(
+        fleets,
+        tmp_path,
+        {
+            "good": {"model": "org/good", "start": "on_demand", "swap_group": "g"},
+            "bad": {
+                "model": "org/bad", "start": "on_demand", "swap_group": "g",
+                "args": ["--fail-start"],
+            },
+        },
+    )  # fmt: skip
+    assert chat(fleet.url, "good")[0] == 200
+    status, body, headers = chat(fleet.url, "bad")  # tried once: no restarts with backoff
+    assert status == 503, body
+    assert "its load failed" in body["error"]["message"], body
+    assert "exited with status" in body["error"]["message"], body
+    status, body, headers = chat(fleet.url, "bad")  # not tried again yet
+    assert status == 503 and body["error"]["code"] == "deployment_failed", body
+    assert 1 <= int(headers["Retry-After"]) <= 30
+    status, body, _ = chat(fleet.url, "good")  # loaded again, not evicted again by `bad`
+    assert status == 200 and body["model"] == "org/good"
+    assert states(fleet) == {"good": "loaded", "bad": "failed"}

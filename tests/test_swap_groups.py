@@ -430,3 +430,16 @@ def test_on_demand_lines_say_per_group_and_deployment_what_happens() -> None:
 def test_on_demand_lines_are_none_without_an_on_demand_deployment() -> None:
     cfg = load("deployments:\n  a: {model: m}\n")
     assert on_demand_lines(cfg, ()) == []
+
+
+def test_a_gpu_count_on_demand_that_cannot_be_filled_says_to_list_the_gpu() -> None:
+    text = textwrap.dedent(
+        """
+        deployments:
+          a: {model: org/a, gpus: 1, start: on_demand}
+          b: {model: org/b, gpus: 1, start: on_demand}
+        """
+    )
+    with pytest.raises(ConfigError) as caught:
+        plan(text, gpus(0))
+    assert "take turns on GPUs they list by index (`gpus: [0]`)" in caught.value.render()

@@ -570,7 +570,13 @@ def _assign_gpus(
                         message=f"replica {replica} needs {dep.gpus} GPU(s) but only "
                         f"{len(free)} are left unassigned on this machine "
                         f"(GPUs {', '.join(map(str, sorted(known or ())))}); lower the count "
-                        "or the replicas",
+                        "or the replicas"
+                        + (
+                            "; on-demand deployments take turns on GPUs they list by "
+                            "index (`gpus: [0]`): a GPU count never shares"
+                            if dep.on_demand
+                            else ""
+                        ),
                     )
                 )
                 break

@@ -558,7 +558,7 @@ class Demand:
                 await self.supervisor.unload(up, "failure", f"wake failed: {problem}")
             if up.state is State.READY:
                 return True
-            self.supervisor.ensure(up, "on demand")
+            self.supervisor.ensure(up, "on demand", load_once=True)
             return await self.supervisor.until_ready(up)
 
         results = await asyncio.gather(*(one(up) for up in ups))

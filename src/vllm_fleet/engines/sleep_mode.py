@@ -61,14 +61,23 @@ async def is_sleeping(engine: EngineProcess) -> bool | str:
     return found if isinstance(found, bool) else "GET /is_sleeping gave no `is_sleeping`"
 
 
-async def sleep(engine: EngineProcess, level: int) -> str | None:
-    problem = await _call(engine, "POST", f"/sleep?level={level}")
-    if problem is not None:
-        return problem
-    asleep = await is_sleeping(engine)
-    if asleep is True:
+async def _steps(
+    engine: EngineProcess, steps: list[tuple[str, object]], asleep: bool, said: str
+) -> str | None:
+    """POST each (path, body) in turn, then check that `is_sleeping` is `asleep`."""
+    for path, body in steps:
+        problem = await _call(engine, "POST", path, body)
+        if problem is not None:
+            return problem
+    found = await is_sleeping(engine)
+    if found is asleep:
         return None
-    return asleep if isinstance(asleep, str) else "it answered /sleep but is not sleeping"
+    return found if isinstance(found, str) else said
+
+
+async def sleep(engine: EngineProcess, level: int) -> str | None:
+    steps: list[tuple[str, object]] = [(f"/sleep?level={level}", None)]
+    return await _steps(engine, steps, True, "it answered /sleep but is not sleeping")
 
 
 async def wake(engine: EngineProcess, level: int) -> str | None:
@@ -80,11 +89,4 @@ async def wake(engine: EngineProcess, level: int) -> str | None:
         ]
     else:
         steps = [("/wake_up", None)]
-    for path, body in steps:
-        problem = await _call(engine, "POST", path, body)
-        if problem is not None:
-            return problem
-    asleep = await is_sleeping(engine)
-    if asleep is False:
-        return None
-    return asleep if isinstance(asleep, str) else "it answered /wake_up but still sleeps"
+    return await _steps(engine, steps, False, "it answered /wake_up but still sleeps")

@@ -135,7 +135,10 @@ class _Owner:
     upstream: Upstream
     stop: asyncio.Event  # set: stop this one (retire, or the whole fleet stopping)
     engine: EngineProcess | None  # None for a remote endpoint
-    reason: str  # why it was started: "fleet up", "reload"
+    reason: str  # why it was started: "fleet up", "reload", "on demand"
+    # An on-demand load: a start that fails before the engine was ever ready is not
+    # retried (the request that asked is answered; the next one tries again).
+    load_once: bool = False
     task: asyncio.Task[None] | None = None
     stop_reason: str = "shutdown"
 
@@ -180,9 +183,10 @@ class Supervisor:
             if upstream.state is not State.UNLOADED:  # on-demand ones wait to be asked for
                 self.ensure(upstream, "fleet up")
 
-    def ensure(self, upstream: Upstream, reason: str = "reload") -> None:
+    def ensure(self, upstream: Upstream, reason: str = "reload", load_once: bool = False) -> None:
         """Own `upstream` from now on: start its engine (or probe the remote endpoint).
-        Nothing happens when it is owned already (and not finished), or when stopping."""
+        Nothing happens when it is owned already (and not finished), or when stopping.
+        `load_once`: a failed first start is final (see `_Owner`)."""
         owner = self._owners.get(upstream)
         if self._stopped or self._session is None:
             return
@@ -209,7 +213,7 @@ class Supervisor:
                 # the engine's last life (a failure) before its new owner has run.
                 upstream.set_state(State.STARTING, "starting")
             engine = EngineProcess(upstream.spec, upstream, self.config.engines, self._session)
-            owner = _Owner(upstream, stop, engine, reason)
+            owner = _Owner(upstream, stop, engine, reason, load_once=load_once)
             owner.task = asyncio.create_task(self._own(owner), name=upstream.name)
         else:  # pragma: no cover (a managed upstream always has an EngineSpec)
             return
@@ -401,6 +405,7 @@ class Supervisor:
                 self._emit(upstream)
                 outcome = await engine.wait_ready(stop)
                 if outcome is Outcome.READY:
+                    owner.load_once = False  # loaded: restarted as any engine from now on
                     self._emit(upstream)
                     ready_at = time.monotonic()
                     outcome = await engine.watch(stop)
@@ -434,7 +439,7 @@ class Supervisor:
                     return
             upstream.last_failure, upstream.last_failure_at = why, time.time()
             failures += 1
-            if failures > settings.max_restarts:
+            if failures > (0 if owner.load_once else settings.max_restarts):
                 tail = read_log_tail(spec.log_path)
                 message = f"{why}; gave up after {failures} failure(s) in a row"
                 upstream.set_state(State.FAILED, message)
