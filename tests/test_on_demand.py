@@ -409,3 +409,30 @@ def test_a_load_that_fails_answers_its_queue_at_once_and_is_not_retried_for_a_wh
     status, body, _ = chat(fleet.url, "good")  # loaded again, not evicted again by `bad`
     assert status == 200 and body["model"] == "org/good"
     assert states(fleet) == {"good": "loaded", "bad": "failed"}
+
+
+def test_requests_waiting_for_a_deployment_a_reload_removes_get_their_503(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    path = fake_fleet_file(
+        tmp_path,
+        {
+            "stays": {"model": "org/stays"},
+            "goes": {"model": "org/goes", "start": "on_demand", "args": ["--startup-delay", "8"]},
+        },
+    )
+    fleet = FleetUp(path)
+    fleets.append(fleet)
+    wait_state(fleet, "stays", "loaded")
+    answers: list[tuple[int, dict[str, Any], dict[str, str]]] = []
+    waiting = threading.Thread(target=lambda: answers.append(chat(fleet.url, "goes")))
+    waiting.start()
+    wait_until(lambda: on_demand(fleet)["deployments"]["goes"]["queued"] == 1, what="queued")
+    data = yaml.safe_load(path.read_text())
+    del data["deployments"]["goes"]
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert call(fleet.url, "/fleet/reload", {})[0] == 202
+    waiting.join(10)
+    assert not waiting.is_alive(), "the waiting request was never answered"
+    status, body, _ = answers[0]
+    assert status == 503 and "removed from the fleet file" in body["error"]["message"], body

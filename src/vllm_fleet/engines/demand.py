@@ -146,6 +146,7 @@ class Demand:
         self._of: dict[str, _Group] = {}  # deployment -> its group
         self._started = False
         self._closed = False
+        self._jobs: set[asyncio.Future[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._arrange(registry.config)
 
@@ -161,13 +162,13 @@ class Demand:
         """A reload's file: regroup, keep the queues of deployments still on demand,
         answer those of removed ones, and start the engines of deployments that are no
         longer on demand (`start: always`) but not running."""
-        old = set(self._deps)
+        old = dict(self._deps)
         self._arrange(config)
-        for dep_id in old - set(self._deps):
+        for dep_id in set(old) - set(self._deps):
             if dep_id not in config.deployments:
-                self._answer_all(dep_id, "removed", "it was removed from the fleet file")
+                self._answer_all(old[dep_id], "removed", "it was removed from the fleet file")
                 continue
-            self._answer_all(dep_id, None, "")  # an always-on deployment now: served as such
+            self._answer_all(old[dep_id], None, "")  # always on now: answered as such
             for up in self.registry.upstreams(dep_id):
                 if up.state in (State.UNLOADED, State.SLEEPING):
                     self._spawn(self._bring_up_always(up, config.deployments[dep_id].sleep))
@@ -179,9 +180,10 @@ class Demand:
     async def stop(self) -> None:
         """The fleet stops: every waiting request gets its 503, the groups end."""
         self._closed = True
-        for dep_id in list(self._deps):
-            self._answer_all(dep_id, "stopping", "the fleet is stopping")
+        for record in list(self._deps.values()):
+            self._answer_all(record, "stopping", "the fleet is stopping")
         tasks = [g.task for g in self._groups.values() if g.task is not None]
+        tasks += list(self._jobs)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -228,12 +230,10 @@ class Demand:
 
     def _spawn(self, job: Any) -> None:
         task = asyncio.ensure_future(job)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._jobs.add(task)  # kept until done (the loop holds tasks weakly)
+        task.add_done_callback(self._jobs.discard)
 
     # ------------------------------------------------------------ the queue
-
-    def handles(self, dep_id: str) -> bool:
-        return dep_id in self._deps
 
     def enqueue(self, dep_id: str, resume: Resume) -> Waiter | Reply | None:
         """A request for `dep_id` found no replica to take it (see the module docstring)."""
@@ -268,28 +268,28 @@ class Demand:
         waiter = Waiter(dep_id, now, resume, record.queue)
         record.queue.append(waiter)
         loop = self._loop or asyncio.get_running_loop()
-        waiter.timer = loop.call_later(settings.queue_timeout, self._expire, waiter)
+        waiter.timer = loop.call_later(
+            settings.queue_timeout, self._expire, waiter, record, settings.queue_timeout
+        )
         self.metrics.queued.labels(dep_id).set(len(record.queue))
         group = self._of.get(dep_id)
         if group is not None:
             group.kick.set()
         return waiter
 
-    def _expire(self, waiter: Waiter) -> None:
+    def _expire(self, waiter: Waiter, record: _Dep, seconds: float) -> None:
+        """`waiter` waited its queue_timeout (`seconds`): its 503."""
         waiter.timer = None
-        record = self._deps.get(waiter.deployment)
         waiter.cancel()
-        if record is None:
-            return
-        settings = self.registry.config.deployments[waiter.deployment]
-        self.metrics.refused.labels(waiter.deployment, "timeout").inc()
-        self.metrics.queued.labels(waiter.deployment).set(len(record.queue))
+        dep_id = waiter.deployment
+        self.metrics.refused.labels(dep_id, "timeout").inc()
+        self.metrics.queued.labels(dep_id).set(len(record.queue))
+        doing = self._doing(record) if dep_id in self._deps else "no longer on demand"
         waiter.resume(
             self._refusal(
-                waiter.deployment,
-                f"waited {settings.queue_timeout:g}s (queue_timeout) for deployment "
-                f"`{waiter.deployment}`, which is {self._doing(record)}; retry, or raise its "
-                "queue_timeout",
+                dep_id,
+                f"waited {seconds:g}s (queue_timeout) for deployment `{dep_id}`, which is "
+                f"{doing}; retry, or raise its queue_timeout",
                 "queue_timeout",
                 record.last_load_s or 10.0,
             )
@@ -318,12 +318,10 @@ class Demand:
             self.metrics.queue_wait.labels(record.id).observe(now - waiter.since)
             waiter.resume(None)
 
-    def _answer_all(self, dep_id: str, reason: str | None, why: str) -> None:
-        """Resume every waiter of `dep_id` with a 503 (`reason` for the metric), or with
+    def _answer_all(self, record: _Dep, reason: str | None, why: str) -> None:
+        """Resume every waiter of `record` with a 503 (`reason` for the metric), or with
         None (`reason` None: let them be answered as usual)."""
-        record = self._deps.get(dep_id)
-        if record is None:
-            return
+        dep_id = record.id
         waiting = list(record.queue)
         record.queue.clear()
         self.metrics.queued.labels(dep_id).set(0)
@@ -498,7 +496,7 @@ class Demand:
             "to": step.deployment, "from": list(step.evict), "kind": kind, **timing,
             "at": round(time.time(), 3), "failed": problem,
         }  # fmt: skip
-        self._answer_all(step.deployment, "failed", f"its load failed ({problem})")
+        self._answer_all(wanted, "failed", f"its load failed ({problem})")
 
     async def _release(self, record: _Dep, why: str, reason: str, keep_sleeping: bool) -> None:
         """Unload one deployment: out of the rotation, drained for its
