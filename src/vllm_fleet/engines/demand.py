@@ -182,8 +182,10 @@ class Demand:
         self._closed = True
         for record in list(self._deps.values()):
             self._answer_all(record, "stopping", "the fleet is stopping")
-        tasks = [g.task for g in self._groups.values() if g.task is not None]
-        tasks += list(self._jobs)
+        tasks: list[asyncio.Future[Any]] = [
+            g.task for g in self._groups.values() if g.task is not None
+        ]
+        tasks += self._jobs
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
