@@ -5,8 +5,9 @@ loads or wakes it; a loaded one idle for its `idle_timeout` is unloaded.
 One task per group (an on-demand deployment that shares no GPU is a group of one) asks
 `swaps.next_step` what to do and does it, one step at a time, so a group has one swap at
 a time. A step holds the locks of the deployments it moves, so a reload that regroups
-them never runs two steps on one deployment at once. The supervisor owns the engine
-processes; this only asks it to start (`ensure`), stop (`unload`), `sleep` and `wake`.
+them never runs two steps on one deployment at once. Moving engines on and off the GPUs
+is `engines/swapping.py`'s (through the supervisor, which owns the processes); the
+waiters, the per-deployment records and the metrics are `engines/waiting.py`'s.
 
 The queue: `enqueue` (the gateway's exchange, when no replica may take a request) gives
 a `Waiter`, or the 503 to answer at once (the queue is full, or the last load failed
@@ -25,69 +26,31 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from vllm_fleet.config import FleetConfig
-from vllm_fleet.engines import host_memory
 from vllm_fleet.engines.supervisor import Supervisor
-from vllm_fleet.gateway.errors import Reply, error_object, error_reply
+from vllm_fleet.engines.swapping import Mover
+from vllm_fleet.engines.waiting import DemandMetrics, Record, Resume, Waiter, refusal
+from vllm_fleet.gateway.errors import Reply, error_object
 from vllm_fleet.registry import Registry, State, Upstream
-from vllm_fleet.swaps import HOLDING, Load, Member, Phase, Unload, next_step, phase_of, sleep_fits
+from vllm_fleet.swaps import HOLDING, Load, Member, Phase, Unload, next_step, phase_of
 
 log = logging.getLogger(__name__)
 
 POLL = 1.0  # how often a group looks at its members when nothing wakes it (idle clocks)
 POLL_WAITING = 0.1  # ... while requests wait for an engine that is restarting
 RETRY_FAILED_LOAD = 30.0  # a failed load is not tried again before this
-SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300, 600)
-
-Resume = Callable[[Reply | None], None]
-
-
-@dataclass(eq=False)
-class Waiter:
-    """One request waiting for its deployment to be loaded."""
-
-    deployment: str
-    since: float  # time.monotonic()
-    resume: Resume
-    queue: deque[Waiter] | None = None
-    timer: asyncio.TimerHandle | None = None
-
-    def cancel(self) -> None:
-        """The client left: out of the queue, never resumed."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.queue is not None:
-            with contextlib.suppress(ValueError):
-                self.queue.remove(self)
-            self.queue = None
-
-
-@dataclass(eq=False)
-class _Dep:
-    """What the fleet keeps about one on-demand deployment between steps."""
-
-    id: str
-    queue: deque[Waiter] = field(default_factory=deque)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    last_used: float = field(default_factory=time.monotonic)
-    loaded_at: float = 0.0
-    served: int = -1  # its engines' request count when last looked at
-    retry_at: float = 0.0
-    note: str = ""  # the last thing worth saying (a failed load, a sleep refused)
-    last_load_s: float | None = None
 
 
 @dataclass(eq=False)
 class _Group:
     name: str
-    members: list[_Dep]
+    members: list[Record]
     gpus: tuple[int, ...]
     shown: bool  # a real swap group (two members or more), not a lone deployment
     kick: asyncio.Event = field(default_factory=asyncio.Event)
@@ -96,37 +59,6 @@ class _Group:
     retired: bool = False
     swaps: int = 0
     last_swap: dict[str, Any] | None = None
-
-
-class _Metrics:
-    def __init__(self, registry: CollectorRegistry | None) -> None:
-        reg = registry if registry is not None else CollectorRegistry()
-        self.swaps = Counter(
-            "fleet_swaps", "engines loaded on demand, by swap group and kind (cold_start, wake)",
-            ["group", "kind"], registry=reg,
-        )  # fmt: skip
-        self.swap_seconds = Histogram(
-            "fleet_swap_seconds",
-            "from the decision to swap (or load) to the engine ready: the holder's drain and "
-            "unload, and the cold start or wake",
-            ["group"], buckets=SECONDS_BUCKETS, registry=reg,
-        )  # fmt: skip
-        self.queue_wait = Histogram(
-            "fleet_queue_wait_seconds",
-            "how long requests waited for their on-demand deployment to be loaded",
-            ["deployment"], buckets=SECONDS_BUCKETS, registry=reg,
-        )  # fmt: skip
-        self.refused = Counter(
-            "fleet_queue_refused",
-            "requests for an on-demand deployment answered 503 by its queue, by reason "
-            "(full, timeout, failed, stopping, removed)",
-            ["deployment", "reason"], registry=reg,
-        )  # fmt: skip
-        self.queued = Gauge(
-            "fleet_queued_requests",
-            "requests waiting for their on-demand deployment to be loaded",
-            ["deployment"], registry=reg,
-        )  # fmt: skip
 
 
 class Demand:
@@ -140,8 +72,9 @@ class Demand:
     ) -> None:
         self.registry = registry
         self.supervisor = supervisor
-        self.metrics = _Metrics(prometheus)
-        self._deps: dict[str, _Dep] = {}
+        self.metrics = DemandMetrics(prometheus)
+        self.mover = Mover(registry, supervisor)
+        self._deps: dict[str, Record] = {}
         self._groups: dict[str, _Group] = {}
         self._of: dict[str, _Group] = {}  # deployment -> its group
         self._started = False
@@ -171,7 +104,7 @@ class Demand:
             self._answer_all(old[dep_id], None, "")  # always on now: answered as such
             for up in self.registry.upstreams(dep_id):
                 if up.state in (State.UNLOADED, State.SLEEPING):
-                    self._spawn(self._bring_up_always(up, config.deployments[dep_id].sleep))
+                    self._spawn(self.mover.bring_up_always(up, config.deployments[dep_id].sleep))
         if self._started:
             for group in self._groups.values():
                 if group.task is None:
@@ -196,7 +129,7 @@ class Demand:
         the same keeps its task; the others' tasks end after their current step."""
         planned = {name: g for g in self.registry.plan.groups for name in g.members}
         deps = {
-            dep_id: self._deps.get(dep_id) or _Dep(dep_id)
+            dep_id: self._deps.get(dep_id) or Record(dep_id)
             for dep_id, dep in config.deployments.items()
             if dep.on_demand
         }
@@ -250,8 +183,7 @@ class Demand:
         now = time.monotonic()
         if phase is Phase.FAILED and now < record.retry_at:
             self.metrics.refused.labels(dep_id, "failed").inc()
-            return self._refusal(
-                dep_id,
+            return refusal(
                 f"deployment `{dep_id}` failed to load moments ago ({self._failure(record, ups)}); "
                 "see `fleet status` and its engine log",
                 "deployment_failed",
@@ -259,8 +191,7 @@ class Demand:
             )
         if len(record.queue) >= settings.max_queued:
             self.metrics.refused.labels(dep_id, "full").inc()
-            return self._refusal(
-                dep_id,
+            return refusal(
                 f"deployment `{dep_id}` is {self._doing(record)}, and {len(record.queue)} "
                 f"request(s) already wait for it (max_queued: {settings.max_queued}); retry "
                 "shortly, or raise its max_queued",
@@ -279,7 +210,7 @@ class Demand:
             group.kick.set()
         return waiter
 
-    def _expire(self, waiter: Waiter, record: _Dep, seconds: float) -> None:
+    def _expire(self, waiter: Waiter, record: Record, seconds: float) -> None:
         """`waiter` waited its queue_timeout (`seconds`): its 503."""
         waiter.timer = None
         waiter.cancel()
@@ -288,8 +219,7 @@ class Demand:
         self.metrics.queued.labels(dep_id).set(len(record.queue))
         doing = self._doing(record) if dep_id in self._deps else "no longer on demand"
         waiter.resume(
-            self._refusal(
-                dep_id,
+            refusal(
                 f"waited {seconds:g}s (queue_timeout) for deployment `{dep_id}`, which is "
                 f"{doing}; retry, or raise its queue_timeout",
                 "queue_timeout",
@@ -297,11 +227,7 @@ class Demand:
             )
         )
 
-    def _refusal(self, dep_id: str, message: str, code: str, retry_after: float) -> Reply:
-        seconds = max(1, int(retry_after + 0.999))
-        return error_reply(503, message, code, headers={"Retry-After": str(seconds)})
-
-    def _resume_ready(self, record: _Dep) -> None:
+    def _resume_ready(self, record: Record) -> None:
         """Requests waiting for a deployment that has a replica to take them: go."""
         if not record.queue:
             return
@@ -320,7 +246,7 @@ class Demand:
             self.metrics.queue_wait.labels(record.id).observe(now - waiter.since)
             waiter.resume(None)
 
-    def _answer_all(self, record: _Dep, reason: str | None, why: str) -> None:
+    def _answer_all(self, record: Record, reason: str | None, why: str) -> None:
         """Resume every waiter of `record` with a 503 (`reason` for the metric), or with
         None (`reason` None: let them be answered as usual)."""
         dep_id = record.id
@@ -337,8 +263,7 @@ class Demand:
                 continue
             self.metrics.refused.labels(dep_id, reason).inc()
             waiter.resume(
-                self._refusal(
-                    dep_id,
+                refusal(
                     f"deployment `{dep_id}` was not loaded: {why}",
                     "deployment_unavailable",
                     RETRY_FAILED_LOAD,
@@ -347,11 +272,11 @@ class Demand:
 
     # ------------------------------------------------------------ words
 
-    def _failure(self, record: _Dep, ups: list[Upstream]) -> str:
+    def _failure(self, record: Record, ups: list[Upstream]) -> str:
         failed = [f"{u.name}: {u.message}" for u in ups if u.state is State.FAILED and u.message]
         return "; ".join(failed) or record.note or "no engine became ready"
 
-    def _doing(self, record: _Dep) -> str:
+    def _doing(self, record: Record) -> str:
         """What the deployment is doing now, in words, for the 503s."""
         ups = self.registry.upstreams(record.id)
         phase = phase_of(ups)
@@ -375,7 +300,7 @@ class Demand:
         return f"{state}, about to load"
 
     def _ups(self, dep_id: str) -> list[Upstream]:
-        return [u for u in self.registry.upstreams(dep_id) if u.managed]
+        return self.mover.engines(dep_id)
 
     # ------------------------------------------------------------ the group's steps
 
@@ -432,7 +357,9 @@ class Demand:
             found = self._deps.get(dep_id)
             if found is not None:
                 async with found.lock:
-                    await self._release(found, "unloaded by hand", "by hand", keep_sleeping=False)
+                    found.note = await self.mover.release(
+                        dep_id, "unloaded by hand", "by hand", keep_sleeping=False
+                    )
             if not done.done():
                 done.set_result(phase_of(self._ups(dep_id)).value)
             return None
@@ -443,7 +370,10 @@ class Demand:
         if isinstance(step, Unload):
             record = self._deps[step.deployment]
             async with record.lock:
-                await self._release(record, step.why, "idle", keep_sleeping=True)
+                record.note = (
+                    await self.mover.release(record.id, step.why, "idle", keep_sleeping=True)
+                    or record.note
+                )
             return None
         timeout = POLL_WAITING if restarting else POLL
         if step.until is not None:
@@ -458,12 +388,16 @@ class Demand:
             began = time.monotonic()
             wanted = self._deps[step.deployment]
             for name in step.evict:
-                await self._release(
-                    self._deps[name], f"making room for `{step.deployment}`", "swap",
-                    keep_sleeping=True,
-                )  # fmt: skip
+                evicted = self._deps[name]
+                evicted.note = (
+                    await self.mover.release(
+                        name, f"making room for `{step.deployment}`", "swap", keep_sleeping=True
+                    )
+                    or evicted.note
+                )
             room = time.monotonic()
-            kind, problem = await self._bring_up(wanted)
+            kind, ready = await self.mover.bring_up(step.deployment)
+            problem = None if ready else self._failure(wanted, self._ups(step.deployment))
             took = time.monotonic() - began
         now = time.monotonic()
         timing = {
@@ -499,79 +433,6 @@ class Demand:
             "at": round(time.time(), 3), "failed": problem,
         }  # fmt: skip
         self._answer_all(wanted, "failed", f"its load failed ({problem})")
-
-    async def _release(self, record: _Dep, why: str, reason: str, keep_sleeping: bool) -> None:
-        """Unload one deployment: out of the rotation, drained for its
-        swap_drain_timeout, then slept (its `sleep` level) or stopped. Not
-        `keep_sleeping` (unloaded by hand): every engine is stopped, asleep or not."""
-        settings = self.registry.config.deployments[record.id]
-        ups = self._ups(record.id)
-        for up in ups:
-            if up.state is State.READY:
-                up.set_state(State.UNLOADING, f"{why}: draining its requests in flight")
-        deadline = time.monotonic() + settings.swap_drain_timeout
-        # Polled: the request path changes `outstanding` and sets no event for it.
-        while any(u.outstanding > 0 for u in ups) and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        level = settings.sleep if keep_sleeping else 0
-        if level == 1 and ups:
-            spec = ups[0].spec
-            cwd = getattr(spec, "cwd", None)
-            weights = (
-                await asyncio.to_thread(host_memory.weights_size, settings.model, cwd)
-                if cwd is not None
-                else None
-            )
-            problem = sleep_fits(weights, host_memory.available())
-            if problem is not None:
-                log.warning("%s: %s", record.id, problem)
-                record.note = problem
-                level = 0
-
-        async def one(up: Upstream) -> None:
-            if up.state is State.SLEEPING and keep_sleeping:
-                return
-            if level and up.state is State.UNLOADING:
-                problem = await self.supervisor.sleep(up, level)
-                if problem is None:
-                    return
-                log.warning("%s: could not sleep (%s); stopping it", up.name, problem)
-                record.note = f"could not sleep: {problem}"
-            if up.state is not State.UNLOADED:
-                await self.supervisor.unload(up, reason, f"unloaded ({why})")
-
-        await asyncio.gather(*(one(up) for up in ups))
-
-    async def _bring_up(self, record: _Dep) -> tuple[str, str | None]:
-        """Cold-start or wake every engine of `record`: (kind, None when one at least is
-        ready, else why none is)."""
-        level = self.registry.config.deployments[record.id].sleep
-        ups = self._ups(record.id)
-        kind = "wake" if any(u.state is State.SLEEPING for u in ups) else "cold_start"
-
-        async def one(up: Upstream) -> bool:
-            if up.state is State.SLEEPING:
-                problem = await self.supervisor.wake(up, level)
-                if problem is None:
-                    return True
-                log.warning("%s: wake failed (%s); starting it cold", up.name, problem)
-                await self.supervisor.unload(up, "failure", f"wake failed: {problem}")
-            if up.state is State.READY:
-                return True
-            self.supervisor.ensure(up, "on demand", load_once=True)
-            return await self.supervisor.until_ready(up)
-
-        results = await asyncio.gather(*(one(up) for up in ups))
-        if any(results):
-            return kind, None
-        return kind, self._failure(record, ups)
-
-    async def _bring_up_always(self, up: Upstream, level: int) -> None:
-        if up.state is State.SLEEPING and await self.supervisor.wake(up, level) is None:
-            return
-        if up.state is State.SLEEPING:
-            await self.supervisor.unload(up, "failure", "wake failed")
-        self.supervisor.ensure(up, "reload")
 
     # ------------------------------------------------------------ by hand
 
