@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -436,3 +438,22 @@ def test_requests_waiting_for_a_deployment_a_reload_removes_get_their_503(
     assert not waiting.is_alive(), "the waiting request was never answered"
     status, body, _ = answers[0]
     assert status == 503 and "removed from the fleet file" in body["error"]["message"], body
+
+
+def test_fleet_load_and_unload_commands(tmp_path: Path, fleets: list[FleetUp]) -> None:
+    fleet = start(fleets, tmp_path, {"lazy": {"model": "org/lazy", "start": "on_demand"}})
+
+    def fleet_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "vllm_fleet.cli", *args, "--url", fleet.url],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    done = fleet_cli("load", "lazy")
+    assert done.returncode == 0 and "lazy: loaded (took" in done.stdout, done
+    assert states(fleet) == {"lazy": "loaded"}
+    done = fleet_cli("unload", "lazy")
+    assert done.returncode == 0 and "lazy: unloaded" in done.stdout, done
+    assert states(fleet) == {"lazy": "unloaded"}
+    done = fleet_cli("load", "nope")
+    assert done.returncode == 1 and "no deployment `nope`" in done.stderr, done

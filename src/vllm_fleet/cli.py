@@ -207,6 +207,61 @@ def status(
         console.print(render_status(data))
 
 
+DeploymentName = Annotated[str, typer.Argument(help="The on-demand deployment's id.")]
+FleetFileArg = Annotated[
+    Path | None,
+    typer.Argument(help="Read the gateway's address (and key) from this fleet file."),
+]
+
+
+@app.command("load")
+def load_deployment(
+    deployment: DeploymentName,
+    fleet_file: FleetFileArg = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+    cacert: CaCert = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for it.")] = 3600.0,
+) -> None:
+    """Load an on-demand deployment now (waking or starting its engines, making room in
+    its swap group first) and wait until it is loaded."""
+    _deployment_action("load", deployment, fleet_file, url, api_key, cacert, timeout)
+
+
+@app.command("unload")
+def unload_deployment(
+    deployment: DeploymentName,
+    fleet_file: FleetFileArg = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+    cacert: CaCert = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for it.")] = 600.0,
+) -> None:
+    """Unload an on-demand deployment: drain its requests in flight, stop its engines."""
+    _deployment_action("unload", deployment, fleet_file, url, api_key, cacert, timeout)
+
+
+def _deployment_action(
+    action: str,
+    deployment: str,
+    fleet_file: Path | None,
+    url: str | None,
+    api_key: str | None,
+    cacert: Path | None,
+    timeout: float,
+) -> None:
+    from rich.markup import escape
+
+    from vllm_fleet.deployment_client import ask
+
+    url, api_key, trust = _gateway_of(fleet_file, url, api_key, cacert)
+    ok, said = ask(url, api_key, trust, deployment, action, timeout)
+    if not ok:
+        err_console.print(f"[bold red]error:[/] {escape(said)}", highlight=False)
+        raise typer.Exit(1)
+    console.print(said, highlight=False, markup=False)
+
+
 def _ask_reload(
     fleet_file: Path | None,
     url: str | None,
