@@ -131,6 +131,11 @@ class Progress:
         up, name = event.upstream, escape(event.upstream.name)
         if event.state is State.READY:
             self.console.print(f"[green]✓[/] {name} {escape(event.message)}")
+        elif event.state in (State.SLEEPING, State.UNLOADED) or (
+            event.state is State.STARTING and event.message.startswith("waking")
+        ):
+            # On demand: swaps and idle unloads, said plainly.
+            self.console.print(f"  {name} {escape(event.message)}", style="dim", highlight=False)
         elif event.state is State.STARTING and event.message != "starting":
             # A failure and the restart it leads to (a plain spawn says only "starting").
             self.console.print(f"[yellow]![/] {name} {escape(event.message)}")

@@ -206,9 +206,10 @@ def _on_demand_lines(data: Any, now: float) -> list[Text]:
         return []
     out = [Text("on demand", style="bold")]
     for name, group in (data.get("groups") or {}).items():
-        gpus = ",".join(map(str, group.get("gpus") or [])) or "no GPUs"
+        gpus = ",".join(map(str, group.get("gpus") or []))
         line = Text(f"  swap group {name} ", style="bold")
-        line.append(f"(GPUs {gpus}): {', '.join(group.get('members') or [])}; holder ")
+        where = f"(GPUs {gpus})" if gpus else "(no GPUs)"
+        line.append(f"{where}: {', '.join(group.get('members') or [])}; holder ")
         line.append(str(group.get("holder") or "none"), style="green")
         line.append(f"; {group.get('queued', 0)} queued; {group.get('swaps', 0)} swap(s)")
         last = group.get("last_swap")
@@ -216,7 +217,8 @@ def _on_demand_lines(data: Any, now: float) -> list[Text]:
             took = last.get("seconds")
             line.append(
                 f"; last: {', '.join(last.get('from') or []) or 'nothing'} -> {last.get('to')} "
-                f"({last.get('kind')}, {took}s, {_age(last.get('at'), now)} ago)",
+                f"({str(last.get('kind')).replace('_', ' ')}, {took}s, "
+                f"{_age(last.get('at'), now)} ago)",
                 style="dim",
             )
             if last.get("failed"):
@@ -230,7 +232,7 @@ def _on_demand_lines(data: Any, now: float) -> list[Text]:
             line.append(f", {dep['queued']} queued (oldest {dep.get('oldest_wait_s')}s)")
         idle = dep.get("idle_timeout")
         line.append(
-            f"; idle {dep.get('idle_s')}s" + (f" of {idle:g}s" if idle else " (never unloaded)"),
+            f"; idle {dep.get('idle_s')}s" + (f" of {idle:g}s" if idle else " (no idle_timeout)"),
             style="dim",
         )
         if dep.get("last_load_s") is not None:
