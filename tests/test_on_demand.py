@@ -16,6 +16,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import openai
+import pytest
 import yaml
 
 from tests.conftest import fake_fleet_file, pid_alive, wait_until
@@ -457,3 +459,60 @@ def test_fleet_load_and_unload_commands(tmp_path: Path, fleets: list[FleetUp]) -
     assert states(fleet) == {"lazy": "unloaded"}
     done = fleet_cli("load", "nope")
     assert done.returncode == 1 and "no deployment `nope`" in done.stderr, done
+
+
+def test_real_clients_on_every_route_style_wait_for_their_engines(
+    tmp_path: Path, fleets: list[FleetUp]
+) -> None:
+    """The openai SDK (OpenAI and AzureOpenAI, streamed and not) through all three route
+    styles to on-demand deployments, one with two replicas (both load and unload
+    together); a key that may not use a deployment gets its 403 and loads nothing."""
+    path = fake_fleet_file(
+        tmp_path,
+        {
+            "pair": {
+                "model": "org/pair", "start": "on_demand", "swap_group": "g", "replicas": 2,
+                "args": ["--startup-delay", "0.5"],
+            },
+            "solo": {"model": "org/solo", "start": "on_demand", "swap_group": "g"},
+        },
+        keys=[
+            {"name": "ops", "key": "ops-key", "admin": True},
+            {"name": "pair-only", "key": "pair-key", "deployments": ["pair"]},
+        ],
+    )  # fmt: skip
+    fleet = FleetUp(path)
+    fleets.append(fleet)
+    wait_until(lambda: fleet.status_with_key("ops-key"), timeout=20, what="the gateway")
+    messages: Any = [{"role": "user", "content": "hi"}]
+    by_path = openai.OpenAI(base_url=f"{fleet.url}/pair/v1", api_key="pair-key")
+    reply = by_path.chat.completions.create(model="x", messages=messages, max_tokens=3)
+    assert reply.model == "org/pair"
+    ups = fleet.status_with_key("ops-key")["deployments"]["pair"]["upstreams"]
+    assert [u["state"] for u in ups] == ["ready", "ready"]  # both replicas loaded
+    denied = openai.OpenAI(base_url=f"{fleet.url}/v1", api_key="pair-key", max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError):
+        denied.chat.completions.create(model="solo", messages=messages, max_tokens=3)
+    solo = fleet.status_with_key("ops-key")["deployments"]["solo"]["upstreams"][0]
+    assert solo["state"] == "unloaded"  # the refused request loaded nothing
+    azure = openai.AzureOpenAI(
+        azure_endpoint=fleet.url, azure_deployment="solo", api_version="2024-10-21",
+        api_key="ops-key",
+    )  # fmt: skip
+    text = "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in azure.chat.completions.create(
+            model="x", messages=messages, max_tokens=4, stream=True
+        )
+        if chunk.choices
+    )
+    assert text.split() == ["tok0", "tok1", "tok2", "tok3"]
+    status = fleet.status_with_key("ops-key")
+    assert [u["state"] for u in status["deployments"]["pair"]["upstreams"]] == [
+        "unloaded",
+        "unloaded",
+    ]  # both replicas made room
+    by_model = openai.OpenAI(base_url=f"{fleet.url}/v1", api_key="ops-key")
+    reply = by_model.completions.create(model="pair", prompt="hi", max_tokens=2)
+    assert reply.model == "org/pair"
+    assert status["on_demand"]["groups"]["g"]["swaps"] >= 2
