@@ -24,6 +24,7 @@ from tests.conftest import fake_fleet_file, pid_alive, wait_until
 from tests.test_fleet_up import FleetUp
 from tests.test_fleet_up import fleets as fleets  # the fixture
 from tests.test_reload import Stream, tokens_in
+from vllm_fleet.engines.demand import RETRY_FAILED_LOAD
 from vllm_fleet.testing.fake_sleep import overlaps, read_ledger
 
 ALTERNATE_SECONDS = 60.0  # the minute of clients alternating between two members
@@ -407,9 +408,11 @@ def test_a_load_that_fails_answers_its_queue_at_once_and_is_not_retried_for_a_wh
     assert status == 503, body
     assert "its load failed" in body["error"]["message"], body
     assert "exited with status" in body["error"]["message"], body
+    assert int(headers["Retry-After"]) == RETRY_FAILED_LOAD  # the whole wait before a retry
     status, body, headers = chat(fleet.url, "bad")  # not tried again yet
     assert status == 503 and body["error"]["code"] == "deployment_failed", body
-    assert 1 <= int(headers["Retry-After"]) <= 30
+    # What is left of that wait: asked moments later, more than half of it.
+    assert RETRY_FAILED_LOAD / 2 < int(headers["Retry-After"]) <= RETRY_FAILED_LOAD
     status, body, _ = chat(fleet.url, "good")  # loaded again, not evicted again by `bad`
     assert status == 200 and body["model"] == "org/good"
     assert states(fleet) == {"good": "loaded", "bad": "failed"}
