@@ -26,7 +26,6 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +35,7 @@ from vllm_fleet.config import FleetConfig
 from vllm_fleet.engines.supervisor import Supervisor
 from vllm_fleet.engines.swapping import Mover
 from vllm_fleet.engines.waiting import DemandMetrics, Record, Resume, Waiter, refusal
-from vllm_fleet.gateway.errors import Reply, error_object
+from vllm_fleet.gateway.errors import Reply, not_on_demand
 from vllm_fleet.registry import Registry, State, Upstream
 from vllm_fleet.swaps import HOLDING, Load, Member, Phase, Unload, next_step, phase_of
 
@@ -440,7 +439,7 @@ class Demand:
         """`POST /fleet/deployments/{id}/load`: queue for it like a request, and answer
         once it is loaded (or could not be)."""
         if dep_id not in self._deps:
-            return 409, self._not_on_demand(dep_id)
+            return 409, _body(not_on_demand(dep_id))
         began = time.monotonic()
         answered: asyncio.Future[Reply | None] = asyncio.get_running_loop().create_future()
 
@@ -465,7 +464,7 @@ class Demand:
         """`POST /fleet/deployments/{id}/unload`: drain it and stop its engines."""
         group = self._of.get(dep_id)
         if group is None:
-            return 409, self._not_on_demand(dep_id)
+            return 409, _body(not_on_demand(dep_id))
         began = time.monotonic()
         done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         group.manual.append((dep_id, done))
@@ -473,16 +472,6 @@ class Demand:
         state = await done
         took = time.monotonic() - began
         return 200, {"deployment": dep_id, "state": state, "took_s": round(took, 3)}
-
-    def _not_on_demand(self, dep_id: str) -> dict[str, Any]:
-        known = dep_id in self.registry.config.deployments
-        message = (
-            f"deployment `{dep_id}` has `start: always`: its engines run all the time; give "
-            "it `start: on_demand` to load and unload it"
-            if known
-            else f"no deployment `{dep_id}`"
-        )
-        return error_object(409, message, "not_on_demand")
 
     # ------------------------------------------------------------ status
 
@@ -520,10 +509,6 @@ class Demand:
                 "last_swap": group.last_swap,
             }
         return {"deployments": deployments, "groups": groups}
-
-    def waiting(self) -> Iterator[Waiter]:
-        for record in self._deps.values():
-            yield from record.queue
 
 
 def _body(reply: Reply) -> dict[str, Any]:

@@ -180,11 +180,10 @@ class Core:
                 able = able and phase is not Phase.FAILED
             else:
                 able = able and ready > 0
-        all_ready = able
         # `?ready=1` is for load balancers: 503 until every deployment can answer (an
         # on-demand one that is not loaded can: its requests wait while it loads).
-        status = 503 if ready_query and not all_ready else 200
-        body = {"status": "ok" if all_ready else "loading", "deployments": deployments}
+        status = 503 if ready_query and not able else 200
+        body = {"status": "ok" if able else "loading", "deployments": deployments}
         return json_reply(body, status)
 
     def status(self) -> Reply:

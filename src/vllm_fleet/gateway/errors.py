@@ -75,6 +75,16 @@ def error_reply(
     return Reply(status, envelope(status, message, code, param, kind), headers=tuple(extra))
 
 
+def not_on_demand(dep_id: str) -> Reply:
+    """The 409 for loading or unloading by hand a deployment that is always on."""
+    return error_reply(
+        409,
+        f"deployment `{dep_id}` has `start: always`: its engines run all the time; give it "
+        "`start: on_demand` to load and unload it",
+        "not_on_demand",
+    )
+
+
 def sse_error_event(message: str, code: str, status: int = 502) -> bytes:
     """An error inside an SSE stream that already started, as vLLM sends it."""
     return b"data: " + envelope(status, message, code) + b"\n\ndata: [DONE]\n\n"

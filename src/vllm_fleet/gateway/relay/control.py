@@ -17,7 +17,7 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from vllm_fleet.gateway.admin import deployment_request, reload_request, usage_request
-from vllm_fleet.gateway.errors import Reply, error_reply
+from vllm_fleet.gateway.errors import Reply, not_on_demand
 from vllm_fleet.gateway.relay.request import Request, internal_error
 from vllm_fleet.gateway.relay.state import ServerState
 
@@ -85,14 +85,7 @@ def deployment(
         return
     demand = core.demand
     if demand is None:
-        conn.reply(
-            error_reply(
-                409,
-                f"deployment `{asked.deployment}` has `start: always`: its engines run all the "
-                "time; give it `start: on_demand` to load and unload it",
-                "not_on_demand",
-            )
-        )
+        conn.reply(not_on_demand(asked.deployment))
         return
     ask = asked
 
