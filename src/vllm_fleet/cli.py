@@ -15,6 +15,7 @@ from vllm_fleet.cli_keys import keys_app
 from vllm_fleet.config import ConfigError, FleetConfig, load
 from vllm_fleet.gpus import Inventory, read_inventory
 from vllm_fleet.ledger import By
+from vllm_fleet.lora import check_lines
 from vllm_fleet.masking import mask_argv, mask_env
 from vllm_fleet.plan import EngineSpec, Plan, build_plan, stall_watch
 from vllm_fleet.swap_groups import on_demand_lines
@@ -82,7 +83,10 @@ def check(fleet_file: FleetFile) -> None:
     except ConfigError as exc:
         err_console.print(f"[bold red]error:[/] {exc.render()}", highlight=False)
         raise typer.Exit(1) from None
-    console.print(f"[bold green]ok[/] {fleet_file}: {len(config.deployments)} deployment(s)")
+    adapters = f" and {len(config.adapters)} LoRA adapter(s)" if config.adapters else ""
+    console.print(
+        f"[bold green]ok[/] {fleet_file}: {len(config.deployments)} deployment(s){adapters}"
+    )
     served = f" (TLS: {tls.cert}, {tls.key})" if tls is not None else ""
     console.print(f"gateway: {gateway_url(config)}{served}", highlight=False)
     console.print(f"GPUs: {_describe_inventory(plan.inventory)}")
@@ -111,6 +115,9 @@ def check(fleet_file: FleetFile) -> None:
     on_demand = on_demand_lines(config, plan.groups)
     for line in ([""] if plan.warnings and on_demand else []) + on_demand:
         console.print(line, highlight=False)
+    lora = check_lines(config, [(e.deployment, e.argv) for e in plan.engines])
+    for line in ([""] if (plan.warnings or on_demand) and lora else []) + lora:
+        console.print(line, highlight=False, markup=False)
 
 
 @app.command()

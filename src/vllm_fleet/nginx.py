@@ -155,6 +155,13 @@ def warnings(config: FleetConfig) -> list[str]:
             "enforced by the nginx vhost; protect it in nginx (auth_request, allow/deny), "
             "or keep `fleet up` behind nginx (proxy_pass to the gateway)"
         )
+    if config.adapters:
+        found.append(
+            f"the LoRA adapters ({', '.join(config.adapters)}) get no location of their "
+            "own: nginx cannot set `model` to the adapter; through nginx, send it to its "
+            "base's path with the adapter's id as `model` (/<base>/v1/... with "
+            '"model": "<adapter>"); `fleet up` still loads the adapters into the engines'
+        )
     tls = config.gateway.tls
     if tls is not None:
         found.append(

@@ -23,6 +23,7 @@ from pathlib import Path
 from vllm_fleet.config import ConfigError, ConfigIssue, Deployment, FleetConfig
 from vllm_fleet.config.checks import engine_ports, flag_name, vllm_port_blocks
 from vllm_fleet.gpus import Inventory
+from vllm_fleet.lora import NO_LORA, LoraFlags, lora_flags
 from vllm_fleet.socket_plan import assign_sockets, socket_dir
 from vllm_fleet.swap_groups import SwapGroup, sleep_warnings, swap_groups
 
@@ -171,6 +172,14 @@ def build_plan(
     )
     vllm = {d for d, dep in config.deployments.items() if runs_vllm(_template(config, dep))}
     warnings.extend(sleep_warnings(config, inventory, vllm))
+    bases = dict.fromkeys(a.base for a in config.adapters.values() if a.base not in vllm)
+    warnings.extend(
+        f"`{base}` serves adapters but its command is not recognised as vLLM: it gets "
+        "vLLM's --enable-lora flags and the fleet loads its adapters through vLLM's "
+        "/v1/load_lora_adapter"
+        for base in bases
+        if base in config.deployments and not config.deployments[base].remote
+    )
     if issues:
         for issue in issues:
             issue.line = issue.line or config.line_of(issue.loc)
@@ -187,14 +196,16 @@ def _engine_spec(
     gpus: tuple[int, ...] | None,
     block: range | None,
     uds: Path | None = None,
+    prior_argv: tuple[str, ...] | None = None,
 ) -> EngineSpec:
     dep = config.deployments[dep_id]
     names = served_names(dep_id, dep)
+    lora = lora_flags(config, dep_id, dep, prior_argv)
     return EngineSpec(
         deployment=dep_id,
         replica=replica,
-        argv=tuple(engine_argv(config, dep_id, dep, port, python, uds)),
-        env=engine_env(config, dep, gpus, block),
+        argv=tuple(engine_argv(config, dep_id, dep, port, python, uds, lora)),
+        env=engine_env(config, dep, gpus, block, lora),
         host=dep.host,
         port=port,
         gpus=gpus,
@@ -267,8 +278,9 @@ def _keep_prior(
         if block is not None and (declared & set(block)):
             continue
         again = _engine_spec(
-            config, old.deployment, old.replica, python, old.port, gpus, block, old.uds
-        )
+            config, old.deployment, old.replica, python, old.port, gpus, block, old.uds,
+            old.argv,
+        )  # fmt: skip
         if process_key(again) == process_key(old):
             kept[(old.deployment, old.replica)] = again
     return kept
@@ -289,9 +301,11 @@ def engine_argv(
     port: int | None,
     python: str,
     uds: Path | None = None,
+    lora: LoraFlags = NO_LORA,
 ) -> list[str]:
     """The engine's command line: the template's placeholders filled in; then, when the
-    template does not place them, `--uds PATH` (on a socket) or `--host H --port P`."""
+    template does not place them, `--uds PATH` (on a socket) or `--host H --port P`;
+    then the fleet's own flags (LoRA's from lora.py) and the deployment's `args`."""
     template = _template(config, dep)
     values = {
         "model": dep.model,
@@ -318,6 +332,7 @@ def engine_argv(
         argv += ["--shutdown-timeout", f"{math.ceil(config.engines.drain_timeout)}"]
     if dep.sleep and not any(flag_name(a) == "--enable-sleep-mode" for a in dep.args):
         argv.append("--enable-sleep-mode")  # `sleep: 1|2`: unloaded by /sleep, not stopped
+    argv += lora.args
     argv += dep.args
     return argv
 
@@ -365,8 +380,10 @@ def engine_env(
     dep: Deployment,
     gpus: tuple[int, ...] | None,
     vllm_ports: range | None = None,
+    lora: LoraFlags = NO_LORA,
 ) -> dict[str, str]:
     env = dict(dep.env)
+    env.update(lora.env)
     if gpus is not None:
         # CUDA numbers GPUs fastest-first by default; nvidia-smi (and so the fleet file)
         # by PCI bus. Make them agree, or on a mixed machine `gpus: [0]` is another card.

@@ -12,6 +12,9 @@ replace; the gateway keys that changed; and what cannot change without a restart
 - restart: an engine the file keeps as it is, but which had failed (given up after its
   restarts): started again, as the file may have been fixed around it.
 - `after`: engines whose stop must come first, as they hold GPUs or the port it needs.
+- adapters (LoRA): added, removed or changed ones are loaded into and unloaded from
+  their base's running engines, which keep running (`AdapterStep`; lora.py keeps the
+  base's flags stable, so only a rank over the running `--max-lora-rank` replaces it).
 
 The order in which `engines/rollout.py` applies them is part of the decision: replicas
 of one deployment are replaced one after another, never all at once.
@@ -25,6 +28,7 @@ from typing import Any
 
 from vllm_fleet.config import Deployment, FleetConfig
 from vllm_fleet.config.models import KeyConfig
+from vllm_fleet.lora import why_new_engine
 from vllm_fleet.plan import EngineSpec, Plan, RemoteSpec, process_key
 
 Spec = EngineSpec | RemoteSpec
@@ -92,6 +96,38 @@ class Step:
         }
 
 
+class AdapterAction(StrEnum):
+    ADD = "add"  # loaded into every running engine of its base
+    REMOVE = "remove"  # drained and unloaded
+    CHANGE = "change"  # another directory (or base): unloaded, then loaded again
+
+
+@dataclass(frozen=True)
+class AdapterStep:
+    action: AdapterAction
+    adapter: str
+    base: str  # where it is loaded (for REMOVE: where it was)
+    why: str = ""
+
+    def describe(self) -> str:
+        what = {
+            AdapterAction.ADD: f"loaded into the engines of `{self.base}`",
+            AdapterAction.REMOVE: f"out of routing now, drained and unloaded from `{self.base}`",
+            AdapterAction.CHANGE: f"unloaded and loaded again on `{self.base}`",
+        }[self.action]
+        why = f" ({self.why})" if self.why else ""
+        return f"{self.adapter} (adapter): {self.action.value}{why}; {what}, no engine restarts"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter,
+            "action": self.action.value,
+            "base": self.base,
+            "why": self.why,
+            "line": self.describe(),
+        }
+
+
 @dataclass(frozen=True)
 class Changes:
     steps: tuple[Step, ...]
@@ -101,12 +137,14 @@ class Changes:
     added: tuple[str, ...] = ()  # deployments new in the file
     removed: tuple[str, ...] = ()  # deployments gone from the file
     warnings: tuple[str, ...] = field(default=())
+    adapters: tuple[AdapterStep, ...] = ()  # LoRA adapters loaded or unloaded in place
 
     @property
     def empty(self) -> bool:
         return (
             not self.gateway
             and not self.settings
+            and not self.adapters
             and all(s.action is Action.KEEP for s in self.steps)
         )
 
@@ -131,6 +169,7 @@ class Changes:
             )
             out.append(f"{dep_id}{label}:")
             out.extend(f"  {s.describe()}" for s in steps)
+        out.extend(a.describe() for a in self.adapters)
         out.extend(f"gateway: {g} (in place)" for g in self.gateway)
         out.extend(f"engines: {g} (in place, for every engine)" for g in self.settings)
         if self.empty:
@@ -146,6 +185,7 @@ class Changes:
             "added": list(self.added),
             "removed": list(self.removed),
             "warnings": list(self.warnings),
+            "adapters": [a.as_json() for a in self.adapters],
             "lines": self.lines(),
         }
 
@@ -207,9 +247,37 @@ def reconcile(
     removed = tuple(d for d in old_deps if d not in new_deps)
     gateway = _gateway_changes(current_config, desired_config)
     settings = _settings_changes(current_config, desired_config)
+    adapters = adapter_steps(current_config, desired_config)
     return Changes(
-        tuple(ordered), tuple(gateway), tuple(settings), (), added, removed, desired.warnings
-    )
+        tuple(ordered), tuple(gateway), tuple(settings), (), added, removed, desired.warnings,
+        tuple(adapters),
+    )  # fmt: skip
+
+
+def adapter_steps(old: FleetConfig, new: FleetConfig) -> list[AdapterStep]:
+    """The adapters to load, unload or load again, in the new file's order (removed
+    ones first). One that moves to another base is removed from the old one."""
+    steps: list[AdapterStep] = []
+    for a_id, before in old.adapters.items():
+        gone = new.adapters.get(a_id)
+        if gone is None:
+            steps.append(
+                AdapterStep(AdapterAction.REMOVE, a_id, before.base, "removed from the file")
+            )
+        elif gone.base != before.base:
+            why = f"base {before.base} -> {gone.base}"
+            steps.append(AdapterStep(AdapterAction.REMOVE, a_id, before.base, why))
+    for a_id, now in new.adapters.items():
+        was = old.adapters.get(a_id)
+        if was is None:
+            steps.append(AdapterStep(AdapterAction.ADD, a_id, now.base, "new"))
+        elif was.base != now.base:
+            why = f"base {was.base} -> {now.base}"
+            steps.append(AdapterStep(AdapterAction.ADD, a_id, now.base, why))
+        elif old.adapter_path(was) != new.adapter_path(now):
+            why = f"adapter {was.adapter} -> {now.adapter}"
+            steps.append(AdapterStep(AdapterAction.CHANGE, a_id, now.base, why))
+    return steps
 
 
 def _by_key(plan: Plan) -> dict[tuple[str, int], Spec]:
@@ -304,6 +372,9 @@ def _changed(
                 keys.append(f"engines.{key}")
         if old_config.gateway.accept_any_model != new_config.gateway.accept_any_model:
             keys.append("gateway.accept_any_model")
+        lora = why_new_engine(new_config, dep_id, old.argv, new.argv)
+        if not keys and lora:
+            return lora
         if not keys:
             fields = [f for f in ("argv", "env", "port", "uds", "gpus", "vllm_ports") if
                       getattr(old, f) != getattr(new, f)]  # fmt: skip
@@ -367,6 +438,14 @@ def _gateway_changes(old: FleetConfig, new: FleetConfig) -> list[str]:
         elif key != "accept_any_model":
             before, after = getattr(old.gateway, key), getattr(new.gateway, key)
             out.append(f"{key}: {before} -> {after}")
+    for a_id, adapter in new.adapters.items():
+        before_adapter = old.adapters.get(a_id)
+        if before_adapter is not None and before_adapter.aliases != adapter.aliases:
+            before, after = (
+                ", ".join(before_adapter.aliases) or "-",
+                ", ".join(adapter.aliases) or "-",
+            )
+            out.append(f"{a_id}: aliases {before} -> {after}")
     for dep_id, dep in new.deployments.items():
         was = old.deployments.get(dep_id)
         if was is not None and was.aliases != dep.aliases:

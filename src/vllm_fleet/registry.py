@@ -64,6 +64,12 @@ class Upstream:
     # ready again so `fleet status` can say why it restarted; and when (time.time()).
     last_failure: str = ""
     last_failure_at: float | None = None
+    # LoRA adapters (engines/adapters.py keeps these): loaded on this engine, name -> what
+    # was loaded; the last load that failed, name -> vLLM's message; the gateway's
+    # requests in flight per adapter (a removed adapter is unloaded once they are done).
+    adapters: dict[str, str] = field(default_factory=dict)
+    adapter_errors: dict[str, str] = field(default_factory=dict)
+    adapter_inflight: dict[str, int] = field(default_factory=dict)
 
     def set_state(self, state: State, message: str = "") -> None:
         if state != self.state:
@@ -113,6 +119,11 @@ class Upstream:
             data["socket"] = str(spec.uds) if spec.uds is not None else None
             data["gpus"] = list(spec.gpus) if spec.gpus is not None else None
             data["log"] = str(spec.log_path)
+        if self.adapters or self.adapter_errors:
+            data["adapters"] = {
+                **{name: "loaded" for name in self.adapters},
+                **{name: f"failed: {why}" for name, why in self.adapter_errors.items()},
+            }
         return data
 
 
@@ -218,11 +229,37 @@ class Registry:
                 "upstreams": [u.snapshot() for u in ups],
             }
         data: dict[str, Any] = {"deployments": deployments}
+        if self.config.adapters:
+            data["adapters"] = self.adapters_snapshot()
         data["retiring"] = [u.snapshot() for u in self.retiring]
         data["standby"] = [u.snapshot() for u in self.standby]
         if self.fleet:
             data["fleet"] = dict(self.fleet)
         return data
+
+    def adapters_snapshot(self) -> dict[str, Any]:
+        """Each adapter: its base, what it loads, and on which of the base's engines it is
+        loaded (or why its load failed)."""
+        out: dict[str, Any] = {}
+        for a_id, adapter in self.config.adapters.items():
+            ups = self.upstreams(adapter.base)
+            on = {}
+            for up in ups:
+                if a_id in up.adapters:
+                    on[up.name] = "loaded"
+                elif a_id in up.adapter_errors:
+                    on[up.name] = f"failed: {up.adapter_errors[a_id]}"
+                else:
+                    on[up.name] = "not loaded" if up.state is State.READY else up.state.value
+            out[a_id] = {
+                "base": adapter.base,
+                "adapter": self.config.adapter_path(adapter),
+                "aliases": list(adapter.aliases),
+                "ready": sum(1 for u in ups if u.state is State.READY and a_id in u.adapters),
+                "replicas": len(ups),
+                "engines": on,
+            }
+        return out
 
 
 def upstream_for(spec: EngineSpec | RemoteSpec) -> Upstream:

@@ -197,7 +197,27 @@ def render_status(data: dict[str, Any], now: float | None = None) -> Group:
             note.append(f", {busy} request(s) in flight" if busy else "")
             notes.append(note)
     head = _fleet_line(data.get("fleet"), now)
-    return Group(*head, table, *notes, *_on_demand_lines(data.get("on_demand"), now))
+    adapters = _adapter_lines(data.get("adapters"))
+    return Group(*head, table, *notes, *adapters, *_on_demand_lines(data.get("on_demand"), now))
+
+
+def _adapter_lines(data: Any) -> list[Text]:
+    """Each LoRA adapter: its base, on how many of the base's engines it is loaded, and
+    every failed load with vLLM's message."""
+    if not isinstance(data, dict) or not data:
+        return []
+    out = [Text("adapters (LoRA)", style="bold")]
+    for a_id, adapter in data.items():
+        ready, replicas = adapter.get("ready", 0), adapter.get("replicas", 0)
+        line = Text(f"  {a_id}", style="bold")
+        line.append(f" on {adapter.get('base', '?')}: ")
+        line.append(f"loaded {ready}/{replicas}", style="green" if ready else "yellow")
+        line.append(f" ({adapter.get('adapter', '')})", style="dim")
+        for engine, state in (adapter.get("engines") or {}).items():
+            if str(state).startswith("failed"):
+                line.append(f"\n    {engine}: {state}", style="red")
+        out.append(line)
+    return out
 
 
 def _on_demand_lines(data: Any, now: float) -> list[Text]:

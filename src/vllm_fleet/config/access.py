@@ -14,7 +14,8 @@ def check_keys(config: FleetConfig) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
     add = issues.append
     gateway = config.gateway
-    ids = ", ".join(config.deployments) or "none"
+    known = config.deployment_ids()
+    ids = ", ".join(known) or "none"
     digests: dict[str, str] = {}
     for index, plain in enumerate(gateway.api_keys):
         at: Loc = ("gateway", "api_keys", index)
@@ -55,7 +56,7 @@ def check_keys(config: FleetConfig) -> list[ConfigIssue]:
                     )
                 )
             for position, dep_id in enumerate(key.deployments):
-                if dep_id not in config.deployments:
+                if dep_id not in known:
                     add(
                         ConfigIssue(
                             (*at, "deployments", position),
@@ -63,7 +64,7 @@ def check_keys(config: FleetConfig) -> list[ConfigIssue]:
                         )
                     )
         for dep_id in key.limits:
-            if dep_id not in config.deployments:
+            if dep_id not in known:
                 add(
                     ConfigIssue(
                         (*at, "limits", dep_id),

@@ -10,6 +10,7 @@ import re
 from typing import Literal
 
 from vllm_fleet.config.access import check_keys
+from vllm_fleet.config.adapters import check_adapters
 from vllm_fleet.config.models import ID_MAX_LEN, ID_PATTERN, Deployment, FleetConfig
 from vllm_fleet.config.on_demand import check_on_demand
 from vllm_fleet.config.problems import ConfigIssue, Loc
@@ -241,6 +242,9 @@ def check(config: FleetConfig) -> list[ConfigIssue]:
                 issues.extend(_check_shared_memory(config, gpu, users, (*at, "gpus", index)))
         issues.extend(_check_parallelism(dep, at))
     issues.extend(_check_names(config))
+    for a_id in config.adapters:
+        issues.extend(_check_id(a_id, ("deployments", a_id)))
+    issues.extend(check_adapters(config))
     issues.extend(_check_vllm_ports(config))
     issues.extend(check_on_demand(config))
     return issues

@@ -18,7 +18,13 @@ from pydantic import BaseModel, ValidationError
 
 from vllm_fleet.config.checks import check
 from vllm_fleet.config.envsubst import expand_tree
-from vllm_fleet.config.models import Deployment, EnginesConfig, FleetConfig, GatewayConfig
+from vllm_fleet.config.models import (
+    Adapter,
+    Deployment,
+    EnginesConfig,
+    FleetConfig,
+    GatewayConfig,
+)
 from vllm_fleet.config.problems import ConfigError, ConfigIssue, Loc
 from vllm_fleet.config.yaml_source import (
     as_written,
@@ -79,12 +85,15 @@ def loads(
     for reserved in ("base_dir", "source"):
         if reserved in expanded:
             issues.append(ConfigIssue(loc=(reserved,), message="unknown key"))
+    if "adapters" in expanded:
+        issues.append(ConfigIssue(loc=("adapters",), message=ADAPTERS_KEY))
+    adapter_ids = _move_adapters(expanded)
     expanded["base_dir"] = base_dir
     expanded["source"] = source
     try:
         config = FleetConfig.model_validate(expanded)
     except ValidationError as exc:
-        issues.extend(_pydantic_issues(exc, skip={e.path for e in exp_errors}))
+        issues.extend(_pydantic_issues(exc, {e.path for e in exp_errors}, adapter_ids))
     else:
         issues.extend(check(config))
         if not issues:
@@ -93,6 +102,37 @@ def loads(
     for issue in issues:
         issue.line = issue.line or nearest_line(lines, issue.loc)
     raise ConfigError(source, issues)
+
+
+ADAPTERS_KEY = (
+    "unknown key `adapters`: a LoRA adapter is a deployment like the others, written under "
+    "`deployments:` with `adapter:` (its directory or Hugging Face id) and `base:`"
+)
+
+
+def _move_adapters(expanded: dict[str, Any]) -> frozenset[str]:
+    """Move the deployments that give `adapter:` to FleetConfig's `adapters` (the models
+    keep apart what runs engines); their ids, so errors name them as written."""
+    expanded.pop("adapters", None)
+    deployments = expanded.get("deployments")
+    if not isinstance(deployments, dict):
+        return frozenset()
+    adapters = {k: v for k, v in deployments.items() if isinstance(v, dict) and "adapter" in v}
+    if adapters:
+        expanded["deployments"] = {k: v for k, v in deployments.items() if k not in adapters}
+        expanded["adapters"] = adapters
+    return frozenset(str(k) for k in adapters)
+
+
+# What an adapter deployment has no use for: said instead of "unknown key".
+ADAPTER_FOREIGN = (
+    "an adapter deployment runs on the engines of its `base` and has no engine of its own; "
+    "`{key}` belongs on the base deployment (`base: ...`), or remove it"
+)
+NOT_AN_ADAPTER = (
+    "`{key}` belongs to an adapter deployment, which gives `adapter:` (its directory or "
+    "Hugging Face id) and `base:` and no `model`"
+)
 
 
 # Keys the fleet file no longer has -> what to do instead (reported in place of "unknown
@@ -117,14 +157,19 @@ def _union_branch(loc: Loc) -> tuple[Loc, str | None]:
     return loc, None
 
 
-def _pydantic_issues(exc: ValidationError, skip: set[Loc]) -> list[ConfigIssue]:
-    """One issue per place; `skip` holds places already reported (an unset ${VAR})."""
+def _pydantic_issues(
+    exc: ValidationError, skip: set[Loc], adapter_ids: frozenset[str] = frozenset()
+) -> list[ConfigIssue]:
+    """One issue per place; `skip` holds places already reported (an unset ${VAR});
+    `adapter_ids`: the deployments the loader moved to `adapters` (named as written)."""
     issues: list[ConfigIssue] = []
     seen: set[Loc] = set(skip)
     for err in exc.errors():
         # A union (gpus: list | int) reports one error per branch; keep the branch the
         # value was meant for: the list one when a list was given, else the count one.
         loc, branch = _union_branch(tuple(err["loc"]))
+        if loc[:1] == ("adapters",):
+            loc = ("deployments", *loc[1:])
         if branch == _LIST_BRANCH and err["type"] == "list_type":
             continue
         if branch == _INT_BRANCH and isinstance(err.get("input"), list):
@@ -143,6 +188,18 @@ def _pydantic_issues(exc: ValidationError, skip: set[Loc]) -> list[ConfigIssue]:
             )
         elif kind == "extra_forbidden" and loc in REMOVED_KEYS:
             message = REMOVED_KEYS[loc]
+        elif kind == "extra_forbidden" and _adapter_place(loc, adapter_ids):
+            key = str(loc[-1])
+            if key in Deployment.model_fields:
+                message = ADAPTER_FOREIGN.format(key=key)
+            else:
+                known = list(Adapter.model_fields)
+                hint = difflib.get_close_matches(key, known, n=1)
+                message = f"unknown key `{key}`"
+                message += f"; did you mean `{hint[0]}`?" if hint else ""
+                message += f" Known keys of an adapter deployment: {', '.join(known)}."
+        elif kind == "extra_forbidden" and len(loc) == 3 and loc[2] in ("base", "adapter", "rank"):
+            message = NOT_AN_ADAPTER.format(key=loc[2])
         elif kind == "extra_forbidden":
             key = str(loc[-1])
             known = _known_keys(loc[:-1])
@@ -183,6 +240,11 @@ def _secret_place(loc: Loc) -> bool:
     if loc[:2] != ("gateway", "keys"):
         return False
     return not (len(loc) > 3 and loc[3] in _KEY_FIELDS_SHOWN)
+
+
+def _adapter_place(loc: Loc, adapter_ids: frozenset[str]) -> bool:
+    """Whether `loc` is a key right inside an adapter deployment."""
+    return len(loc) == 3 and loc[0] == "deployments" and loc[1] in adapter_ids
 
 
 def _input(err: Any) -> str:

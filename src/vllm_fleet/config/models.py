@@ -372,11 +372,44 @@ class Deployment(_Strict):
         return count // self.replicas if isinstance(self.gpus, list) else count
 
 
+# A Hugging Face repository id (`org/name`), as an adapter may be given instead of a path.
+HF_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class Adapter(_Strict):
+    """A LoRA adapter served as a deployment of its own on its base deployment's engines
+    (vLLM's multi-LoRA): `adapter:` a PEFT adapter directory (relative to the fleet file)
+    or a Hugging Face id, `base:` the deployment whose model it was trained on. It has no
+    engine and no GPU of its own; the fleet loads it into every replica of its base at
+    run time (`/v1/load_lora_adapter`), so adding or removing one restarts nothing."""
+
+    adapter: Annotated[str, Field(min_length=1)]
+    base: Annotated[str, Field(min_length=1)]
+    aliases: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    # Its LoRA rank (PEFT's `r`), for the base's `--max-lora-rank`; read from the
+    # directory's adapter_config.json when the fleet can (a local adapter).
+    rank: Annotated[int, Field(ge=1)] | None = None
+    # Found at load (config/adapters.py): the rank in adapter_config.json, and what the
+    # engine loads (the absolute directory, or the Hugging Face id).
+    _read_rank: int | None = PrivateAttr(default=None)
+    _source: str | None = PrivateAttr(default=None)
+
+    _numbers = field_validator("rank", mode="before")(lambda v: _no_bool(v))
+
+    @property
+    def lora_rank(self) -> int | None:
+        """The rank as written, else as read from the adapter; None: unknown."""
+        return self.rank if self.rank is not None else self._read_rank
+
+
 class FleetConfig(_Strict):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     engines: EnginesConfig = Field(default_factory=EnginesConfig)
     engine_command: list[str] = Field(default_factory=lambda: ["vllm", "serve", "{model}"])
     deployments: dict[str, Deployment]
+    # LoRA adapters: written under `deployments` (with `adapter:` and `base:`); the
+    # loader moves them here, so `deployments` holds the ones that run engines.
+    adapters: dict[str, Adapter] = Field(default_factory=dict)
     # Directory the fleet file lives in; relative paths (log_dir) resolve from here.
     base_dir: str = "."
     source: str = "<memory>"
@@ -398,3 +431,18 @@ class FleetConfig(_Strict):
         """A path the fleet file gives, resolved from the file's directory."""
         path = Path(value).expanduser()
         return path if path.is_absolute() else Path(self.base_dir) / path
+
+    def adapters_on(self, base: str) -> dict[str, Adapter]:
+        """The adapters served on deployment `base`'s engines, in file order."""
+        return {a_id: a for a_id, a in self.adapters.items() if a.base == base}
+
+    def adapter_path(self, adapter: Adapter) -> str:
+        """What the engine loads: the adapter's absolute directory, or its Hugging Face id
+        (as the loader found it; a directory beside the fleet file otherwise)."""
+        if adapter._source is not None:
+            return adapter._source
+        return str(self.path_of(adapter.adapter))
+
+    def deployment_ids(self) -> list[str]:
+        """Every deployment a client may name: those with engines, then the adapters."""
+        return [*self.deployments, *self.adapters]

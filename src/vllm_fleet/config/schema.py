@@ -8,7 +8,9 @@ FleetConfig with what the loader does before the models see the file written in:
 - a `${VAR}` string is taken wherever a number or a yes/no goes (it expands first);
 - engine arguments, `env` values and commands take numbers too (kept as written);
 - deployment ids follow the id rule, and there is at least one deployment;
-- `base_dir` and `source`, which the loader sets, are no keys of the file.
+- `base_dir` and `source`, which the loader sets, are no keys of the file;
+- a deployment is either one with engines (`model:`) or a LoRA adapter (`adapter:` and
+  `base:`), which the loader moves to FleetConfig's `adapters` (no key of the file).
 
 What spans fields (ports that clash, GPUs used twice, reserved ids) stays `fleet check`'s.
 One thing the schema flags that the loader takes: a number or yes/no written in quotes
@@ -29,7 +31,7 @@ DESCRIPTION = (
     "it fully."
 )
 # Set by the loader (where the file is, its name), not keys of the fleet file.
-INTERNAL_KEYS = ("base_dir", "source")
+INTERNAL_KEYS = ("base_dir", "source", "adapters")
 # A string the loader expands before the models read it.
 VARIABLE = {"type": "string", "pattern": r"\$\{"}
 _SCALARS = ("integer", "number", "boolean")
@@ -55,6 +57,9 @@ def fleet_schema() -> dict[str, Any]:
     ):
         _text_or_number(node)
     deployments = schema["properties"]["deployments"]
+    deployments["additionalProperties"] = {
+        "anyOf": [deployments["additionalProperties"], {"$ref": "#/definitions/Adapter"}]
+    }
     deployments["propertyNames"] = {"pattern": ID_PATTERN.pattern}
     deployments["minProperties"] = 1
 

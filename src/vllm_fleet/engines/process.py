@@ -2,7 +2,7 @@
 
 States (written into the engine's `registry.Upstream`):
 
-    stopped --start()--> starting --/health 200--> ready
+    stopped --start()--> starting --/health 200, `before_ready`--> ready
     ready --busy, no token progress for stall_timeout--> stalled (engines/stall.py)
     starting|ready --stop()--> stopping --> stopped     (stalled --stop()--> stopped)
     (the supervisor decides what an exit means: restart -> starting, or failed)
@@ -40,7 +40,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -192,6 +192,9 @@ class EngineProcess:
         self._stopped = False  # the last started process went through stop()
         self.started_at = 0.0  # time.monotonic() of the last start
         self.attempts = 0
+        # Run once a new process is healthy, before it counts as ready (the supervisor
+        # loads its LoRA adapters there: engines/adapters.py).
+        self.before_ready: Callable[[EngineProcess], Awaitable[None]] | None = None
 
     @property
     def returncode(self) -> int | None:
@@ -355,6 +358,10 @@ class EngineProcess:
                     shared = sockets.share(self.spec.uds, self.settings.socket_group)
                     if shared is not None:
                         log.error("%s: %s", self.spec.name, shared)
+                if self.before_ready is not None:
+                    await self.before_ready(self)
+                    if not self.running:
+                        return Outcome.EXITED
                 elapsed = time.monotonic() - self.started_at
                 self.upstream.readmit(began)  # an ejection before this start is void
                 self.upstream.set_state(State.READY, f"ready after {elapsed:.1f}s")

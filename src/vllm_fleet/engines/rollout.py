@@ -17,6 +17,10 @@ requests go on), updates take their new spec. `run()` then does the slow part:
 - restart: an engine that had failed, kept by the new file, is started again (with the
   new file's settings for it).
 
+LoRA adapters (`changes.adapters`): every ready engine of a base whose adapters changed,
+and that the reload does not replace or stop, loads and unloads them in place
+(`Supervisor.sync_adapters`); an engine that is not ready gets them when it starts.
+
 On-demand deployments (`start: on_demand`, engines/demand.py) are loaded only when asked
 for: a new engine of one joins routing unloaded; a replaced one is stopped first and its
 replacement waits, unloaded, for the next request; one that had failed is unloaded.
@@ -31,7 +35,7 @@ import logging
 from dataclasses import dataclass, field
 
 from vllm_fleet.engines.supervisor import Supervisor
-from vllm_fleet.reconcile import Action, Changes, Step
+from vllm_fleet.reconcile import Action, AdapterAction, Changes, Step
 from vllm_fleet.registry import Registry, State, Upstream, upstream_for
 
 log = logging.getLogger(__name__)
@@ -109,11 +113,46 @@ class Rollout:
                     jobs.append(asyncio.create_task(self._restart(old)))
         for steps in by_dep.values():
             jobs.append(asyncio.create_task(self._replace_in_turn(steps)))
+        if self.changes.adapters:
+            jobs.append(asyncio.create_task(self._adapters()))
         try:
             await asyncio.gather(*jobs)
         finally:
             for job in jobs:
                 job.cancel()
+
+    async def _adapters(self) -> None:
+        """Load and unload the adapters that changed on the engines that keep running."""
+        changes = self.changes
+        moving = {s.name for s in changes.steps if s.action not in (Action.KEEP, Action.UPDATE)}
+        bases = dict.fromkeys(a.base for a in changes.adapters)
+        engines = [
+            up
+            for base in bases
+            for up in self.registry.upstreams(base)
+            if up.managed and up.name not in moving
+        ]
+        results = await asyncio.gather(
+            *(self.supervisor.sync_adapters(up, self.drain) for up in engines)
+        )
+        for problems in results:
+            self.failures.extend(problems or ())
+        for step in changes.adapters:
+            ups = [u for u in engines if u.deployment == step.base]
+            synced = [
+                u.name for u, r in zip(engines, results, strict=True) if r is not None and u in ups
+            ]
+            if step.action is AdapterAction.REMOVE:
+                where = ", ".join(synced) or "no running engine"
+                self.done.append(f"{step.adapter}: unloaded from {where} ({step.why})")
+                continue
+            held = [u.name for u in ups if step.adapter in u.adapters]
+            if held:
+                self.done.append(f"{step.adapter}: loaded on {', '.join(held)} ({step.why})")
+            elif not synced:
+                self.done.append(
+                    f"{step.adapter}: loaded when an engine of `{step.base}` starts ({step.why})"
+                )
 
     async def _retire(self, name: str, upstream: Upstream) -> None:
         try:

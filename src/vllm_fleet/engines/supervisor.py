@@ -31,6 +31,7 @@ import aiohttp
 
 from vllm_fleet.config import EnginesConfig, FleetConfig
 from vllm_fleet.engines import sleep_mode, sockets
+from vllm_fleet.engines.adapters import Adapters
 from vllm_fleet.engines.process import LOG_MARK, EngineProcess, Outcome, SpawnError, killpg
 from vllm_fleet.engines.remote import watch_remote
 from vllm_fleet.plan import EngineSpec
@@ -158,6 +159,7 @@ class Supervisor:
         self._probe_session: aiohttp.ClientSession | None = None  # remote endpoints'
         self._owners: dict[Upstream, _Owner] = {}
         self._stopped = False
+        self.adapters = Adapters(lambda: self.registry.config)
 
     @property
     def engines(self) -> list[EngineProcess]:
@@ -213,6 +215,7 @@ class Supervisor:
                 # the engine's last life (a failure) before its new owner has run.
                 upstream.set_state(State.STARTING, "starting")
             engine = EngineProcess(upstream.spec, upstream, self.config.engines, self._session)
+            engine.before_ready = self.adapters.on_healthy
             owner = _Owner(upstream, stop, engine, reason, load_once=load_once)
             owner.task = asyncio.create_task(self._own(owner), name=upstream.name)
         else:  # pragma: no cover (a managed upstream always has an EngineSpec)
@@ -254,6 +257,16 @@ class Supervisor:
         if owner.engine is not None:
             await owner.engine.stop()
         self._owners.pop(upstream, None)
+        self.adapters.forget(upstream)
+
+    async def sync_adapters(self, upstream: Upstream, drain: float) -> list[str] | None:
+        """Load and unload LoRA adapters on a ready engine to match the fleet file (see
+        engines/adapters.py): the failures, in words; None when the engine is not ready
+        (one that starts gets its adapters before it is ready)."""
+        engine = self.engine_of(upstream)
+        if engine is None or not engine.running or upstream.state is not State.READY:
+            return None
+        return await self.adapters.sync(engine, drain)
 
     # ------------------------------------------------------------ on demand
 
@@ -294,6 +307,8 @@ class Supervisor:
         began = time.monotonic()
         problem = await sleep_mode.wake(engine, level)
         if problem is None and self.engine_of(upstream) is engine:
+            # Asleep through a reload, it may miss an adapter or hold a removed one.
+            await self.adapters.sync(engine, 0.0)
             upstream.set_state(State.READY, f"woken in {time.monotonic() - began:.1f}s")
             engine.note(f"woken from sleep level {level}")
             self._emit(upstream)

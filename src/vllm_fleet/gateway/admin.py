@@ -97,6 +97,14 @@ def deployment_request(
     denied = _may_change(core, peer, api_key, authorization, path)
     if denied is not None:
         return denied
+    adapter = core.config.adapters.get(dep_id)
+    if adapter is not None:
+        return error_reply(
+            409,
+            f"`{dep_id}` is a LoRA adapter on the engines of `{adapter.base}`: it is loaded "
+            f"with them; {action} `{adapter.base}` instead",
+            "adapter_not_loadable",
+        )
     if dep_id not in core.config.deployments:
         return error_reply(
             404,

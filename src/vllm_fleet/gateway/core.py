@@ -180,6 +180,13 @@ class Core:
                 able = able and phase is not Phase.FAILED
             else:
                 able = able and ready > 0
+        for a_id, adapter in self.config.adapters.items():
+            ups = self.registry.upstreams(adapter.base)
+            ready = sum(1 for u in ups if u.state is State.READY and a_id in u.adapters)
+            deployments[a_id] = {"ready": ready, "replicas": len(ups), "base": adapter.base}
+            base = self.config.deployments.get(adapter.base)
+            loads_later = base is not None and base.on_demand and ready == 0
+            able = able and (ready > 0 or (loads_later and phase_of(ups) is not Phase.FAILED))
         # `?ready=1` is for load balancers: 503 until every deployment can answer (an
         # on-demand one that is not loaded can: its requests wait while it loads).
         status = 503 if ready_query and not able else 200
@@ -222,6 +229,25 @@ class Core:
                     "start": dep.start,
                 }
             )
+        for a_id, adapter in self.config.adapters.items():
+            if client is not None and not client.allows(a_id):
+                continue
+            ups = self.registry.upstreams(adapter.base)
+            base = self.config.deployments.get(adapter.base)
+            data.append(
+                {
+                    "id": a_id,
+                    "object": "model",
+                    "created": int(self.started),
+                    "owned_by": "vllm-fleet",
+                    "root": adapter.adapter,
+                    "parent": adapter.base,
+                    "aliases": list(adapter.aliases),
+                    "ready": any(u.state is State.READY and a_id in u.adapters for u in ups),
+                    "state": phase_of(ups).value,
+                    "start": base.start if base is not None else "always",
+                }
+            )
         return json_reply({"object": "list", "data": data})
 
     # ------------------------------------------------------------ proxied requests
@@ -251,9 +277,7 @@ class Core:
         everything = json.dumps(self.names.listing())[1:-1].encode()
         if everything not in reply.body:
             return reply
-        mine = ", ".join(
-            f"{i} ({self.names.served[i]})" for i in self.names.ids if client.allows(i)
-        )
+        mine = ", ".join(self.names.label(i) for i in self.names.ids if client.allows(i))
         body = reply.body.replace(everything, json.dumps(mine or "none")[1:-1].encode())
         return Reply(reply.status, body, reply.content_type, reply.headers)
 
@@ -365,10 +389,20 @@ class Core:
 
     def pick(self, dep_id: str, tried: set[Upstream]) -> Upstream | None:
         """The replica for the next try of a request (`replicas.pick`): ready, in the
-        rotation, not `tried` yet, with the fewest outstanding requests (ties rotate)."""
-        candidates = self.registry.upstreams(dep_id)
+        rotation, not `tried` yet, with the fewest outstanding requests (ties rotate).
+        An adapter's: an engine of its base that holds it."""
+        base = self.names.bases.get(dep_id)
+        if base is None:
+            candidates = self.registry.upstreams(dep_id)
+        else:
+            candidates = [u for u in self.registry.upstreams(base) if dep_id in u.adapters]
         turn = next(self._tie) if len(candidates) > 1 else 0
         return replicas.pick(candidates, tried, turn)
+
+    def engines_of(self, dep_id: str) -> str:
+        """The deployment whose engines serve `dep_id`: its base for an adapter, else
+        itself (what an on-demand load is asked for)."""
+        return self.names.bases.get(dep_id, dep_id)
 
     def failed_over(self, upstream: Upstream) -> None:
         """A request that `upstream` failed before its first byte goes to another replica
@@ -400,6 +434,9 @@ class Core:
 
     def unavailable(self, dep_id: str) -> Reply:
         """No replica of `dep_id` is ready: say whether it loads, failed, or stops."""
+        base = self.names.bases.get(dep_id)
+        if base is not None:
+            return self._adapter_unavailable(dep_id, base)
         ups = self.registry.upstreams(dep_id)
         now = time.time()
         loading = [u for u in ups if u.state in (State.STARTING, State.STOPPED)]
@@ -455,6 +492,33 @@ class Core:
             503,
             f"deployment `{dep_id}` has no ready engine (stopping); retry shortly",
             "deployment_unavailable",
+            headers={"Retry-After": RETRY_AFTER_LOADING},
+        )
+
+    def _adapter_unavailable(self, dep_id: str, base: str) -> Reply:
+        """No engine of the adapter's base holds it: its base is not ready (said as for
+        the base), or the adapter failed to load (vLLM's words) or is loading."""
+        ups = self.registry.upstreams(base)
+        ready = [u for u in ups if u.state is State.READY]
+        if not ready:
+            reply = self.unavailable(base)
+            body = reply.body.replace(b"deployment `", f"adapter `{dep_id}` on ".encode(), 1)
+            return Reply(reply.status, body, reply.content_type, reply.headers)
+        failed = [
+            f"{u.name}: {u.adapter_errors[dep_id]}" for u in ready if dep_id in u.adapter_errors
+        ]
+        if failed and len(failed) == len(ready):
+            return error_reply(
+                503,
+                f"adapter `{dep_id}` could not be loaded on the engines of `{base}` "
+                f"({'; '.join(failed)}); fix it in the fleet file and reload, see `fleet status`",
+                "adapter_failed",
+                headers={"Retry-After": RETRY_AFTER_FAILED},
+            )
+        return error_reply(
+            503,
+            f"adapter `{dep_id}` is being loaded on the engines of `{base}`; retry shortly",
+            "adapter_loading",
             headers={"Retry-After": RETRY_AFTER_LOADING},
         )
 

@@ -102,8 +102,21 @@ class _RequestCollector(Collector):
         )
         for dep_id, ups in self.registry.by_deployment.items():
             in_flight.add_metric([dep_id], float(sum(u.outstanding for u in ups)))
+        loaded = GaugeMetricFamily(
+            "fleet_adapter_engines_loaded",
+            "engines of its base that hold a LoRA adapter (ready ones)",
+            labels=["deployment", "base"],
+        )
+        for a_id, adapter in self.registry.config.adapters.items():
+            ups = self.registry.upstreams(adapter.base)
+            busy = sum(u.adapter_inflight.get(a_id, 0) for u in ups)
+            in_flight.add_metric([a_id], float(busy))
+            held = sum(1 for u in ups if a_id in u.adapters and u.state is State.READY)
+            loaded.add_metric([a_id, adapter.base], float(held))
         yield requests
         yield in_flight
+        if self.registry.config.adapters:
+            yield loaded
 
 
 class _FleetCollector(Collector):

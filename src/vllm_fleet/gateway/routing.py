@@ -33,15 +33,22 @@ ENGINE_ONLY_ROUTES = frozenset({
     # elastic expert parallelism, fault tolerance, the profiler
     "/scale_elastic_ep", "/is_scaling_elastic_ep", "/fault_tolerance",
     "/start_profile", "/stop_profile",
+    # LoRA adapters at run time (VLLM_ALLOW_RUNTIME_LORA_UPDATING): the fleet's adapters
+    "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
 })  # fmt: skip
+LORA_ROUTES = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+
+
+def _folded(path: str) -> str:
+    """The path as a server that folds slashes reads it, without a trailing slash."""
+    while "//" in path:
+        path = path.replace("//", "/")
+    return path.rstrip("/") or "/"
 
 
 def engine_only(upstream_path: str) -> bool:
     """Whether an engine path is one of ENGINE_ONLY_ROUTES (or below one)."""
-    path = upstream_path
-    while "//" in path:  # a server behind that folds slashes must not see one
-        path = path.replace("//", "/")
-    path = path.rstrip("/") or "/"
+    path = _folded(upstream_path)  # a server behind that folds slashes must not see one
     if path in ENGINE_ONLY_ROUTES:
         return True
     return any(path.startswith(route + "/") for route in ENGINE_ONLY_ROUTES)
@@ -79,11 +86,15 @@ class RouteError:
 
 class Names:
     """Every name a client may use for a deployment: its id, its aliases, and its model
-    code (when only one deployment serves that code)."""
+    code (when only one deployment serves that code). An adapter deployment is named by
+    its id and aliases; its engines serve it as its id (`served`), and `bases` says whose
+    engines those are."""
 
     def __init__(self, config: FleetConfig) -> None:
-        self.ids = list(config.deployments)
+        self.ids = config.deployment_ids()
         self.served: dict[str, str] = {i: d.served_as for i, d in config.deployments.items()}
+        self.bases: dict[str, str] = {a_id: a.base for a_id, a in config.adapters.items()}
+        self.served.update({a_id: a_id for a_id in config.adapters})
         self._by_name: dict[str, str] = {}
         self.ambiguous: dict[str, list[str]] = {}
         by_code: dict[str, list[str]] = {}
@@ -99,6 +110,9 @@ class Names:
             for alias in [*dep.aliases, *served]:
                 self._by_name[alias] = dep_id
             self._by_name[dep_id] = dep_id
+        for a_id, adapter in config.adapters.items():
+            for name in (*adapter.aliases, a_id):
+                self._by_name[name] = a_id
 
     def resolve(self, model: object) -> str | RouteError:
         """The deployment for a body `model`, or the error to answer."""
@@ -132,7 +146,37 @@ class Names:
         )
 
     def listing(self) -> str:
-        return ", ".join(f"{i} ({self.served[i]})" for i in self.ids) or "none"
+        return ", ".join(self.label(i) for i in self.ids) or "none"
+
+    def label(self, dep_id: str) -> str:
+        """A deployment as listings show it: `qwen (Qwen/Qwen2.5-1.5B-Instruct)`, or
+        `support-bot (adapter on qwen)`."""
+        base = self.bases.get(dep_id)
+        return f"{dep_id} (adapter on {base})" if base else f"{dep_id} ({self.served[dep_id]})"
+
+
+def _refused(upstream_path: str, dep_id: str | None) -> RouteError | None:
+    """The 403 for one of ENGINE_ONLY_ROUTES, on any route style; None for the rest."""
+    if not engine_only(upstream_path):
+        return None
+    path = _folded(upstream_path)
+    if path in LORA_ROUTES or any(path.startswith(route + "/") for route in LORA_ROUTES):
+        return RouteError(
+            403,
+            f"`{path}` is the fleet's own route on its engines, never a client's: the "
+            "fleet loads and unloads LoRA adapters itself; add an adapter as a deployment "
+            "(`adapter:` and `base:`) in the fleet file and reload",
+            "route_not_allowed",
+        )
+    where = dep_id or "<deployment>"
+    return RouteError(
+        403,
+        f"`{upstream_path}` is the fleet's own route on its engines, never a "
+        "client's (vLLM's dev-mode and profiler routes: the fleet sleeps, wakes and "
+        "manages engines itself); to free or warm a deployment, an admin uses "
+        f"POST /fleet/deployments/{where}/unload or /load",
+        "route_not_allowed",
+    )
 
 
 def remove_dot_segments(path: str) -> str:
@@ -157,22 +201,13 @@ def remove_dot_segments(path: str) -> str:
 def match(path: str, names: Names) -> Target | ByModel | RouteError:
     """Route a request path that is not one of the gateway's own endpoints."""
     if path == "/v1" or path.startswith("/v1/"):
-        return ByModel(path)
+        return _refused(path, None) or ByModel(path)
     if path.startswith("/openai/"):
         return _match_azure(path, names)
     first, sep, rest = path[1:].partition("/")
     if first in names.served:
         upstream_path = "/" + rest if sep else "/"
-        if engine_only(upstream_path):
-            return RouteError(
-                403,
-                f"`{upstream_path}` is the fleet's own route on its engines, never a "
-                "client's (vLLM's dev-mode and profiler routes: the fleet sleeps, wakes and "
-                "manages engines itself); to free or warm a deployment, an admin uses "
-                f"POST /fleet/deployments/{first}/unload or /load",
-                "route_not_allowed",
-            )
-        return Target(first, upstream_path, Style.PATH)
+        return _refused(upstream_path, first) or Target(first, upstream_path, Style.PATH)
     return RouteError(
         404,
         f"no deployment `{first}` and no such path `{path}`; deployments: {names.listing()}. "
@@ -185,7 +220,8 @@ def match(path: str, names: Names) -> Target | ByModel | RouteError:
 def _match_azure(path: str, names: Names) -> Target | ByModel | RouteError:
     # Azure's newer v1 API: /openai/v1/chat/completions with the deployment as `model`.
     if path == "/openai/v1" or path.startswith("/openai/v1/"):
-        return ByModel(path.removeprefix("/openai"))
+        upstream = path.removeprefix("/openai")
+        return _refused(upstream, None) or ByModel(upstream)
     parts = path.split("/", 4)  # ["", "openai", "deployments", id, rest]
     if len(parts) >= 4 and parts[2] == "deployments" and parts[3]:
         dep_id = parts[3]
@@ -196,7 +232,8 @@ def _match_azure(path: str, names: Names) -> Target | ByModel | RouteError:
                 "DeploymentNotFound",
             )
         rest = parts[4] if len(parts) == 5 else ""
-        return Target(dep_id, "/v1/" + rest, Style.AZURE)
+        upstream = "/v1/" + rest
+        return _refused(upstream, dep_id) or Target(dep_id, upstream, Style.AZURE)
     return RouteError(
         404,
         f"no such path `{path}`; Azure clients use "

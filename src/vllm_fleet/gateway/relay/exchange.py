@@ -142,7 +142,7 @@ class Exchange:
             # /{id}/health or /{id}/v1/models must not keep models loaded.
             post = self.request.method == "POST"
             if demand is not None and post and not self.failures and not self.waited:
-                queued = demand.enqueue(dep_id, self._resumed)
+                queued = demand.enqueue(core.engines_of(dep_id), self._resumed)
                 if isinstance(queued, Reply):
                     reply = queued
                 elif queued is not None:
@@ -169,6 +169,8 @@ class Exchange:
         self.relay_headers = upstream_headers(upstream.name)
         self.retried = False
         upstream.outstanding += 1
+        if dep_id in upstream.adapters:  # an adapter's request: drained before it unloads
+            upstream.adapter_inflight[dep_id] = upstream.adapter_inflight.get(dep_id, 0) + 1
         if self.request.method == "POST":
             upstream.served += 1  # a use of the engine (idle unload reads it)
         pool = self.pools.get(upstream.url)
@@ -253,8 +255,12 @@ class Exchange:
 
     def _release(self) -> None:
         """Give back the upstream's outstanding count (the in-flight metric)."""
-        if self.upstream is not None:
-            self.upstream.outstanding -= 1
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.outstanding -= 1
+            inflight = upstream.adapter_inflight
+            if inflight and self.forward.deployment in inflight:
+                inflight[self.forward.deployment] -= 1
             self.upstream = None
 
     # ------------------------------------------------------------ Sink (engine side)
