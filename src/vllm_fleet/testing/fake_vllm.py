@@ -3,7 +3,8 @@
     python -m vllm_fleet.testing.fake_vllm MODEL (--host H --port P | --uds PATH) \\
         --served-model-name NAME [NAME ...] [--startup-delay S] [--token-delay S] \\
         [--tokens N] [--fail-start] [--api-key KEY] [--max-model-len N] [--disable-log-stats] \\
-        [--enable-sleep-mode [--fake-sleep-delay S] [--fake-wake-delay S]]
+        [--enable-sleep-mode [--fake-sleep-delay S] [--fake-wake-delay S]] [--enable-lora \\
+        [--lora-modules NAME=PATH ...] [--max-loras N] [--max-lora-rank R] [--max-cpu-loras N]]
 
 Unknown flags (vLLM's own) are ignored. Like vLLM (see shared/notes/vllm-facts.md): the
 port (or socket: `--uds PATH` listens there and on no TCP port) stays closed while
@@ -31,6 +32,11 @@ decimals> <first served name>@<where> hold|release`: hold at process start (befo
 `--startup-delay`) and as a wake starts; release once a sleep of level 1 or 2 is done and at
 exit (SIGTERM/SIGINT, `--fail-start`, `/fake/crash`; not SIGKILL). `fake_sleep.read_ledger`
 reads it; `fake_sleep.overlaps` lists the times two engines both held memory.
+
+LoRA (`--enable-lora`, `--lora-modules`, and with `VLLM_ALLOW_RUNTIME_LORA_UPDATING=1` the
+load/unload routes): see `fake_lora.py`. A loaded adapter's name is a valid `model`, and the
+adapter answers: `model` names it, each token carries its name ("bot:tok0 bot:tok1 ...").
+`/v1/models` lists it after the base; `/fake/stats` adds adapters, lora_loads, lora_unloads.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from vllm_fleet.testing import fake_sleep
+from vllm_fleet.testing import fake_lora, fake_sleep
 from vllm_fleet.testing.fake_metrics import METRICS, VllmStats, metrics
 from vllm_fleet.testing.fake_sleep import SleepAborted, SleepMode
 
@@ -91,7 +97,7 @@ class Engine:
     prompt_tokens: int = 0
     started: float = field(default_factory=time.time)
     sleep: SleepMode = field(default_factory=SleepMode)
-
+    loras: fake_lora.Loras = field(default_factory=fake_lora.Loras)
     uds: str | None = None
 
     @property
@@ -127,8 +133,9 @@ def _prompt_tokens(value: Any) -> int:
     return 1 if isinstance(value, int) else 0
 
 
-def _token(index: int) -> str:
-    return f"tok{index}" if index == 0 else f" tok{index}"
+def _token(index: int, adapter: str | None = None) -> str:
+    """The text of token `index`; an adapter's tokens carry its name (`bot:tok0 bot:tok1`)."""
+    return f"{' ' if index else ''}{adapter + ':' if adapter else ''}tok{index}"
 
 
 def _embedding(text: str) -> list[float]:
@@ -159,7 +166,7 @@ async def _engine_header(request: web.Request, response: web.StreamResponse) -> 
 
 def _unknown_model(engine: Engine, model: object) -> web.Response | None:
     """vLLM's 404 for a `model` the engine does not serve (None when it does)."""
-    if model is None or model in engine.names or engine.any_model:
+    if model is None or model in engine.names or engine.any_model or engine.loras.adapter(model):
         return None
     return _error(
         404,
@@ -169,22 +176,25 @@ def _unknown_model(engine: Engine, model: object) -> web.Response | None:
     )
 
 
+def _record(request: web.Request, body: dict[str, Any], **extra: Any) -> Engine:
+    """Count the request and keep it as received, for /fake/stats; the engine."""
+    engine = request.app[ENGINE]
+    engine.requests += 1
+    headers = {k: request.headers[k] for k in _SEEN_HEADERS if k in request.headers}
+    engine.last_request = {"path": request.path_qs, "model": body.get("model"),
+                           "headers": headers, "body": body, **extra}  # fmt: skip
+    return engine
+
+
 async def _parse(request: web.Request) -> dict[str, Any] | web.Response:
     """The JSON body and vLLM's model check; a Response when the request is refused."""
-    engine = request.app[ENGINE]
     try:
         body = json.loads(await request.read())
     except (ValueError, UnicodeDecodeError) as exc:
         return _bad_request(f"Invalid JSON body: {exc}")
     if not isinstance(body, dict):
         return _bad_request("The request body must be a JSON object")
-    engine.requests += 1
-    engine.last_request = {
-        "path": request.path_qs,
-        "model": body.get("model"),
-        "headers": {k: request.headers[k] for k in _SEEN_HEADERS if k in request.headers},
-        "body": body,
-    }
+    engine = _record(request, body)
     if (refused := _unknown_model(engine, body.get("model"))) is not None:
         return refused
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -230,11 +240,12 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     usage = {"prompt_tokens": prompt, "completion_tokens": count, "total_tokens": prompt + count}
     engine.counter += 1
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{engine.where}-{engine.counter}"
+    adapter = engine.loras.adapter(body.get("model"))
     head = {
         "id": ident,
         "object": "chat.completion.chunk" if chat else "text_completion",
         "created": int(time.time()),
-        "model": engine.names[0],
+        "model": adapter or engine.names[0],
         "system_fingerprint": engine.fingerprint,
     }
     if engine.hung:  # a deadlocked engine core never schedules it
@@ -263,7 +274,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             # aiohttp cancels the handler when the client goes away (handler_cancellation).
             engine.aborted += 1
             raise
-        text = "".join(_token(i) for i in range(count))
+        text = "".join(_token(i, adapter) for i in range(count))
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
         if chat:
             choice["message"] = {"role": "assistant", "content": text, "tool_calls": []}
@@ -299,6 +310,7 @@ async def _stream(
     template["choices"][0].update(logprobs=None, finish_reason=None)
     before, after = ("data: " + json.dumps(template) + "\n\n").encode().split(b'"\\u0000"')
     options = body.get("stream_options") or {}
+    adapter = engine.loras.adapter(body.get("model"))
     try:
         if chat:
             first = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -309,14 +321,11 @@ async def _stream(
                 await _next_token(engine, ticket)
                 if _disconnected(request):
                     raise ConnectionResetError
-                await response.write(before + json.dumps(_token(index)).encode() + after)
+                await response.write(before + json.dumps(_token(index, adapter)).encode() + after)
         except SleepAborted:  # vLLM ends an aborted stream with finish_reason "abort"
             finish, options = "abort", {}
         last_choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
-        if chat:
-            last_choice["delta"] = {}
-        else:
-            last_choice["text"] = ""
+        last_choice["delta" if chat else "text"] = {} if chat else ""
         chunks = [{**head, "choices": [last_choice]}]
         if isinstance(options, dict) and options.get("include_usage"):
             chunks.append({**head, "choices": [], "usage": usage})
@@ -340,7 +349,6 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def transcriptions(request: web.Request) -> web.StreamResponse:
     """`/v1/audio/transcriptions` (and translations): a multipart upload whose `model`
     field vLLM checks like a JSON body's; the answer says what was received."""
-    engine = request.app[ENGINE]
     try:
         fields = await request.post()
     except ValueError as exc:
@@ -350,14 +358,9 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
         return _bad_request("`file` (the audio) is required")
     audio = upload.file.read()
     seen = {k: v for k, v in fields.items() if isinstance(v, str)}
-    engine.requests += 1
-    engine.last_request = {
-        "path": request.path_qs,
-        "model": seen.get("model"),
-        "headers": {k: request.headers[k] for k in _SEEN_HEADERS if k in request.headers},
-        "body": {**seen, "file": {"filename": upload.filename, "bytes": len(audio)}},
-        "audio_sha256": hashlib.sha256(audio).hexdigest(),
-    }
+    upload_seen = {"filename": upload.filename, "bytes": len(audio)}
+    sha256 = hashlib.sha256(audio).hexdigest()
+    engine = _record(request, {**seen, "file": upload_seen}, audio_sha256=sha256)
     if (refused := _unknown_model(engine, seen.get("model"))) is not None:
         return refused
     return web.json_response({"text": f"{len(audio)} bytes of {upload.filename}"})
@@ -388,7 +391,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
             "id": f"embd-{engine.where}-{engine.counter}",
             "object": "list",
             "created": int(time.time()),
-            "model": engine.names[0],
+            "model": engine.loras.adapter(parsed.get("model")) or engine.names[0],
             "data": data,
             "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
         }
@@ -397,21 +400,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 async def models(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    now = int(time.time())
-    cards: list[dict[str, Any]] = [
-        {
-            "id": name,
-            "object": "model",
-            "created": now,
-            "owned_by": "vllm",
-            "root": engine.model,
-            "parent": None,
-            "max_model_len": engine.max_model_len,
-            "permission": [],
-        }
-        for name in engine.names
-    ]
-    return web.json_response({"object": "list", "data": cards})
+    cards = [fake_lora.card(n, engine.model, None, engine.max_model_len) for n in engine.names]
+    return web.json_response({"object": "list", "data": cards + engine.loras.cards()})
 
 
 async def tokenize(request: web.Request) -> web.Response:
@@ -447,6 +437,7 @@ async def stats(request: web.Request) -> web.Response:
         "in_flight": engine.in_flight,
         "last_request": engine.last_request,
         **engine.sleep.stats(),
+        **engine.loras.stats(),
     }
     if request.query.get("reset"):
         engine.requests = engine.aborted = 0
@@ -503,6 +494,7 @@ def create_app(engine: Engine) -> web.Application:
     app.router.add_post("/fake/crash", crash)
     app.router.add_post("/fake/hang", hang)
     fake_sleep.install(app, engine.sleep, engine, app[METRICS] if engine.log_stats else None)
+    fake_lora.install(app, engine.loras)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 
@@ -525,6 +517,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--shutdown-timeout", type=float, default=0.0)
     parser.add_argument("--disable-log-stats", action="store_true")
     fake_sleep.add_flags(parser)
+    fake_lora.add_flags(parser)
     args, _unknown = parser.parse_known_args(argv)
     # `--model M` wins: a stray value of an unknown flag may land in the positional slot.
     args.model = args.model_flag or args.model_tag
@@ -558,6 +551,11 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> int:
             file=sys.stderr,
             flush=True,
         )
+        return 1
+    try:  # as vLLM: the --lora-modules load once the model has, before the port opens
+        engine.loras = fake_lora.start(args, engine.names)
+    except ValueError as exc:
+        print(f"ValueError: {exc}", file=sys.stderr, flush=True)
         return 1
     runner = web.AppRunner(create_app(engine), access_log=None, handler_cancellation=True)
     await runner.setup()
