@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vllm_fleet import config
-from vllm_fleet.config import ConfigError, ConfigIssue, FleetConfig, checks
+from vllm_fleet.config import ConfigError, ConfigIssue, FleetConfig, flags
 from vllm_fleet.plan import served_names
 
 
@@ -1009,12 +1009,12 @@ def test_render_lists_every_problem_not_just_the_first() -> None:
 
 def test_flag_value_reads_both_spellings_and_the_last_wins() -> None:
     args = ["--tensor-parallel-size", "2", "--x", "-tp=4"]
-    assert checks.flag_value(args, "--tensor-parallel-size", "-tp") == "4"
-    assert checks.flag_value(["--a=1=2"], "--a") == "1=2"
-    assert checks.flag_value(["--a"], "--a") is None
-    assert checks.flag_value(["--ab", "1"], "--a") is None
-    assert checks.flag_value(["--tensor_parallel_size", "2"], "--tensor-parallel-size") == "2"
-    assert checks.flag_value(["-t_p", "2"], "-tp") is None  # only long flags are rewritten
+    assert flags.flag_value(args, "--tensor-parallel-size", "-tp") == "4"
+    assert flags.flag_value(["--a=1=2"], "--a") == "1=2"
+    assert flags.flag_value(["--a"], "--a") is None
+    assert flags.flag_value(["--ab", "1"], "--a") is None
+    assert flags.flag_value(["--tensor_parallel_size", "2"], "--tensor-parallel-size") == "2"
+    assert flags.flag_value(["-t_p", "2"], "-tp") is None  # only long flags are rewritten
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from vllm_fleet.config import Deployment, FleetConfig
 from vllm_fleet.config.adapters import VLLM_RANKS
-from vllm_fleet.config.checks import flag_name, flag_value
+from vllm_fleet.config.flags import flag_name, flag_value
 
 DEFAULT_RANK = 16  # vLLM's default --max-lora-rank, assumed for an adapter of unknown rank
 MAX_LORAS = 4  # the most --max-loras the fleet sets by itself (GPU memory per slot)
@@ -102,7 +102,11 @@ def lora_flags(
 def why_new_engine(config: FleetConfig, dep_id: str, old: Sequence[str], new: Sequence[str]) -> str:
     """Why the LoRA flags of a running engine of `dep_id` change, in words ("" when they
     do not): the reason a reload gives for replacing it."""
-    if [a for a in old if flag_name(a) in FLAGS] == [a for a in new if flag_name(a) in FLAGS]:
+
+    def flags(argv: Sequence[str]) -> list[tuple[str, str | None]]:
+        return [(f, flag_value(list(argv), f)) for f in FLAGS if f in map(flag_name, argv)]
+
+    if flags(old) == flags(new):
         return ""
     if "--enable-lora" not in old:
         return (

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_fleet.config import ConfigError, ConfigIssue, Deployment, FleetConfig
-from vllm_fleet.config.checks import engine_ports, flag_name, vllm_port_blocks
+from vllm_fleet.config.checks import engine_ports, vllm_port_blocks
+from vllm_fleet.config.flags import flag_name
 from vllm_fleet.gpus import Inventory
 from vllm_fleet.lora import NO_LORA, LoraFlags, lora_flags
 from vllm_fleet.socket_plan import assign_sockets, socket_dir

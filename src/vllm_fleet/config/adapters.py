@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 
+from vllm_fleet.config.flags import flag_value
 from vllm_fleet.config.models import HF_ID_PATTERN, Adapter, FleetConfig
 from vllm_fleet.config.problems import ConfigIssue, Loc
 
@@ -70,6 +71,16 @@ def check_adapters(config: FleetConfig) -> list[ConfigIssue]:
         if problem is not None:
             add(ConfigIssue((*at, "adapter"), problem))
         rank = adapter.lora_rank
+        limit = flag_value(base.args, "--max-lora-rank") if base is not None else None
+        if rank is not None and limit is not None and limit.isdigit() and rank > int(limit):
+            add(
+                ConfigIssue(
+                    (*at, "adapter"),
+                    f"its LoRA rank {rank} is over the --max-lora-rank {limit} that "
+                    f"`{adapter.base}` sets in its args (vLLM would refuse to load it); raise "
+                    "it there, or remove it to have the fleet fit it to the adapters",
+                )
+            )
         if rank is not None and rank > VLLM_RANKS[-1]:
             add(
                 ConfigIssue(

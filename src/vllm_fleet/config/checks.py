@@ -11,6 +11,7 @@ from typing import Literal
 
 from vllm_fleet.config.access import check_keys
 from vllm_fleet.config.adapters import check_adapters
+from vllm_fleet.config.flags import flag_name, flag_value
 from vllm_fleet.config.models import ID_MAX_LEN, ID_PATTERN, Deployment, FleetConfig
 from vllm_fleet.config.on_demand import check_on_demand
 from vllm_fleet.config.problems import ConfigIssue, Loc
@@ -34,26 +35,6 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 Kind = Literal["id", "model", "alias"]
-
-
-def flag_name(arg: str) -> str:
-    """The flag an argument sets, as vLLM reads it: `--a_b=1` is `--a-b` (vLLM's parser
-    turns underscores in long flag names into dashes)."""
-    name = arg.split("=", 1)[0]
-    return name.replace("_", "-") if name.startswith("--") else name
-
-
-def flag_value(args: list[str], *names: str) -> str | None:
-    """The value of `--flag V` or `--flag=V` in an argument list (last one wins)."""
-    found = None
-    for index, arg in enumerate(args):
-        if flag_name(arg) not in names:
-            continue
-        if "=" in arg:
-            found = arg.split("=", 1)[1]
-        elif index + 1 < len(args):
-            found = args[index + 1]
-    return found
 
 
 def engine_ports(dep: Deployment) -> list[int]:

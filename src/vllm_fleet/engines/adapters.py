@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 import aiohttp
 
 from vllm_fleet.config import FleetConfig
-from vllm_fleet.config.checks import flag_value
+from vllm_fleet.config.flags import flag_value
 from vllm_fleet.engines.process import EngineProcess
 from vllm_fleet.lora import wanted_adapters
 from vllm_fleet.registry import Upstream
