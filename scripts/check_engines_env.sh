@@ -16,4 +16,4 @@ if [ -n "$problems" ]; then
   echo "$problems" >&2
   exit 1
 fi
-"$py" -c "import vllm, torch, transformers, gguf, accelerate; print('vllm', vllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
+"$py" -c "import vllm, torch, transformers, gguf, accelerate, peft; print('vllm', vllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

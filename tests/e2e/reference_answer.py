@@ -2,11 +2,13 @@
 
 Run with the engines' python (it has torch and transformers; the project's does not):
 
-    .venv-vllm/bin/python tests/e2e/reference_answer.py MODEL_DIR MAX_TOKENS DTYPE < messages.json
+    .venv-vllm/bin/python tests/e2e/reference_answer.py MODEL_DIR MAX_TOKENS DTYPE \
+        [ADAPTER_DIR] < messages.json
 
 Prints one JSON object: {"text": ..., "completion_tokens": ..., "prompt_tokens": ...}.
 The prompt is the model's chat template with the generation prompt added, as vLLM's
 /v1/chat/completions renders it; decoding is greedy and stops at the model's end token.
+With ADAPTER_DIR, the model runs with that PEFT LoRA adapter (peft's own implementation).
 """
 
 from __future__ import annotations
@@ -23,9 +25,14 @@ from transformers import (  # type: ignore[import-not-found,unused-ignore]
 
 def main() -> None:
     model_dir, max_tokens, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    adapter_dir = sys.argv[4] if len(sys.argv) > 4 else None
     messages = json.load(sys.stdin)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    if adapter_dir is not None:
+        from peft import PeftModel  # type: ignore[import-not-found,unused-ignore]
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     prompt = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
