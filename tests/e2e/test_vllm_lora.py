@@ -175,10 +175,12 @@ def start_lora_fleet(path: Path, workdir: Path) -> tuple[LoraFleet, dict[str, st
 
 
 def reload(fleet: Fleet, path: Path, env: dict[str, str]) -> tuple[float, str]:
-    """`fleet reload path` (as tests/e2e/test_vllm_reload.py does); seconds and output."""
+    """`fleet reload --wait path`: returns once the reload is applied (adapters loaded and
+    unloaded); the seconds it took and its output."""
     began = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "vllm_fleet.cli", "reload", str(path), "--url", fleet.base],
+        [sys.executable, "-m", "vllm_fleet.cli", "reload", str(path), "--url", fleet.base,
+         "--wait"],
         capture_output=True, text=True, env=env, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
