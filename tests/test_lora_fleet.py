@@ -218,3 +218,72 @@ def _try(client: openai.OpenAI, model: str) -> Any:
         if exc.status_code == 503:
             return None
         raise
+
+
+def test_an_adapter_on_an_on_demand_base_loads_the_base_and_then_itself(
+    fleets: list[FleetUp], tmp_path: Path
+) -> None:
+    write_adapter(tmp_path / "bot")
+    deployments = {
+        "chat": {"model": "org/chat", "start": "on_demand", "idle_timeout": 2},
+        "bot": {"adapter": "./bot", "base": "chat"},
+    }
+    fleet = FleetUp(fake_fleet_file(tmp_path, deployments))
+    fleets.append(fleet)
+    wait_until(lambda: fleet.status() is not None, timeout=20, what="the gateway")
+    (up,) = engines(fleet, "chat")
+    assert up["pid"] is None  # nothing runs before it is asked for
+    # The first request names the adapter: it waits for the base, then for the adapter.
+    client = openai.OpenAI(base_url=f"{fleet.url}/v1", api_key="none")
+    answer = client.chat.completions.create(model="bot", messages=MESSAGES, max_tokens=2)
+    assert answer.model == "bot" and (answer.choices[0].message.content or "").startswith("bot:")
+    (up,) = engines(fleet, "chat")
+    assert up["adapters"] == {"bot": "loaded"}
+    # Idle, the base is unloaded; the adapter's next request loads both again.
+    wait_until(
+        lambda: engines(fleet, "chat")[0]["pid"] is None, timeout=20, what="the idle base unloaded"
+    )
+    again = client.chat.completions.create(model="bot", messages=MESSAGES, max_tokens=2)
+    assert again.model == "bot" and (again.choices[0].message.content or "").startswith("bot:")
+
+
+def test_a_reload_with_an_adapter_that_fails_to_load_leaves_the_rest_serving(
+    fleets: list[FleetUp], tmp_path: Path
+) -> None:
+    write_adapter(tmp_path / "bot")
+    adapters: dict[str, Any] = {"bot": {"adapter": "./bot", "base": "chat"}}
+    fleet = start(fleets, tmp_path, adapters, replicas=1)
+    pids = {u["name"]: u["pid"] for u in engines(fleet, "chat")}
+    data = yaml.safe_load(fleet.path.read_text())
+    # rank 8: what the running base holds, so the reload restarts nothing.
+    data["deployments"]["hub"] = {"adapter": "someorg/missing-lora", "base": "chat", "rank": 8}
+    fleet.path.write_text(yaml.safe_dump(data))
+    done = fleet_cli("reload", str(fleet.path), "--url", fleet.url, "--wait")
+    shown = done.stdout + done.stderr
+    assert "hub" in shown and "No adapter found" in shown, shown
+    status, answer = chat(fleet.url, "hub")
+    assert status == 503 and answer["error"]["code"] == "adapter_failed"
+    assert chat(fleet.url, "bot")[1]["model"] == "bot"
+    assert chat(fleet.url, "chat")[0] == 200
+    assert {u["name"]: u["pid"] for u in engines(fleet, "chat")} == pids
+
+
+def test_a_reload_that_restarts_the_base_says_where_its_new_adapter_failed(
+    fleets: list[FleetUp], tmp_path: Path
+) -> None:
+    write_adapter(tmp_path / "bot", rank=8)
+    fleet = start(fleets, tmp_path, {"bot": {"adapter": "./bot", "base": "chat"}}, replicas=1)
+    (old,) = engines(fleet, "chat")
+    data = yaml.safe_load(fleet.path.read_text())
+    # A hub id of unknown rank: 16 is assumed, over the running --max-lora-rank 8.
+    data["deployments"]["hub"] = {"adapter": "someorg/missing-lora", "base": "chat"}
+    fleet.path.write_text(yaml.safe_dump(data))
+    done = fleet_cli("reload", str(fleet.path), "--url", fleet.url, "--wait")
+    shown = done.stdout + done.stderr
+    assert "over the running engine's 8" in shown and "as they start again" in shown, shown
+    assert "hub on chat-0: Loading lora hub failed: No adapter found" in shown, shown
+    assert "bot: loaded" not in shown  # bot did not change: it is no step of the reload
+    (new,) = engines(fleet, "chat")
+    assert new["pid"] != old["pid"] and set(new["adapters"]) == {"bot", "hub"}
+    assert new["adapters"]["bot"] == "loaded" and new["adapters"]["hub"].startswith("failed: ")
+    assert chat(fleet.url, "bot")[1]["model"] == "bot"

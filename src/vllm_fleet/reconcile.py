@@ -109,14 +109,16 @@ class AdapterStep:
     base: str  # where it is loaded (for REMOVE: where it was)
     why: str = ""
 
-    def describe(self) -> str:
+    def describe(self, restarts: bool = False) -> str:
+        """In words; `restarts`: the reload restarts or replaces engines of its base."""
         what = {
             AdapterAction.ADD: f"loaded into the engines of `{self.base}`",
             AdapterAction.REMOVE: f"out of routing now, drained and unloaded from `{self.base}`",
             AdapterAction.CHANGE: f"unloaded and loaded again on `{self.base}`",
         }[self.action]
         why = f" ({self.why})" if self.why else ""
-        return f"{self.adapter} (adapter): {self.action.value}{why}; {what}, no engine restarts"
+        how = "as they start again" if restarts else "no engine restarts"
+        return f"{self.adapter} (adapter): {self.action.value}{why}; {what}, {how}"
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -169,7 +171,8 @@ class Changes:
             )
             out.append(f"{dep_id}{label}:")
             out.extend(f"  {s.describe()}" for s in steps)
-        out.extend(a.describe() for a in self.adapters)
+        moving = {s.deployment for s in self.steps if s.action not in (Action.KEEP, Action.UPDATE)}
+        out.extend(a.describe(a.base in moving) for a in self.adapters)
         out.extend(f"gateway: {g} (in place)" for g in self.gateway)
         out.extend(f"engines: {g} (in place, for every engine)" for g in self.settings)
         if self.empty:

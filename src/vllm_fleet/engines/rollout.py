@@ -113,19 +113,23 @@ class Rollout:
                     jobs.append(asyncio.create_task(self._restart(old)))
         for steps in by_dep.values():
             jobs.append(asyncio.create_task(self._replace_in_turn(steps)))
+        synced: dict[str, bool] = {}  # kept engine -> its adapters were synced
         if self.changes.adapters:
-            jobs.append(asyncio.create_task(self._adapters()))
+            jobs.append(asyncio.create_task(self._adapters(synced)))
         try:
             await asyncio.gather(*jobs)
+            if self.changes.adapters:
+                self._adapters_said(synced)
         finally:
             for job in jobs:
                 job.cancel()
 
-    async def _adapters(self) -> None:
+    async def _adapters(self, synced: dict[str, bool]) -> None:
         """Load and unload the adapters that changed on the engines that keep running."""
-        changes = self.changes
-        moving = {s.name for s in changes.steps if s.action not in (Action.KEEP, Action.UPDATE)}
-        bases = dict.fromkeys(a.base for a in changes.adapters)
+        moving = {
+            s.name for s in self.changes.steps if s.action not in (Action.KEEP, Action.UPDATE)
+        }
+        bases = dict.fromkeys(a.base for a in self.changes.adapters)
         engines = [
             up
             for base in bases
@@ -135,21 +139,29 @@ class Rollout:
         results = await asyncio.gather(
             *(self.supervisor.sync_adapters(up, self.drain) for up in engines)
         )
-        for problems in results:
+        for up, problems in zip(engines, results, strict=True):
+            synced[up.name] = problems is not None
             self.failures.extend(problems or ())
-        for step in changes.adapters:
-            ups = [u for u in engines if u.deployment == step.base]
-            synced = [
-                u.name for u, r in zip(engines, results, strict=True) if r is not None and u in ups
-            ]
+
+    def _adapters_said(self, synced: dict[str, bool]) -> None:
+        """Each changed adapter's outcome, once every engine of its base has started: where
+        it is loaded, and where its load failed on an engine this reload started (a kept
+        engine's failure is said by `_adapters`)."""
+        for step in self.changes.adapters:
+            ups = [u for u in self.registry.upstreams(step.base) if u.managed]
             if step.action is AdapterAction.REMOVE:
-                where = ", ".join(synced) or "no running engine"
+                where = ", ".join(u.name for u in ups if synced.get(u.name)) or "no running engine"
                 self.done.append(f"{step.adapter}: unloaded from {where} ({step.why})")
                 continue
             held = [u.name for u in ups if step.adapter in u.adapters]
+            for up in ups:
+                problem = up.adapter_errors.get(step.adapter)
+                if problem is not None and up.name not in synced:
+                    self.failures.append(f"{step.adapter} on {up.name}: {problem}")
+            failed = any(step.adapter in u.adapter_errors for u in ups)
             if held:
                 self.done.append(f"{step.adapter}: loaded on {', '.join(held)} ({step.why})")
-            elif not synced:
+            elif not failed and not any(synced.get(u.name) for u in ups):
                 self.done.append(
                     f"{step.adapter}: loaded when an engine of `{step.base}` starts ({step.why})"
                 )
