@@ -454,6 +454,8 @@ def _gateway_changes(old: FleetConfig, new: FleetConfig) -> list[str]:
         if was is not None and was.aliases != dep.aliases:
             before, after = ", ".join(was.aliases) or "-", ", ".join(dep.aliases) or "-"
             out.append(f"{dep_id}: aliases {before} -> {after}")
+        if was is not None and was.routing != dep.routing:
+            out.append(f"{dep_id}: routing {was.routing} -> {dep.routing}")
         if was is not None and was.served_as != dep.served_as:
             out.append(f"{dep_id}: `model` is rewritten to {dep.served_as}")
     return out

@@ -60,6 +60,11 @@ class Upstream:
     ejected: str | None = None  # why the gateway took it out of the rotation; None: in it
     ejected_at: float = 0.0  # time.monotonic() of the last failure that ejected it
     stalls: int = 0  # times it was found stalled and restarted
+    # Its engine's last /metrics reading (every engines.health_interval; engines without
+    # vLLM's metrics stay at 0): requests waiting for a batch, KV-cache use (0 to 1).
+    # The `prefix` and `session` routing policies read them (gateway/policies/load.py).
+    engine_waiting: float = 0.0
+    kv_cache: float = 0.0
     # The last failure that restarted it (exit, unhealthy, stalled), kept once it is
     # ready again so `fleet status` can say why it restarted; and when (time.time()).
     last_failure: str = ""

@@ -198,7 +198,37 @@ def render_status(data: dict[str, Any], now: float | None = None) -> Group:
             notes.append(note)
     head = _fleet_line(data.get("fleet"), now)
     adapters = _adapter_lines(data.get("adapters"))
-    return Group(*head, table, *notes, *adapters, *_on_demand_lines(data.get("on_demand"), now))
+    routing = _routing_lines(data.get("routing"))
+    demand = _on_demand_lines(data.get("on_demand"), now)
+    return Group(*head, table, *notes, *adapters, *routing, *demand)
+
+
+# What each policy's counters mean, in the order shown.
+_ROUTING_WORDS = {
+    "hits": "to the replica holding its prefix",
+    "spills": "elsewhere, that one over the load bound",
+    "misses": "no prefix seen before",
+    "kept": "to its session's replica",
+    "unkeyed": "no session",
+}
+
+
+def _routing_lines(data: Any) -> list[Text]:
+    """Each deployment routed by another policy than least outstanding, with what its
+    requests met (`prefix`: hits, spills, misses)."""
+    if not isinstance(data, dict) or not data:
+        return []
+    out = [Text("routing", style="bold")]
+    for dep_id, stats in data.items():
+        if not isinstance(stats, dict):
+            continue
+        line = Text(f"  {dep_id}", style="bold")
+        line.append(f": {stats.get('policy', '?')}")
+        counts = [f"{stats[key]} {words}" for key, words in _ROUTING_WORDS.items() if key in stats]
+        if counts:
+            line.append(f" ({'; '.join(counts)})", style="dim")
+        out.append(line)
+    return out
 
 
 def _adapter_lines(data: Any) -> list[Text]:

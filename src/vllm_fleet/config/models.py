@@ -209,6 +209,8 @@ class GatewayConfig(_Strict):
     lingering_time: Annotated[float, Field(ge=0)] = 30.0
     lingering_timeout: Annotated[float, Field(gt=0)] = 5.0
     lingering_max_mb: Annotated[float, Field(gt=0)] = 128.0
+    # The request header that names a session, for deployments with `routing: session`.
+    session_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")] = "x-session-id"
 
     _host = field_validator("host")(lambda v: _check_host(v))
     _numbers = field_validator(
@@ -318,6 +320,10 @@ class Deployment(_Strict):
     # keeps the GPUs at least this long before another member may take them.
     swap_drain_timeout: Annotated[float, Field(ge=0)] = 30.0
     min_hold: Annotated[float, Field(ge=0)] = 10.0
+    # Which replica takes a request (gateway/policies/): the fewest in flight; each in
+    # turn; the one that served the longest prefix of its prompt (vLLM's prefix cache);
+    # the same one per session (gateway.session_header, or the body's `user`).
+    routing: Literal["least_outstanding", "round_robin", "prefix", "session"] = "least_outstanding"
 
     _coerce_args = field_validator("args", "env", "command", mode="before")(
         lambda v: _stringify_scalars(v)

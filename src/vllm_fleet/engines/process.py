@@ -404,6 +404,7 @@ class EngineProcess:
                         stall_timeout = None
                     # A failed read is no reading: the clock runs on from the last one.
                     continue
+                self.upstream.engine_waiting, self.upstream.kv_cache = load.waiting, load.kv_cache
                 verdict = judge(progress, load, time.monotonic(), stall_timeout)
                 progress = verdict.progress
                 if verdict.reason is not None:

@@ -8,6 +8,7 @@ series per data-parallel engine core):
 - `vllm:generation_tokens_total`: tokens generated so far (counter);
 - `vllm:prompt_tokens_total`: prompt tokens prefilled so far (counter; counted when a
   request's prefill ends). An embedding engine only ever moves this one.
+- `vllm:kv_cache_usage_perc`: the share of KV-cache blocks in use, 0 to 1 (gauge).
 
 `--disable-log-stats` turns them off; a command that is not vLLM has none of them.
 """
@@ -23,7 +24,8 @@ RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 GENERATION_TOKENS = "vllm:generation_tokens_total"
 PROMPT_TOKENS = "vllm:prompt_tokens_total"
-_WANTED = frozenset({RUNNING, WAITING, GENERATION_TOKENS, PROMPT_TOKENS})
+KV_CACHE = "vllm:kv_cache_usage_perc"
+_WANTED = frozenset({RUNNING, WAITING, GENERATION_TOKENS, PROMPT_TOKENS, KV_CACHE})
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class EngineLoad:
     waiting: float
     generation_tokens: float
     prompt_tokens: float
+    kv_cache: float = 0.0  # the fullest engine core's share of KV-cache blocks in use
 
     @property
     def busy(self) -> bool:
@@ -54,7 +57,10 @@ def parse_load(text: str) -> EngineLoad | None:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name in _WANTED and not math.isnan(sample.value):
-                    sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+                    if sample.name == KV_CACHE:  # a share: the fullest core's
+                        sums[KV_CACHE] = max(sums.get(KV_CACHE, 0.0), sample.value)
+                    else:
+                        sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
     except ValueError:  # not the Prometheus text format
         return None
     if not {RUNNING, WAITING, GENERATION_TOKENS} <= sums.keys():
@@ -64,4 +70,5 @@ def parse_load(text: str) -> EngineLoad | None:
         waiting=sums[WAITING],
         generation_tokens=sums[GENERATION_TOKENS],
         prompt_tokens=sums.get(PROMPT_TOKENS, 0.0),
+        kv_cache=sums.get(KV_CACHE, 0.0),
     )

@@ -35,6 +35,7 @@ from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.keys import Client, KeyTable, admin_only, not_allowed
 from vllm_fleet.gateway.limits import Ticket
 from vllm_fleet.gateway.metrics import GatewayMetrics
+from vllm_fleet.gateway.policies import Hint, Policy, for_fleet
 from vllm_fleet.gateway.routing import ByModel, Names, RouteError, Style, Target, match
 from vllm_fleet.registry import Registry, State, Upstream
 from vllm_fleet.swaps import Phase, phase_of
@@ -62,6 +63,7 @@ class Forward:
     estimate: int = 0  # tokens it may use: its max_tokens (x n) and its prompt's size
     stream: bool = False  # it asked for a stream
     drop_usage: bool = False  # the gateway asked for the usage event; the client did not
+    hint: Hint = None  # what its deployment's routing policy read of it
 
 
 class Queued(Protocol):
@@ -113,6 +115,10 @@ class Core:
         # On-demand deployments' queues (`fleet up` sets it; None: none are waited for).
         self.demand: OnDemand | None = prior.demand if prior is not None else None
         self._tie = itertools.count()
+        # Deployments that route by another policy than least outstanding (`routing:`).
+        self.policies: dict[str, Policy] = for_fleet(
+            config, prior.policies if prior is not None else {}
+        )
         self._counts = self.metrics.requests
         self._failovers = self.metrics.failovers
         self._routes: dict[str, Target | ByModel | RouteError] = {}  # path -> match()
@@ -197,6 +203,8 @@ class Core:
         snapshot = self.registry.snapshot()
         if self.demand is not None:
             snapshot["on_demand"] = self.demand.snapshot()
+        if self.policies:  # the deployments that route by another policy than the default
+            snapshot["routing"] = {d: p.stats() for d, p in self.policies.items()}
         snapshot["gateway"] = {
             "host": self.config.gateway.host,
             "port": self.config.gateway.port,
@@ -261,14 +269,16 @@ class Core:
         body: bytes,
         quote_path: bool = False,
         client: Client | None = None,
+        lines: Sequence[bytes] = (),
     ) -> Forward | Reply:
         """Where a proxied request goes, with its body rewritten; or the error to answer.
 
         `path` is decoded; `content_type` is the request's Content-Type header (None when
         absent); `quote_path`: percent-encode the engine's path again (a server that
         decoded the client's path), so what was `%3F` or `%25` stays data. An error that
-        lists the deployments lists only those `client` may use."""
-        decided = self._route(method, path, query, content_type, body, quote_path)
+        lists the deployments lists only those `client` may use; `lines`: the request's
+        forwarded header lines (a `session` routing policy reads its header there)."""
+        decided = self._route(method, path, query, content_type, body, quote_path, lines)
         if isinstance(decided, Reply) and client is not None and client.deployments is not None:
             return self._listing_for(decided, client)
         return decided
@@ -289,6 +299,7 @@ class Core:
         content_type: str | None,
         body: bytes,
         quote_path: bool,
+        lines: Sequence[bytes],
     ) -> Forward | Reply:
         route = self._routes.get(path)
         if route is None:
@@ -333,7 +344,9 @@ class Core:
         if quote_path:
             upstream_path = quote(upstream_path, safe=PATH_SAFE, errors="surrogateescape")
         path_qs = f"{upstream_path}?{query}" if query else upstream_path
-        return Forward(dep_id, style, path_qs, body, tokens, stream, drop_usage)
+        policy = self.policies.get(dep_id) if self.policies else None
+        hint = policy.hint(parsed, lines) if policy is not None else None
+        return Forward(dep_id, style, path_qs, body, tokens, stream, drop_usage, hint)
 
     def _by_model(
         self, method: str, path: str, route: ByModel, content_type: str | None, body: bytes
@@ -387,16 +400,20 @@ class Core:
 
     # ------------------------------------------------------------ replicas
 
-    def pick(self, dep_id: str, tried: set[Upstream]) -> Upstream | None:
-        """The replica for the next try of a request (`replicas.pick`): ready, in the
-        rotation, not `tried` yet, with the fewest outstanding requests (ties rotate).
-        An adapter's: an engine of its base that holds it."""
+    def pick(self, dep_id: str, tried: set[Upstream], hint: Hint = None) -> Upstream | None:
+        """The replica for the next try of a request: ready, in the rotation, not `tried`
+        yet, chosen by the deployment's routing policy (`hint`: what it read of the
+        request); by default the fewest outstanding requests (`replicas.pick`, ties
+        rotate). An adapter's: an engine of its base that holds it."""
         base = self.names.bases.get(dep_id)
         if base is None:
             candidates = self.registry.upstreams(dep_id)
         else:
             candidates = [u for u in self.registry.upstreams(base) if dep_id in u.adapters]
         turn = next(self._tie) if len(candidates) > 1 else 0
+        policy = self.policies.get(dep_id) if self.policies else None
+        if policy is not None:
+            return policy.pick(candidates, tried, hint, turn)
         return replicas.pick(candidates, tried, turn)
 
     def engines_of(self, dep_id: str) -> str:

@@ -478,8 +478,9 @@ class ClientConnection(asyncio.Protocol):
                 return
             client = request.client = found
         decided = core.route(
-            method, path, query, request.content_type, bytes(request.body), requote, client
-        )
+            method, path, query, request.content_type, bytes(request.body), requote, client,
+            request.lines,
+        )  # fmt: skip
         if isinstance(decided, Reply):
             self.reply(decided)
             return

@@ -135,7 +135,7 @@ class Exchange:
     def start(self) -> None:
         core = self.core
         dep_id = self.forward.deployment
-        upstream = core.pick(dep_id, self.tried)
+        upstream = core.pick(dep_id, self.tried, self.forward.hint)
         if upstream is None:
             demand = core.demand
             # Only a POST (an inference) loads an engine: a monitor's GET of
