@@ -272,3 +272,30 @@ def test_the_docs_show_what_fleet_nginx_renders_for_the_seed_example() -> None:
     text = SEED.read_text().replace("  port: 8080\n", "  port: 8080\n  accept_any_model: true\n", 1)
     config = loads(text, source="examples/seed-two-models.yaml", environ={}, base_dir="/srv/fleet")
     assert shown + "\n" == render(config, _plan(config), server_name="llm.example.com")
+
+
+def test_each_routing_policy_renders_its_nginx_balancing_with_a_warning_where_it_differs() -> (
+    None
+):
+    text_yaml = (
+        "gateway: {accept_any_model: true, session_header: X-Conversation}\n"
+        "deployments:\n"
+        "  lo: {model: org/lo, endpoints: [http://127.0.0.1:9001, http://127.0.0.1:9002]}\n"
+        "  rr: {model: org/rr, endpoints: [http://127.0.0.1:9003, http://127.0.0.1:9004],"
+        " routing: round_robin}\n"
+        "  px: {model: org/px, endpoints: [http://127.0.0.1:9005, http://127.0.0.1:9006],"
+        " routing: prefix}\n"
+        "  ss: {model: org/ss, endpoints: [http://127.0.0.1:9007, http://127.0.0.1:9008],"
+        " routing: session}\n"
+        "  one: {model: org/one, endpoints: [http://127.0.0.1:9009], routing: session}\n"
+    )
+    text = _render(text_yaml)
+    balancing = ("least_conn;", "hash ")
+    assert "least_conn;" in _block(text, "upstream fleet_lo")
+    assert not any(b in _block(text, "upstream fleet_rr") for b in balancing)
+    assert "least_conn;" in _block(text, "upstream fleet_px")
+    assert "hash $http_x_conversation consistent;" in _block(text, "upstream fleet_ss")
+    assert not any(b in _block(text, "upstream fleet_one") for b in balancing)  # one server
+    warnings = [line for line in text.splitlines() if line.startswith("# WARNING")]
+    assert any("`routing: prefix` (px)" in w and "least_conn" in w for w in warnings)
+    assert any("`routing: session` (ss, one)" in w and "X-Conversation" in w for w in warnings)

@@ -162,6 +162,19 @@ def warnings(config: FleetConfig) -> list[str]:
             "base's path with the adapter's id as `model` (/<base>/v1/... with "
             '"model": "<adapter>"); `fleet up` still loads the adapters into the engines'
         )
+    by_prompt = [d_id for d_id, d in config.deployments.items() if d.routing == "prefix"]
+    if by_prompt:
+        found.append(
+            f"`routing: prefix` ({', '.join(by_prompt)}) needs the request's prompt, which "
+            "nginx cannot read: these groups balance by least_conn instead"
+        )
+    by_session = [d_id for d_id, d in config.deployments.items() if d.routing == "session"]
+    if by_session:
+        found.append(
+            f"`routing: session` ({', '.join(by_session)}) hashes the "
+            f"{config.gateway.session_header} header in nginx; a request without it, or "
+            "with only the body's `user`, goes to one server of the group"
+        )
     tls = config.gateway.tls
     if tls is not None:
         found.append(
@@ -170,6 +183,17 @@ def warnings(config: FleetConfig) -> list[str]:
             f"`ssl_certificate_key {config.path_of(tls.key)};` (readable by nginx's user)"
         )
     return found
+
+
+def _balancing(config: FleetConfig, routing: str) -> list[str]:
+    """The upstream group's balancing for a deployment's `routing` (nginx's default is
+    round robin); `prefix` has no nginx equivalent (warnings() says so)."""
+    if routing == "round_robin":
+        return []
+    if routing == "session":
+        variable = "$http_" + config.gateway.session_header.lower().replace("-", "_")
+        return [f"    hash {variable} consistent;"]
+    return ["    least_conn;"]  # least_outstanding, and prefix's fallback
 
 
 def render(config: FleetConfig, plan: Plan, listen: str = "80", server_name: str = "_") -> str:
@@ -186,6 +210,8 @@ def render(config: FleetConfig, plan: Plan, listen: str = "80", server_name: str
     out = [*_header(config), *_maps()]
     for group in groups:
         out += [f"upstream {group.name} {{"]
+        if len(group.servers) > 1:
+            out += _balancing(config, config.deployments[group.deployment].routing)
         out += [f"    server {server} max_fails=1 fail_timeout=5s;" for server in group.servers]
         out += [
             f"    keepalive {KEEPALIVE};",
