@@ -274,9 +274,7 @@ def test_the_docs_show_what_fleet_nginx_renders_for_the_seed_example() -> None:
     assert shown + "\n" == render(config, _plan(config), server_name="llm.example.com")
 
 
-def test_each_routing_policy_renders_its_nginx_balancing_with_a_warning_where_it_differs() -> (
-    None
-):
+def test_each_routing_policy_renders_its_nginx_balancing_with_a_warning_where_it_differs() -> None:
     text_yaml = (
         "gateway: {accept_any_model: true, session_header: X-Conversation}\n"
         "deployments:\n"

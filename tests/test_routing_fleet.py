@@ -31,9 +31,7 @@ def system_prompt(seed: int) -> str:
     )
 
 
-def converse(
-    client: openai.OpenAI, model: str, seed: int, turns: int, **extra: Any
-) -> list[str]:
+def converse(client: openai.OpenAI, model: str, seed: int, turns: int, **extra: Any) -> list[str]:
     """One conversation of `turns` turns, each turn's answer in its history; the replica
     that answered each turn."""
     messages: list[Any] = [{"role": "system", "content": system_prompt(seed)}]
