@@ -5,6 +5,7 @@ turn read from the `X-Fleet-Upstream` header of every answer."""
 from __future__ import annotations
 
 import random
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,10 @@ def test_prefix_routing_keeps_each_conversation_on_one_replica_and_uses_both(
     stats = status["routing"]["chat"]
     assert stats["policy"] == "prefix" and stats["misses"] == 8 and stats["hits"] == 8 * 4 + 8 * 3
     assert "plain" not in status["routing"]
+    with urllib.request.urlopen(f"{fleet.url}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    hits = 'fleet_routing_decisions_total{deployment="chat",outcome="hits",policy="prefix"} 56.0'
+    assert hits in metrics, [m for m in metrics.splitlines() if "routing" in m]
     shown = fleet_cli("status", "--url", fleet.url).stdout
     assert "chat: prefix (56 to the replica holding its prefix" in shown, shown
 

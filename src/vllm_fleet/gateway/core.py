@@ -119,6 +119,7 @@ class Core:
         self.policies: dict[str, Policy] = for_fleet(
             config, prior.policies if prior is not None else {}
         )
+        self.metrics.policies = self.policies
         self._counts = self.metrics.requests
         self._failovers = self.metrics.failovers
         self._routes: dict[str, Target | ByModel | RouteError] = {}  # path -> match()

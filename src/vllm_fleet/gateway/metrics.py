@@ -7,8 +7,8 @@ time by collectors.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -226,6 +226,46 @@ class ServerCollector(Collector):
         )
 
 
+class _Stats(Protocol):
+    def stats(self) -> dict[str, Any]: ...
+
+
+# A routing policy's counters (gateway/policies/) and what each outcome means.
+ROUTING_OUTCOMES = ("hits", "spills", "misses", "kept", "unkeyed")
+
+
+class _RoutingCollector(Collector):
+    """What each deployment's routing policy decided (`routing:` other than the default),
+    read from the policies at scrape time."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        decisions = CounterMetricFamily(
+            "fleet_routing_decisions",
+            "requests by what their deployment's routing policy met: prefix hits (sent to "
+            "the replica holding their prompt's prefix), spills (that one was over the "
+            "load bound), misses (no prefix seen before); sessions kept, spills, unkeyed",
+            labels=["deployment", "policy", "outcome"],
+        )
+        blocks = GaugeMetricFamily(
+            "fleet_routing_prefix_blocks",
+            "prompt blocks the prefix policy remembers a replica for",
+            labels=["deployment"],
+        )
+        for dep_id, policy in self.metrics.policies.items():
+            stats = policy.stats()
+            name = str(stats.get("policy", ""))
+            for outcome in ROUTING_OUTCOMES:
+                if outcome in stats:
+                    decisions.add_metric([dep_id, name, outcome], float(stats[outcome]))
+            if "blocks" in stats:
+                blocks.add_metric([dep_id], float(stats["blocks"]))
+        yield decisions
+        yield blocks
+
+
 class GatewayMetrics:
     def __init__(self, registry: Registry) -> None:
         self.prometheus = CollectorRegistry(auto_describe=True)
@@ -241,6 +281,9 @@ class GatewayMetrics:
         self.key_requests: dict[tuple[str, str, int], int] = {}
         self.key_tokens: KeyTokens = {}
         self.prometheus.register(_KeyCollector(self.key_requests, self.key_tokens))
+        # Deployment -> its routing policy (the core in force sets it).
+        self.policies: Mapping[str, _Stats] = {}
+        self.prometheus.register(_RoutingCollector(self))
 
     def render(self) -> bytes:
         return generate_latest(self.prometheus)
