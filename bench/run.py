@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import fronts, procs, report, scenarios
+from bench import fronts, policy_cost, procs, report, scenarios
 from bench.loadgen import connect
 from bench.procs import Cores, Managed
 from bench.scenarios import Settings, Target
@@ -245,6 +245,8 @@ def write_results(
             report.keys_table(runs, titles),
             "",
         ]
+    log("bench: the routing policies' CPU per request, in process")
+    lines += policy_cost.section(policy_cost.measure(200 if args.quick else 4000))
     if drawn:
         lines += ["![TTFT, tokens/s and requests/s per front end](latest.png)", ""]
     text = "\n".join(lines)

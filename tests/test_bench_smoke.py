@@ -51,3 +51,6 @@ def test_quick_bench_produces_the_table_with_no_errors(tmp_path: Path) -> None:
     for label in ("TTFT p50 (ms)", "tokens/s delivered", "requests/s", "proxy peak RSS (MB)"):
         assert label in table
     assert table.strip() in done.stdout  # and the table is printed
+    cost = table[table.index("## Routing policies: CPU per request") :]
+    for row in ("| 1 short turn |", "| 20 turns, 1,000-word system prompt |"):
+        assert row in cost, cost

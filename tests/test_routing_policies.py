@@ -17,7 +17,7 @@ from vllm_fleet.gateway.policies.load import within_bound
 from vllm_fleet.gateway.policies.prefix import PrefixPolicy
 from vllm_fleet.gateway.policies.round_robin import RoundRobin
 from vllm_fleet.gateway.policies.session import SessionPolicy
-from vllm_fleet.gateway.prompt import BLOCK, prompt_blocks
+from vllm_fleet.gateway.prompt import BLOCK, MAX_BLOCKS, prompt_blocks
 from vllm_fleet.registry import State, Upstream
 
 
@@ -125,12 +125,12 @@ def test_a_replica_this_request_tried_already_is_not_picked_again() -> None:
 
 
 def test_the_table_forgets_the_least_recently_used_blocks_first() -> None:
-    ups, policy = upstreams(2), PrefixPolicy(capacity=40)
+    ups, policy = upstreams(2), PrefixPolicy(capacity=20)
     route(policy, ups, conversation(1, 0))
-    assert policy.stats()["blocks"] <= 40
+    assert policy.stats()["blocks"] <= 20
     for seed in range(2, 10):
         route(policy, ups, conversation(seed, 0))
-    assert policy.stats()["blocks"] == 40
+    assert policy.stats()["blocks"] == 20
     assert policy.holder(policy.hint(body(messages=conversation(1, 0)), ()) or (), ups) is None
 
 
@@ -138,7 +138,7 @@ def test_prompt_blocks_chain_whole_blocks_of_the_prompt_in_order() -> None:
     short = body(messages=[{"role": "user", "content": "hi"}])
     assert prompt_blocks(short.obj) == ()  # shorter than a block: nothing to share
     turn1 = prompt_blocks({"messages": conversation(5, 1)})
-    turn2 = prompt_blocks({"messages": conversation(5, 2)})
+    turn2 = prompt_blocks({"messages": conversation(5, 4)})
     shared = len(turn1) - 1  # the last block of turn 1 holds its closing question
     assert turn1[:shared] == turn2[:shared] and len(turn2) > len(turn1)
     assert prompt_blocks({"messages": conversation(6, 1)})[0] != turn1[0]
@@ -148,7 +148,7 @@ def test_prompt_blocks_chain_whole_blocks_of_the_prompt_in_order() -> None:
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}
     assert prompt_blocks(parts) == prompt_blocks({"messages": [{"role": "user", "content": text}]})
     assert prompt_blocks({"input": text}) == prompt_blocks({"prompt": text})
-    assert len(prompt_blocks({"prompt": "y" * (BLOCK * 1000)})) == 64  # the first 8 KiB
+    assert len(prompt_blocks({"prompt": "y" * (BLOCK * 1000)})) == MAX_BLOCKS  # the first 8 KiB
     assert prompt_blocks({"messages": "not a list", "prompt": 3}) == ()
 
 

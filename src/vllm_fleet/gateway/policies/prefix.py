@@ -14,7 +14,7 @@ conversation follows it.
 A replica that leaves (removed, ejected, not ready) loses only its own prefixes: the
 rest of the table still points where it did; its prefixes go, as they are asked for
 again, to the replicas that take them. No tokenizer, no I/O: a request costs one pass
-over its first 8 KiB and a dict lookup and update per block.
+over its first 8 KiB and a dict lookup and update per block (bench/policy_cost.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from vllm_fleet.gateway.policies.load import eligible, least_loaded, within_boun
 from vllm_fleet.gateway.prompt import prompt_blocks
 from vllm_fleet.registry import Upstream
 
-CAPACITY = 1 << 17  # blocks remembered (of 128 bytes: 16 MiB of prompts), a few MB
+CAPACITY = 1 << 16  # blocks remembered (of 256 bytes: 16 MiB of prompts), a few MB
 
 
 class PrefixPolicy:
