@@ -12,7 +12,7 @@ from typing import Any
 
 from vllm_fleet.config import loads
 from vllm_fleet.gateway.body import Body
-from vllm_fleet.gateway.policies import for_fleet
+from vllm_fleet.gateway.policies import check_lines, for_fleet
 from vllm_fleet.gateway.policies.load import within_bound
 from vllm_fleet.gateway.policies.prefix import PrefixPolicy
 from vllm_fleet.gateway.policies.round_robin import RoundRobin
@@ -203,3 +203,20 @@ def test_policies_are_kept_across_a_reload_while_the_deployment_keeps_its_policy
     assert isinstance(for_fleet(fleet("session"), first)["a"], SessionPolicy)
     sessions = for_fleet(fleet("session"), {})
     assert for_fleet(fleet("session", "x-user"), sessions)["a"] is not sessions["a"]
+
+
+def test_fleet_check_says_each_policy_and_where_it_can_do_nothing() -> None:
+    config = loads(
+        "deployments:\n"
+        "  chat: {model: org/c, replicas: 2, routing: prefix}\n"
+        "  off: {model: org/o, replicas: 2, routing: prefix, args: [--no-enable-prefix-caching]}\n"
+        "  one: {model: org/one, routing: session}\n"
+        "  plain: {model: org/p, replicas: 2}\n"
+    )
+    assert check_lines(config) == [
+        "routing: chat by prefix over 2 replica(s)",
+        "routing: off by prefix over 2 replica(s); its engines run with "
+        "--no-enable-prefix-caching: no cache to route to",
+        "routing: one by session over 1 replica(s) (the x-session-id header, else the body's "
+        "`user`); with one replica there is nothing to choose (add replicas)",
+    ]

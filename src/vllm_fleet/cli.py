@@ -13,6 +13,7 @@ from rich.console import Console
 from vllm_fleet import __version__
 from vllm_fleet.cli_keys import keys_app
 from vllm_fleet.config import ConfigError, FleetConfig, load
+from vllm_fleet.gateway.policies import check_lines as routing_lines
 from vllm_fleet.gpus import Inventory, read_inventory
 from vllm_fleet.ledger import By
 from vllm_fleet.lora import check_lines
@@ -117,6 +118,9 @@ def check(fleet_file: FleetFile) -> None:
         console.print(line, highlight=False)
     lora = check_lines(config, [(e.deployment, e.argv) for e in plan.engines])
     for line in ([""] if (plan.warnings or on_demand) and lora else []) + lora:
+        console.print(line, highlight=False, markup=False)
+    routing = routing_lines(config)
+    for line in ([""] if (plan.warnings or on_demand or lora) and routing else []) + routing:
         console.print(line, highlight=False, markup=False)
 
 

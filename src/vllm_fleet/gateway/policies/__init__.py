@@ -27,7 +27,7 @@ from vllm_fleet.gateway.policies.prefix import PrefixPolicy
 from vllm_fleet.gateway.policies.round_robin import RoundRobin
 from vllm_fleet.gateway.policies.session import SessionPolicy
 
-__all__ = ["Hint", "Policy", "for_fleet", "make"]
+__all__ = ["Hint", "Policy", "check_lines", "for_fleet", "make"]
 
 
 def for_fleet(config: FleetConfig, prior: Mapping[str, Policy]) -> dict[str, Policy]:
@@ -65,3 +65,22 @@ def make(name: str, session_header: str) -> Policy | None:
     if name == "round_robin":
         return RoundRobin()
     return None
+
+
+def check_lines(config: FleetConfig) -> list[str]:
+    """What `fleet check` says of the deployments that route by another policy than the
+    default: the policy, over how many replicas, and where it can do nothing."""
+    out: list[str] = []
+    for dep_id, dep in config.deployments.items():
+        if dep.routing == "least_outstanding":
+            continue
+        count = len(dep.endpoints) or dep.replicas
+        line = f"routing: {dep_id} by {dep.routing} over {count} replica(s)"
+        if dep.routing == "session":
+            line += f" (the {config.gateway.session_header} header, else the body's `user`)"
+        if count < 2:
+            line += "; with one replica there is nothing to choose (add replicas)"
+        elif dep.routing == "prefix" and "--no-enable-prefix-caching" in dep.args:
+            line += "; its engines run with --no-enable-prefix-caching: no cache to route to"
+        out.append(line)
+    return out
