@@ -209,13 +209,13 @@ def test_fleet_check_says_each_policy_and_where_it_can_do_nothing() -> None:
     config = loads(
         "deployments:\n"
         "  chat: {model: org/c, replicas: 2, routing: prefix}\n"
-        "  off: {model: org/o, replicas: 2, routing: prefix, args: [--no-enable-prefix-caching]}\n"
+        "  nocache: {model: org/o, replicas: 2, routing: prefix, args: [--no-enable-prefix-caching]}\n"
         "  one: {model: org/one, routing: session}\n"
         "  plain: {model: org/p, replicas: 2}\n"
     )
     assert check_lines(config) == [
         "routing: chat by prefix over 2 replica(s)",
-        "routing: off by prefix over 2 replica(s); its engines run with "
+        "routing: nocache by prefix over 2 replica(s); its engines run with "
         "--no-enable-prefix-caching: no cache to route to",
         "routing: one by session over 1 replica(s) (the x-session-id header, else the body's "
         "`user`); with one replica there is nothing to choose (add replicas)",
