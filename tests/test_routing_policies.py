@@ -209,7 +209,8 @@ def test_fleet_check_says_each_policy_and_where_it_can_do_nothing() -> None:
     config = loads(
         "deployments:\n"
         "  chat: {model: org/c, replicas: 2, routing: prefix}\n"
-        "  nocache: {model: org/o, replicas: 2, routing: prefix, args: [--no-enable-prefix-caching]}\n"
+        "  nocache: {model: org/o, replicas: 2, routing: prefix,"
+        " args: [--no-enable-prefix-caching]}\n"
         "  one: {model: org/one, routing: session}\n"
         "  plain: {model: org/p, replicas: 2}\n"
     )
