@@ -221,3 +221,12 @@ def test_fleet_check_says_each_policy_and_where_it_can_do_nothing() -> None:
         "routing: one by session over 1 replica(s) (the x-session-id header, else the body's "
         "`user`); with one replica there is nothing to choose (add replicas)",
     ]
+
+
+def test_a_request_without_a_prompt_goes_to_the_least_loaded_and_is_not_counted() -> None:
+    ups, policy = upstreams(2), PrefixPolicy()
+    ups[0].outstanding = 3
+    assert policy.pick(ups, set(), policy.hint(None, ()), 0) is ups[1]
+    short = policy.hint(body(messages=[{"role": "user", "content": "hi"}]), ())
+    assert policy.pick(ups, set(), short, 0) is ups[1]
+    assert policy.stats() == {"policy": "prefix", "hits": 0, "misses": 0, "spills": 0, "blocks": 0}

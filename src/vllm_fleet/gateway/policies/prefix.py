@@ -51,6 +51,8 @@ class PrefixPolicy:
         if not ready:
             return None
         blocks = hint if isinstance(hint, tuple) else ()
+        if not blocks:  # no prompt (a GET, an upload) or one shorter than a block
+            return ready[0] if len(ready) == 1 else least_loaded(ready, turn)
         preferred = self.holder(blocks, ready)
         if len(ready) == 1:
             chosen = ready[0]
