@@ -37,6 +37,14 @@ LoRA (`--enable-lora`, `--lora-modules`, and with `VLLM_ALLOW_RUNTIME_LORA_UPDAT
 load/unload routes): see `fake_lora.py`. A loaded adapter's name is a valid `model`, and the
 adapter answers: `model` names it, each token carries its name ("bot:tok0 bot:tok1 ...").
 `/v1/models` lists it after the base; `/fake/stats` adds adapters, lora_loads, lora_unloads.
+
+Prefix cache, as vLLM's (see `fake_prefix.py`): tokens are a prompt's words (`/tokenize` gives
+their ids); full blocks of `FAKE_VLLM_BLOCK_TOKENS` (16) are cached under chained keys, LRU,
+`FAKE_VLLM_PREFIX_BLOCKS` (4096; 0: off) at most. With `FAKE_VLLM_PREFILL_US_PER_TOKEN` (0) a
+request waits that many microseconds per token missed, one prefill at a time, as `waiting`.
+`/metrics` adds `vllm:prefix_cache_queries_total`, `vllm:prefix_cache_hits_total` and
+`vllm:kv_cache_usage_perc`; `/fake/stats` adds `prefix`; a sleep (level 1, 2) or the dev route
+`POST /reset_prefix_cache` empties the cache.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from vllm_fleet.testing import fake_lora, fake_sleep
+from vllm_fleet.testing import fake_lora, fake_prefix, fake_sleep
 from vllm_fleet.testing.fake_metrics import METRICS, VllmStats, metrics
 from vllm_fleet.testing.fake_sleep import SleepAborted, SleepMode
 
@@ -98,6 +106,7 @@ class Engine:
     started: float = field(default_factory=time.time)
     sleep: SleepMode = field(default_factory=SleepMode)
     loras: fake_lora.Loras = field(default_factory=fake_lora.Loras)
+    prefix: fake_prefix.Prefix = field(default_factory=fake_prefix.Prefix.from_env)
     uds: str | None = None
 
     @property
@@ -218,13 +227,14 @@ async def _stuck_if_hung(engine: Engine) -> None:
         await asyncio.get_running_loop().create_future()  # never set
 
 
-async def _next_token(engine: Engine, ticket: int) -> None:
+async def _next_token(engine: Engine, ticket: int, seq: fake_prefix.InFlight) -> None:
     """Wait for the next token to be computed, and count it (or SleepAborted)."""
     if engine.token_delay:
         await asyncio.sleep(engine.token_delay)
     await _stuck_if_hung(engine)
     await engine.sleep.gate(ticket)
     engine.generation_tokens += 1
+    seq.generated += 1
 
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -254,6 +264,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             await _stuck_if_hung(engine)
         finally:
             engine.waiting -= 1
+    seq = await engine.prefix.prefill(fake_prefix.prompt_ids(body, chat), engine)
     engine.in_flight += 1
     engine.idle.clear()
     ticket = engine.sleep.ticket()
@@ -262,10 +273,12 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     engine.prompt_tokens += prompt
     try:
         if body.get("stream"):
-            return await _stream(request, engine, head, chat, count, finish, usage, body, ticket)
+            return await _stream(
+                request, engine, head, chat, count, finish, usage, body, ticket, seq
+            )
         try:
             for _ in range(count):
-                await _next_token(engine, ticket)
+                await _next_token(engine, ticket, seq)
                 if _disconnected(request):
                     raise asyncio.CancelledError
         except SleepAborted:
@@ -283,6 +296,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             choice["text"] = text
         return web.json_response({**head, "choices": [choice], "usage": usage})
     finally:
+        engine.prefix.release(seq)
         engine.in_flight -= 1
         engine.answering.discard(transport)
         if not engine.in_flight:
@@ -299,6 +313,7 @@ async def _stream(
     usage: dict[str, int],
     body: dict[str, Any],
     ticket: int,
+    seq: fake_prefix.InFlight,
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
     await response.prepare(request)
@@ -318,7 +333,7 @@ async def _stream(
             await response.write(b"data: " + json.dumps(first).encode() + b"\n\n")
         try:
             for index in range(count):
-                await _next_token(engine, ticket)
+                await _next_token(engine, ticket, seq)
                 if _disconnected(request):
                     raise ConnectionResetError
                 await response.write(before + json.dumps(_token(index, adapter)).encode() + after)
@@ -409,9 +424,9 @@ async def tokenize(request: web.Request) -> web.Response:
     parsed = await _parse(request)
     if isinstance(parsed, web.Response):
         return parsed
-    count = _prompt_tokens(parsed.get("prompt", parsed.get("messages")))
+    ids = fake_prefix.prompt_ids(parsed, chat="prompt" not in parsed)  # the prefix cache's
     return web.json_response(
-        {"count": count, "max_model_len": engine.max_model_len, "tokens": list(range(count))}
+        {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
     )
 
 
@@ -438,10 +453,12 @@ async def stats(request: web.Request) -> web.Response:
         "last_request": engine.last_request,
         **engine.sleep.stats(),
         **engine.loras.stats(),
+        **engine.prefix.stats(),
     }
     if request.query.get("reset"):
         engine.requests = engine.aborted = 0
         engine.last_request = None
+        engine.prefix.reset_stats()
     return web.json_response(snapshot)
 
 
@@ -493,8 +510,10 @@ def create_app(engine: Engine) -> web.Application:
     app.router.add_get("/fake/env", env)
     app.router.add_post("/fake/crash", crash)
     app.router.add_post("/fake/hang", hang)
-    fake_sleep.install(app, engine.sleep, engine, app[METRICS] if engine.log_stats else None)
+    registry = app[METRICS] if engine.log_stats else None
+    fake_sleep.install(app, engine.sleep, engine, registry)
     fake_lora.install(app, engine.loras)
+    fake_prefix.install(app, engine.prefix, engine.names[0], registry)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 
