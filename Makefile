@@ -3,13 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv lint format test test-fast fuzz demo clean bench bench-quick chaos engines-env models lock
+.PHONY: venv lint format test test-fast fuzz demo clean bench bench-quick chaos engines-env models lock router-env bench-routing bench-routing-quick
 
 # Every environment installs the exact versions pinned in requirements/ (README: Pinned
 # installs); `make lock` resolves them anew. The build backend is pinned too, hence
 # --no-build-isolation (an isolated build would fetch the newest setuptools).
 PROJECT_PINS := requirements/project.txt
 ENGINES_PINS := requirements/engines.txt
+ROUTER_PINS := requirements/router.txt
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml $(PROJECT_PINS)
@@ -30,7 +31,7 @@ format: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not vllm"
 
-test: lint engines-env models
+test: lint engines-env models router-env
 	$(PY) -m pytest -q -rs
 
 # The fuzz campaign (README: Fuzzing): FUZZ_COUNT generated cases against `fleet up` over
@@ -46,7 +47,7 @@ lock:
 	PYTHON=$(PYTHON) scripts/lock_envs.sh
 
 clean:
-	rm -rf $(VENV) .fleet examples/.fleet .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(ROUTER_VENV) .fleet examples/.fleet .pytest_cache .mypy_cache .ruff_cache
 
 # The gateway overhead benchmark: direct vs nginx vs `fleet up` (README: Performance; bench/NOTES.md).
 bench: $(VENV)/.installed-bench
@@ -65,6 +66,37 @@ bench-quick: $(VENV)/.installed-bench
 $(VENV)/.installed-bench: $(VENV)/.installed
 	$(PY) -m pip install -q --no-build-isolation -c $(PROJECT_PINS) -e '.[dev,bench]'
 	touch $@
+
+# ---- vllm-router, for the routing benchmark (bench/routing/) --------------------------
+# vllm-project's Rust router (the wheel `vllm-router`, ~130 MB installed) in its own small
+# virtualenv: exactly requirements/router.txt, installed without resolving (--no-deps), then
+# checked: nothing missing, the Rust extension loads, the command runs (it has no --version).
+ROUTER_VENV ?= .venv-router
+ROUTER_PY := $(ROUTER_VENV)/bin/python
+
+router-env: $(ROUTER_VENV)/.installed
+$(ROUTER_VENV)/.installed: $(ROUTER_PINS)
+	@echo "--- router-env: $(ROUTER_PINS) into $(ROUTER_VENV) (seconds, ~130 MB)"
+	$(PYTHON) -m venv $(ROUTER_VENV)
+	$(ROUTER_PY) -m pip install -q --disable-pip-version-check -c $(ROUTER_PINS) pip
+	$(ROUTER_PY) -m pip install -q --disable-pip-version-check --no-deps -r $(ROUTER_PINS)
+	$(ROUTER_PY) -m pip check
+	$(ROUTER_PY) -c "import vllm_router_rs, importlib.metadata as m; print('vllm-router', m.version('vllm-router'))"
+	$(ROUTER_VENV)/bin/vllm-router --help >/dev/null
+	touch $@
+
+# Routing between two replicas of the CPU demo's chat model on real vLLM: nginx round robin,
+# the fleet's least_outstanding and prefix, vllm-router cache_aware (README: Routing between
+# replicas; bench/results/routing.md). About 12 minutes here. The quick one: fake engines.
+bench-routing: venv engines-env models router-env
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { echo "--- installing nginx"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
+	$(PY) -m bench.routing
+
+bench-routing-quick: venv router-env
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { echo "--- installing nginx"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
+	$(PY) -m bench.routing --quick
 
 # ---- the CPU demo on real vLLM (docs/demo.md) ------------------------------------------
 # vLLM (torch, ~3.5 GB) lives in its own virtualenv, apart from the project's light one.

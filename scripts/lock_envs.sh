@@ -6,7 +6,7 @@
 # into requirements/*.txt. Review the diff, run `make test` (the real-vLLM e2e tests
 # included), and commit the new pins with the change that needed them.
 #
-#   scripts/lock_envs.sh [project|engines|all]      (default: all)
+#   scripts/lock_envs.sh [project|engines|router|all]      (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -44,10 +44,20 @@ lock_engines() {
   { header requirements/engines.in; "$py" -m pip freeze --all; } >requirements/engines.txt
 }
 
+lock_router() {
+  echo "--- lock: the routing benchmark's vllm-router (.venv-router) -> requirements/router.txt"
+  "$PYTHON" -m venv "$work/router"
+  local py="$work/router/bin/python"
+  "$py" -m pip install -q --upgrade pip
+  "$py" -m pip install -q -r requirements/router.in
+  { header requirements/router.in; "$py" -m pip freeze --all; } >requirements/router.txt
+}
+
 case "$which" in
   project) lock_project ;;
   engines) lock_engines ;;
-  all) lock_project; lock_engines ;;
-  *) echo "usage: $0 [project|engines|all]" >&2; exit 2 ;;
+  router) lock_router ;;
+  all) lock_project; lock_engines; lock_router ;;
+  *) echo "usage: $0 [project|engines|router|all]" >&2; exit 2 ;;
 esac
 git --no-pager diff --stat -- requirements/ || true
