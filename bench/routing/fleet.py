@@ -137,6 +137,11 @@ class Fleet:
             data: dict[str, Any] = json.load(resp)
             return data
 
+    def routing_stats(self) -> dict[str, Any]:
+        """The deployment's routing policy counters, as `fleet status` shows them."""
+        routing: dict[str, Any] = self.status().get("routing", {}).get(DEPLOYMENT, {})
+        return routing
+
     def wait_ready(self, timeout: float) -> dict[str, int]:
         """Both replicas ready: replica name -> pid."""
         deadline = time.monotonic() + timeout

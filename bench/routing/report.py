@@ -43,6 +43,7 @@ class Row:
     split: tuple[float, ...]  # each engine's share of the prompt tokens
     kept: float | None  # conversations answered by one replica throughout (fleet only)
     first_error: str | None = None
+    decisions: dict[str, int] | None = None  # the prefix policy's, from /fleet/status
 
 
 def row(
@@ -98,6 +99,20 @@ def table(rows: list[Row]) -> list[str]:
             f"| {_ms(r.latency_p50)} | {_ms(r.latency_p99)} | {r.throughput:.2f} "
             f"| {r.hit_rate:.1%} | {split} | {kept} | {r.errors} |"
         )
+    return lines
+
+
+def decisions(rows: list[Row]) -> list[str]:
+    """What the prefix policy decided, per workload (its counters in `fleet status`)."""
+    lines = []
+    for r in rows:
+        if r.decisions is not None:
+            d = r.decisions
+            lines.append(
+                f"- {r.workload}: {d['hits']} to the replica holding the prefix, "
+                f"{d['spills']} elsewhere (that one over the load bound), "
+                f"{d['misses']} with no prefix seen before"
+            )
     return lines
 
 

@@ -28,7 +28,7 @@ from bench.routing.fleet import (
     engine_counters,
     reset_prefix_caches,
 )
-from bench.routing.report import Row, goals, row, table
+from bench.routing.report import Row, decisions, goals, row, table
 from bench.routing.setups import SETUPS, front
 from bench.routing.workload import Shape, control, conversations
 
@@ -88,6 +88,7 @@ def measure(
             for workload in WORKLOADS:
                 reset_prefix_caches(fleet.engine_urls)
                 before = engine_counters(fleet.engine_urls)
+                decided = fleet.routing_stats() if name == "prefix" else None
                 if workload == "multi-turn":
                     samples, wall = asyncio.run(run_conversations(f.url, SERVED, convs, shape))
                 elif workload == "interleaved":
@@ -97,6 +98,11 @@ def measure(
                 after = engine_counters(fleet.engine_urls)
                 r = row(f.name, workload, samples, wall, before, after,
                         convs if workload != "control" else None)  # fmt: skip
+                if decided is not None:
+                    now = fleet.routing_stats()
+                    r.decisions = {
+                        k: int(now[k] - decided[k]) for k in ("hits", "spills", "misses")
+                    }
                 print(f"    {workload}: " + table([r])[-1], flush=True)
                 rows.append(r)
     return rows
@@ -128,7 +134,11 @@ def report(
         f"the fleet's `X-Fleet-Upstream` header (nginx and vllm-router send none).",
         "",
     ]
-    return "\n".join([*head, *table(rows), "", "Goals (issue 16, TTFT p50):", "", *goals(rows), ""])
+    said = decisions(rows)
+    prefix = ["", "The prefix policy's decisions (`fleet status`):", "", *said] if said else []
+    return "\n".join(
+        [*head, *table(rows), *prefix, "", "Goals (issue 16, TTFT p50):", "", *goals(rows), ""]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
