@@ -49,10 +49,13 @@ lock:
 clean:
 	rm -rf $(VENV) $(ROUTER_VENV) .fleet examples/.fleet .pytest_cache .mypy_cache .ruff_cache
 
+# nginx (Debian's package) for the benchmarks that run it, installed when missing.
+NGINX = command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { echo "--- installing nginx"; \
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
+
 # The gateway overhead benchmark: direct vs nginx vs `fleet up` (README: Performance; bench/NOTES.md).
 bench: $(VENV)/.installed-bench
-	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { echo "--- installing nginx"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
+	@$(NGINX)
 	$(PY) -m bench
 
 # Faults, measured: engines killed mid-stream, SIGTERM at random moments, slowloris, 5,000
@@ -89,13 +92,11 @@ $(ROUTER_VENV)/.installed: $(ROUTER_PINS)
 # the fleet's least_outstanding and prefix, vllm-router cache_aware (README: Routing between
 # replicas; bench/results/routing.md). About 12 minutes here. The quick one: fake engines.
 bench-routing: venv engines-env models router-env
-	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { echo "--- installing nginx"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
+	@$(NGINX)
 	$(PY) -m bench.routing
 
 bench-routing-quick: venv router-env
-	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { echo "--- installing nginx"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
+	@$(NGINX)
 	$(PY) -m bench.routing --quick
 
 # ---- the CPU demo on real vLLM (docs/demo.md) ------------------------------------------

@@ -52,12 +52,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import aiohttp
+
+from bench.procs import free_port
 
 HOST = "127.0.0.1"
 ROUTER_VENV = ".venv-router"  # the Makefile's ROUTER_VENV default; the variable overrides it
@@ -78,13 +79,6 @@ def router_binary(root: Path) -> Path | None:
     venv = root / os.environ.get("ROUTER_VENV", ROUTER_VENV)  # an absolute $ROUTER_VENV wins
     path = venv / "bin" / BINARY
     return path if path.is_file() and os.access(path, os.X_OK) else None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def router_command(
@@ -118,7 +112,7 @@ def router_command(
         "--prometheus-host",
         HOST,
         "--prometheus-port",
-        str(_free_port() if metrics_port is None else metrics_port),
+        str(free_port() if metrics_port is None else metrics_port),
         # It binds only after a round of /health checks finds a worker up, and sleeps this
         # long between rounds (default 30 s; --worker-startup-timeout-secs stays 600).
         "--worker-startup-check-interval",
