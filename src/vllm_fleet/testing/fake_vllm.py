@@ -19,11 +19,12 @@ exports them (`vllm:num_requests_running`, `vllm:num_requests_waiting`,
 `vllm:generation_tokens_total`, `vllm:prompt_tokens_total`); `--disable-log-stats` turns
 them off, as it does in vLLM.
 
-Test hooks: `GET /fake/stats` (counts, the last request as received; `?reset=1` clears),
-`GET /fake/env` (pid, CUDA_VISIBLE_DEVICES, argv), `POST /fake/crash?status=N` (exits N),
-`POST /fake/hang`: from then on the engine behaves like vLLM with a deadlocked engine core
-(vLLM #39863): requests in flight stop getting tokens and stay `running`, new ones wait
-(`waiting`) forever, while `/health` keeps answering 200.
+Test hooks (`fake_hooks.py`): `GET /fake/stats` (counts, the last request as received;
+`?reset=1` clears), `GET /fake/env` (pid, CUDA_VISIBLE_DEVICES, argv),
+`POST /fake/crash?status=N` (exits N), `POST /fake/hang`: from then on the engine behaves
+like vLLM with a deadlocked engine core (vLLM #39863): requests in flight stop getting
+tokens and stay `running`, new ones wait (`waiting`) forever, while `/health` keeps
+answering 200.
 
 Sleep mode and vLLM's dev routes (`--enable-sleep-mode`, `VLLM_SERVER_DEV_MODE=1`): see
 `fake_sleep.py`. GPU ledger, to prove engines never share a GPU: with `FAKE_VLLM_GPU_LEDGER=
@@ -66,7 +67,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from vllm_fleet.testing import fake_lora, fake_prefix, fake_sleep
+from vllm_fleet.testing import fake_hooks, fake_lora, fake_prefix, fake_sleep
 from vllm_fleet.testing.fake_metrics import METRICS, VllmStats, metrics
 from vllm_fleet.testing.fake_sleep import SleepAborted, SleepMode
 
@@ -438,52 +439,6 @@ async def version(request: web.Request) -> web.Response:
     return web.json_response({"version": "0.0.0+fake"})
 
 
-async def hang(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    engine.hung = True
-    return web.json_response({"hung": True, "running": engine.in_flight})
-
-
-async def stats(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    snapshot = {
-        "requests": engine.requests,
-        "aborted": engine.aborted,
-        "in_flight": engine.in_flight,
-        "last_request": engine.last_request,
-        **engine.sleep.stats(),
-        **engine.loras.stats(),
-        **engine.prefix.stats(),
-    }
-    if request.query.get("reset"):
-        engine.requests = engine.aborted = 0
-        engine.last_request = None
-        engine.prefix.reset_stats()
-    return web.json_response(snapshot)
-
-
-async def env(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    return web.json_response(
-        {
-            "pid": os.getpid(),
-            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "VLLM_SKIP_MODEL_NAME_VALIDATION": os.environ.get("VLLM_SKIP_MODEL_NAME_VALIDATION"),
-            "HF_TOKEN_set": bool(os.environ.get("HF_TOKEN")),
-            "argv": engine.argv,
-            "served_names": engine.names,
-            "model": engine.model,
-        }
-    )
-
-
-async def crash(request: web.Request) -> web.Response:
-    request.app[ENGINE].sleep.ledger.release()  # a dead process holds no GPU memory
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(int(request.query.get("status", "0")))
-
-
 async def not_found(request: web.Request) -> web.Response:
     return _error(404, "Not Found", "Not Found")
 
@@ -506,10 +461,7 @@ def create_app(engine: Engine) -> web.Application:
     app.router.add_post("/v1/audio/transcriptions", transcriptions)
     app.router.add_post("/v1/audio/translations", transcriptions)
     app.router.add_post("/tokenize", tokenize)
-    app.router.add_get("/fake/stats", stats)
-    app.router.add_get("/fake/env", env)
-    app.router.add_post("/fake/crash", crash)
-    app.router.add_post("/fake/hang", hang)
+    fake_hooks.install(app, engine)
     registry = app[METRICS] if engine.log_stats else None
     fake_sleep.install(app, engine.sleep, engine, registry)
     fake_lora.install(app, engine.loras)
