@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,11 +67,16 @@ def _has_content(data: bytes) -> bool:
     return bool((choices[0].get("delta") or {}).get("content"))
 
 
-def _session(concurrency: int) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=concurrency * 2),
-        timeout=aiohttp.ClientTimeout(total=600),
-    )
+async def _drive(
+    worker: Callable[[aiohttp.ClientSession], Awaitable[None]], concurrency: int
+) -> float:
+    """Run `concurrency` copies of `worker` on one client session; the wall time."""
+    start = time.perf_counter()
+    connector = aiohttp.TCPConnector(limit=concurrency * 2)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return time.perf_counter() - start
 
 
 async def run_conversations(
@@ -92,10 +98,7 @@ async def run_conversations(
                 samples.append(sample)
                 conv.replicas.append(sample.replica or "?")
 
-    start = time.perf_counter()
-    async with _session(shape.concurrency) as session:
-        await asyncio.gather(*(worker(session) for _ in range(shape.concurrency)))
-    return samples, time.perf_counter() - start
+    return samples, await _drive(worker, shape.concurrency)
 
 
 async def run_interleaved(
@@ -126,10 +129,7 @@ async def run_interleaved(
             if len(conv.replicas) < len(conv.users):
                 ready.put_nowait(conv)
 
-    start = time.perf_counter()
-    async with _session(shape.concurrency) as session:
-        await asyncio.gather(*(worker(session) for _ in range(shape.concurrency)))
-    return samples, time.perf_counter() - start
+    return samples, await _drive(worker, shape.concurrency)
 
 
 async def run_requests(
@@ -145,7 +145,4 @@ async def run_requests(
         while not queue.empty():
             samples.append(await chat(session, url, model, queue.get_nowait(), shape.max_tokens))
 
-    start = time.perf_counter()
-    async with _session(shape.concurrency) as session:
-        await asyncio.gather(*(worker(session) for _ in range(shape.concurrency)))
-    return samples, time.perf_counter() - start
+    return samples, await _drive(worker, shape.concurrency)
