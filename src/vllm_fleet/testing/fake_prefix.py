@@ -41,15 +41,12 @@ import os
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
-
-from vllm_fleet.testing.fake_sleep import dev_mode
 
 BLOCK_ENV = "FAKE_VLLM_BLOCK_TOKENS"
 BLOCKS_ENV = "FAKE_VLLM_PREFIX_BLOCKS"
@@ -291,39 +288,8 @@ class PrefixStats(Collector):
         yield from (usage, queries, hits)
 
 
-def _clears(request: web.Request, dev: bool) -> bool | None:
-    """True: `POST /reset_prefix_cache` (dev mode); False: a sleep that may clear once
-    answered; None: neither."""
-    if request.method != "POST":
-        return None
-    if request.path == "/reset_prefix_cache" and dev:
-        return True
-    if request.path == "/sleep" and request.query.get("level", "1") in ("1", "2"):
-        return False
-    return None
-
-
-def install(
-    app: web.Application, prefix: Prefix, model_name: str, metrics: CollectorRegistry | None
-) -> None:
-    """The metrics (with stats on) and a middleware: `POST /reset_prefix_cache` (with
-    VLLM_SERVER_DEV_MODE on) empties the cache and answers 200; so does a sleep of level
-    1 or 2 once it answers 200."""
+def install(prefix: Prefix, model_name: str, metrics: CollectorRegistry | None) -> None:
+    """The metrics (with stats on). Clearing is fake_sleep's: its dev route
+    `POST /reset_prefix_cache` and a sleep of level 1 or 2 call `Prefix.clear`."""
     if metrics is not None:
         metrics.register(PrefixStats(prefix, model_name))
-    dev = dev_mode()
-
-    @web.middleware
-    async def middleware(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        clears = _clears(request, dev)
-        if clears:
-            prefix.clear()
-            return web.Response(status=200)  # vLLM's route answers an empty 200
-        response = await handler(request)
-        if clears is False and response.status == 200:
-            prefix.clear()
-        return response
-
-    app.middlewares.append(middleware)

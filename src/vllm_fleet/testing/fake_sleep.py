@@ -361,22 +361,29 @@ def start(args: argparse.Namespace, engine: Busy) -> SleepMode:
 
 
 def install(
-    app: web.Application, mode: SleepMode, busy: Busy, metrics: CollectorRegistry | None
+    app: web.Application,
+    mode: SleepMode,
+    busy: Busy,
+    metrics: CollectorRegistry | None,
+    clear_prefix_cache: Callable[[], None] = lambda: None,
 ) -> None:
     """Before the catch-all route: the 503 gate, the gauge (with sleep mode and stats on),
-    and the dev routes (with VLLM_SERVER_DEV_MODE on)."""
+    and the dev routes (with VLLM_SERVER_DEV_MODE on). `clear_prefix_cache` is called by
+    `POST /reset_prefix_cache` and by a sleep of level 1 or 2, as vLLM clears its cache."""
     app.middlewares.append(sleep_gate(mode))
     if mode.enabled and metrics is not None:
         metrics.register(SleepStateGauge(mode, busy.names[0]))
     if dev_mode():
-        add_dev_routes(app, mode, busy)
+        add_dev_routes(app, mode, busy, clear_prefix_cache)
 
 
 def _not_enabled() -> web.Response:
     return _error(500, "Sleep mode is not enabled in the model config", "InternalServerError")
 
 
-def add_dev_routes(app: web.Application, mode: SleepMode, busy: Busy) -> None:
+def add_dev_routes(
+    app: web.Application, mode: SleepMode, busy: Busy, clear_prefix_cache: Callable[[], None]
+) -> None:
     """Every route of DEV_ROUTES (call it only with VLLM_SERVER_DEV_MODE on)."""
 
     async def sleep(request: web.Request) -> web.Response:
@@ -388,7 +395,13 @@ def add_dev_routes(app: web.Application, mode: SleepMode, busy: Busy) -> None:
                 400, f"level must be 0, 1 or 2 and mode one of {MODES}", "BadRequestError"
             )
         await mode.sleep(int(level), how, busy)
+        if level != "0":  # levels 1 and 2 free the KV cache, and its prefixes with it
+            clear_prefix_cache()
         return web.json_response({"status": "sleeping", "level": int(level)})
+
+    async def reset_prefix_cache(request: web.Request) -> web.Response:
+        clear_prefix_cache()
+        return web.Response(status=200)  # vLLM's route answers an empty 200
 
     async def wake_up(request: web.Request) -> web.Response:
         if not mode.enabled:
@@ -441,6 +454,7 @@ def add_dev_routes(app: web.Application, mode: SleepMode, busy: Busy) -> None:
         return web.Response(status=200)  # the cache resets answer an empty 200
 
     special = {"/sleep": sleep, "/wake_up": wake_up, "/is_sleeping": is_sleeping,
-               "/collective_rpc": collective_rpc, "/server_info": server_info}  # fmt: skip
+               "/collective_rpc": collective_rpc, "/server_info": server_info,
+               "/reset_prefix_cache": reset_prefix_cache}  # fmt: skip
     for method, path in DEV_ROUTES:
         app.router.add_route(method, path, special.get(path, harmless))

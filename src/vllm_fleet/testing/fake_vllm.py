@@ -463,9 +463,9 @@ def create_app(engine: Engine) -> web.Application:
     app.router.add_post("/tokenize", tokenize)
     fake_hooks.install(app, engine)
     registry = app[METRICS] if engine.log_stats else None
-    fake_sleep.install(app, engine.sleep, engine, registry)
+    fake_sleep.install(app, engine.sleep, engine, registry, engine.prefix.clear)
     fake_lora.install(app, engine.loras)
-    fake_prefix.install(app, engine.prefix, engine.names[0], registry)
+    fake_prefix.install(engine.prefix, engine.names[0], registry)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 
