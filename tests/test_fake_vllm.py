@@ -14,8 +14,10 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 from openai import NotFoundError, OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_fleet.engines.vllm_metrics import EngineLoad, parse_load
+from vllm_fleet.testing.fake_metrics import E2E_BUCKETS, TTFT_BUCKETS
 from vllm_fleet.testing.harness import FakeEngine, fake_vllm_argv, free_port, port_open, wait_port
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -252,6 +254,51 @@ def test_metrics_count_requests_and_tokens_as_vllm_names_them() -> None:
         assert _load(eng) == EngineLoad(
             running=0.0, waiting=0.0, generation_tokens=5.0, prompt_tokens=5.0
         )
+
+
+def test_metrics_time_requests_in_vllms_histograms_and_count_them_by_finish_reason() -> None:
+    with FakeEngine(MODEL, ["smol"], "--tokens", "4", "--token-delay", "0.02") as eng:
+        page = _get(f"{eng.url}/metrics")[2].decode()
+        # Exported before any request, as vLLM does: a dashboard has its series at once.
+        assert (
+            'vllm:request_success_total{engine="0",finished_reason="stop",model_name="smol"} 0.0'
+            in page
+        )
+        assert 'vllm:time_to_first_token_seconds_count{engine="0",model_name="smol"} 0.0' in page
+        client = OpenAI(base_url=f"{eng.url}/v1", api_key="x")
+        client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "a"}])
+        stream = client.completions.create(model="smol", prompt="b", max_tokens=2, stream=True)
+        assert len([chunk for chunk in stream]) == 3  # 2 tokens, the finish
+        families = {
+            f.name: f
+            for f in text_string_to_metric_families(_get(f"{eng.url}/metrics")[2].decode())
+        }
+    success = {
+        s.labels["finished_reason"]: s.value
+        for s in families["vllm:request_success"].samples
+        if s.name.endswith("_total")
+    }
+    assert success == {"stop": 1.0, "length": 1.0, "abort": 0.0, "error": 0.0, "repetition": 0.0}
+    for name, bounds in (
+        ("vllm:time_to_first_token_seconds", TTFT_BUCKETS),
+        ("vllm:e2e_request_latency_seconds", E2E_BUCKETS),
+    ):
+        samples = {
+            s.name.removeprefix(name): s for s in families[name].samples if "le" not in s.labels
+        }
+        assert samples["_count"].value == 2.0
+        buckets = [s for s in families[name].samples if "le" in s.labels]
+        assert [float(s.labels["le"]) for s in buckets] == [*bounds, float("inf")]
+        assert buckets[-1].value == 2.0
+    ttft = next(
+        s for s in families["vllm:time_to_first_token_seconds"].samples if s.name.endswith("_sum")
+    )
+    e2e = next(
+        s for s in families["vllm:e2e_request_latency_seconds"].samples if s.name.endswith("_sum")
+    )
+    # One token delay before the first token; four, then two, before the ends.
+    assert 0.04 <= ttft.value < e2e.value
+    assert e2e.value >= 0.12
 
 
 def test_a_hung_engine_answers_health_but_computes_no_token() -> None:

@@ -13,10 +13,14 @@ port (or socket: `--uds PATH` listens there and on no TCP port) stays closed whi
 with `data: [DONE]`; `--api-key` protects `/v1*` only. Generated text is deterministic
 ("tok0 tok1 ..."); `system_fingerprint` is `fake-<where>` and every response carries
 `X-Fake-Engine: <first served name>:<where>`, so tests can tell which engine answered;
-<where> is the port, or on a socket its file name without `.sock` (`qwen-0`).
-`/metrics` has vLLM's request gauges and token counters, named and labelled as vLLM 0.32
-exports them (`vllm:num_requests_running`, `vllm:num_requests_waiting`,
-`vllm:generation_tokens_total`, `vllm:prompt_tokens_total`); `--disable-log-stats` turns
+<where> is the port, or on a socket its file name without `.sock` (`qwen-0`). With
+`--enable-request-id-headers`, as vLLM, it carries `X-Request-Id` too: the request's, or
+a new uuid4 hex.
+`/metrics` has vLLM's request gauges, token counters and request timings, named, labelled
+and bucketed as vLLM 0.32 exports them (`vllm:num_requests_running`,
+`vllm:num_requests_waiting`, `vllm:generation_tokens_total`, `vllm:prompt_tokens_total`,
+`vllm:request_success_total`, `vllm:time_to_first_token_seconds`,
+`vllm:e2e_request_latency_seconds`; see `fake_metrics.py`); `--disable-log-stats` turns
 them off, as it does in vLLM.
 
 Test hooks (`fake_hooks.py`): `GET /fake/stats` (counts, the last request as received;
@@ -61,6 +65,7 @@ import signal
 import struct
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +73,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from vllm_fleet.testing import fake_hooks, fake_lora, fake_prefix, fake_sleep
-from vllm_fleet.testing.fake_metrics import METRICS, VllmStats, metrics
+from vllm_fleet.testing.fake_metrics import METRICS, RequestTimes, VllmStats, metrics
 from vllm_fleet.testing.fake_sleep import SleepAborted, SleepMode
 
 EMBED_DIMS = 384
@@ -76,7 +81,7 @@ EMBED_DIMS = 384
 _SEEN_HEADERS = (
     "host", "authorization", "api-key", "content-type", "user-agent", "x-request-id",
     "x-real-ip", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "connection",
-    "traceparent",
+    "traceparent", "tracestate",
 )  # fmt: skip
 
 
@@ -105,10 +110,12 @@ class Engine:
     generation_tokens: int = 0
     prompt_tokens: int = 0
     started: float = field(default_factory=time.time)
+    times: RequestTimes = field(default_factory=RequestTimes)
     sleep: SleepMode = field(default_factory=SleepMode)
     loras: fake_lora.Loras = field(default_factory=fake_lora.Loras)
     prefix: fake_prefix.Prefix = field(default_factory=fake_prefix.Prefix.from_env)
     uds: str | None = None
+    request_id_headers: bool = False  # --enable-request-id-headers: answers echo X-Request-Id
 
     @property
     def where(self) -> str:
@@ -172,6 +179,8 @@ async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
 async def _engine_header(request: web.Request, response: web.StreamResponse) -> None:
     engine = request.app[ENGINE]
     response.headers["X-Fake-Engine"] = f"{engine.names[0]}:{engine.where}"
+    if engine.request_id_headers:  # as vLLM's XRequestIdMiddleware
+        response.headers["X-Request-Id"] = request.headers.get("X-Request-Id", uuid.uuid4().hex)
 
 
 def _unknown_model(engine: Engine, model: object) -> web.Response | None:
@@ -228,7 +237,9 @@ async def _stuck_if_hung(engine: Engine) -> None:
         await asyncio.get_running_loop().create_future()  # never set
 
 
-async def _next_token(engine: Engine, ticket: int, seq: fake_prefix.InFlight) -> None:
+async def _next_token(
+    engine: Engine, ticket: int, seq: fake_prefix.InFlight, arrival: float
+) -> None:
     """Wait for the next token to be computed, and count it (or SleepAborted)."""
     if engine.token_delay:
         await asyncio.sleep(engine.token_delay)
@@ -236,6 +247,8 @@ async def _next_token(engine: Engine, ticket: int, seq: fake_prefix.InFlight) ->
     await engine.sleep.gate(ticket)
     engine.generation_tokens += 1
     seq.generated += 1
+    if seq.generated == 1:
+        engine.times.first_token(arrival)
 
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -244,6 +257,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     if isinstance(parsed, web.Response):
         return parsed
     body = parsed
+    arrival = time.monotonic()  # vLLM's arrival time: TTFT and e2e latency count from here
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     count = limit if isinstance(limit, int) else engine.tokens
     finish = "length" if isinstance(limit, int) else "stop"
@@ -275,19 +289,21 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     try:
         if body.get("stream"):
             return await _stream(
-                request, engine, head, chat, count, finish, usage, body, ticket, seq
+                request, engine, head, chat, count, finish, usage, body, ticket, seq, arrival
             )
         try:
             for _ in range(count):
-                await _next_token(engine, ticket, seq)
+                await _next_token(engine, ticket, seq, arrival)
                 if _disconnected(request):
                     raise asyncio.CancelledError
         except SleepAborted:
+            engine.times.finish("abort", arrival)
             return fake_sleep.aborted_error()
         except asyncio.CancelledError:
             # aiohttp cancels the handler when the client goes away (handler_cancellation).
             engine.aborted += 1
             raise
+        engine.times.finish(finish, arrival)
         text = "".join(_token(i, adapter) for i in range(count))
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
         if chat:
@@ -315,6 +331,7 @@ async def _stream(
     body: dict[str, Any],
     ticket: int,
     seq: fake_prefix.InFlight,
+    arrival: float,
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
     await response.prepare(request)
@@ -334,12 +351,13 @@ async def _stream(
             await response.write(b"data: " + json.dumps(first).encode() + b"\n\n")
         try:
             for index in range(count):
-                await _next_token(engine, ticket, seq)
+                await _next_token(engine, ticket, seq, arrival)
                 if _disconnected(request):
                     raise ConnectionResetError
                 await response.write(before + json.dumps(_token(index, adapter)).encode() + after)
         except SleepAborted:  # vLLM ends an aborted stream with finish_reason "abort"
             finish, options = "abort", {}
+        engine.times.finish(finish, arrival)
         last_choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
         last_choice["delta" if chat else "text"] = {} if chat else ""
         chunks = [{**head, "choices": [last_choice]}]
@@ -487,6 +505,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # As vLLM's (0.18+, default 0): on SIGTERM, requests in flight get this long, then abort.
     parser.add_argument("--shutdown-timeout", type=float, default=0.0)
     parser.add_argument("--disable-log-stats", action="store_true")
+    parser.add_argument("--enable-request-id-headers", action="store_true")
     fake_sleep.add_flags(parser)
     fake_lora.add_flags(parser)
     args, _unknown = parser.parse_known_args(argv)
@@ -510,6 +529,7 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> int:
         argv=argv,
         log_stats=not args.disable_log_stats,
         uds=args.uds,
+        request_id_headers=args.enable_request_id_headers,
     )
     engine.sleep = fake_sleep.start(args, engine)  # holds the GPU (as loading does) until exit
     if args.startup_delay:
