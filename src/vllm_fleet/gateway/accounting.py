@@ -121,6 +121,8 @@ def _log_record(
         "bytes_in": len(request.body),
         "bytes_out": request.bytes_out,
         "client": peer.decode("latin-1"),
+        "request_id": request.request_id.decode("ascii"),
+        "trace_id": request.trace_id(),
     }
 
 

@@ -512,7 +512,10 @@ class ClientConnection(asyncio.Protocol):
         else:
             connection = b"" if request.http11 else b"Connection: keep-alive\r\n"
         request.status = reply.status
-        data = wire.reply_bytes(reply, head_only=request.method == "HEAD", connection=connection)
+        head_only = request.method == "HEAD"
+        data = wire.reply_bytes(
+            reply, head_only=head_only, connection=connection, request_id=request.request_id
+        )
         request.bytes_out = len(data)
         self.write(data)
         self.finish(keep_alive)

@@ -276,6 +276,7 @@ class Exchange:
             meter.start(framing.sse, status == 200)
             if framing.length is not None and not framing.chunked:
                 meter.drop_usage = False  # a Content-Length body: relayed byte for byte
+        wire.one_request_id(lines, request.request_id)
         if request.ticket is not None:
             lines.append(request.ticket.headers(now))
         keep_alive = request.keep_alive and not self.state.closing

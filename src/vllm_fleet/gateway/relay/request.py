@@ -4,11 +4,18 @@
 and the header lines it forwards, built as llhttp reports each header; `HEADER_KIND`
 says which headers are looked at or dropped (hop-by-hop). `Reject` ends a request
 with an answer and closes the connection.
+
+Tracing: every request has an id (`Request.request_id`), the client's `X-Request-Id` when
+it is sane, else one made here; the engine gets it as `X-Request-Id` (vLLM takes that
+header as its own request id) and every answer carries it. `traceparent` and `tracestate`
+go on to the engine as they came; `trace_id` reads the trace id of a well-formed
+traceparent, for the access log.
 """
 
 from __future__ import annotations
 
 import re
+from random import getrandbits
 from urllib.parse import unquote
 
 import httptools
@@ -23,6 +30,7 @@ from vllm_fleet.gateway.usage import Meter
 MAX_URL = 8192  # bytes of request target (nginx's order of size)
 MAX_HEAD = 32768  # bytes of header names and values in one request
 MAX_HEADERS = 128  # header lines in one request
+MAX_REQUEST_ID = 128  # bytes of a client's X-Request-Id kept as the request's id
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # always sent with a Content-Length
 
 # A Host header's value: uri-host [ ":" port ] (RFC 9112 3.2, RFC 3986 3.2.2); an IP literal
@@ -45,6 +53,7 @@ class Request:
     forwards (built as the headers arrive, hop-by-hop ones left out)."""
 
     __slots__ = (
+        "_request_id",
         "api_key",
         "authorization",
         "authorized",
@@ -74,10 +83,12 @@ class Request:
         "lines",
         "meter",
         "method",
+        "request_id_sent",
         "responded",
         "status",
         "style",
         "ticket",
+        "traceparent",
         "upgrade",
         "url",
     )
@@ -121,6 +132,25 @@ class Request:
         self.bytes_out = 0  # bytes of the answer written to the client, head included
         self.ticket: Ticket | None = None  # its hold on the key's limits
         self.meter: Meter | None = None  # reads the answer's usage
+        # Tracing: the client's X-Request-Id and traceparent as sent (b"" when sent twice),
+        # and the request's id once decided.
+        self.request_id_sent: bytes | None = None
+        self.traceparent: bytes | None = None
+        self._request_id: bytes | None = None
+
+    @property
+    def request_id(self) -> bytes:
+        """This request's id, decided when first asked: the client's X-Request-Id when it
+        sent one sane id (visible ASCII, 1 to 128 bytes), else a new one."""
+        rid = self._request_id
+        if rid is None:
+            sent = self.request_id_sent
+            rid = self._request_id = sent if sent is not None and sane_id(sent) else new_id()
+        return rid
+
+    def trace_id(self) -> str | None:
+        """The trace id of the client's traceparent (None: none, or not well-formed)."""
+        return trace_id(self.traceparent) if self.traceparent is not None else None
 
     @property
     def expect_continue(self) -> bool:
@@ -169,11 +199,18 @@ class Request:
                 # engine would get a body still in a coding nobody names (RFC 9112 6.1).
                 raise Reject(unsupported_coding(value, chunked_last=codings[-1] == b"chunked"))
             self.chunked = True
+        elif kind == REQUEST_ID:
+            # Sent on as the request's id (engine_headers); sent twice, neither is kept.
+            self.request_id_sent = value if self.request_id_sent is None else b""
+        elif kind == TRACE:
+            self.traceparent = value if self.traceparent is None else b""
+            self.lines += (name, b": ", value, b"\r\n")
 
 
 # Request headers the relay looks at (lower-case name -> what it is); all others are
 # forwarded as they came.
 HOST, LENGTH, CONNECTION, EXPECT, API_KEY, XFF, CTYPE, AUTH, UPGRADE, TE, DROP = range(11)
+REQUEST_ID, TRACE = range(11, 13)
 HEADER_KIND = {name: DROP for name in wire.REQUEST_DROP} | {
     b"host": HOST,
     b"content-length": LENGTH,
@@ -188,12 +225,15 @@ HEADER_KIND = {name: DROP for name in wire.REQUEST_DROP} | {
     b"authorization": AUTH,
     b"upgrade": UPGRADE,
     b"transfer-encoding": TE,
+    b"x-request-id": REQUEST_ID,
+    b"traceparent": TRACE,
 }
 
 
 def engine_headers(request: Request, peer: bytes, body: bytes, scheme: bytes = b"http") -> bytes:
     """The header lines for the engine (less Host, which depends on the engine): those
-    forwarded, the key as a bearer token, the X-Forwarded set, the body's length."""
+    forwarded, the key as a bearer token, the X-Forwarded set, the request's id, the
+    body's length."""
     lines = request.lines  # name, ": ", value, CRLF for each header forwarded
     if request.connection is not None:
         # Headers the client's `Connection` names are for this hop only.
@@ -208,13 +248,55 @@ def engine_headers(request: Request, peer: bytes, body: bytes, scheme: bytes = b
     prior = request.forwarded_for
     lines.append(
         b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n"
-        b"X-Real-IP: %s\r\n" % (prior + b", " + peer if prior else peer, scheme, request.host, peer)
+        b"X-Real-IP: %s\r\nX-Request-Id: %s\r\n"
+        % (prior + b", " + peer if prior else peer, scheme, request.host, peer, request.request_id)
     )
     if body or request.method in BODY_METHODS:
         lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
     else:
         lines.append(b"\r\n")
     return b"".join(lines)
+
+
+# ---------------------------------------------------------------- tracing
+
+
+def sane_id(value: bytes) -> bool:
+    """Whether a client's X-Request-Id can be the request's id: 1 to 128 bytes of visible
+    ASCII. llhttp has refused control characters and DEL in a header value already;
+    left are space, tab and bytes over 0x7F."""
+    return (
+        0 < len(value) <= MAX_REQUEST_ID and value.isascii() and 32 not in value and 9 not in value
+    )
+
+
+def new_id() -> bytes:
+    """A new request id: 32 hex digits (128 random bits, as vLLM's own uuid4().hex), from
+    the process's Mersenne Twister (no system call; an id is no secret)."""
+    return b"%032x" % getrandbits(128)
+
+
+_HEX = b"0123456789abcdef"
+
+
+def trace_id(traceparent: bytes) -> str | None:
+    """The trace id of a W3C traceparent `version-traceid-parentid-flags` (2, 32, 16 and
+    2 lower-case hex digits; a version above 00 may add `-...`), None when it is not
+    well-formed: version ff, an all-zero trace or parent id, anything else."""
+    value = traceparent
+    size = len(value)
+    if size < 55 or value[2] != 45 or value[35] != 45 or value[52] != 45:  # 45: "-"
+        return None
+    version = value[:2]
+    if version == b"ff" or (size > 55 and (version == b"00" or value[55] != 45)):
+        return None
+    digits = value[:2] + value[3:35] + value[36:52] + value[53:55]
+    if digits.translate(None, _HEX):
+        return None
+    trace = value[3:35]
+    if trace == b"0" * 32 or value[36:52] == b"0" * 16:
+        return None
+    return trace.decode("ascii")
 
 
 # ---------------------------------------------------------------- the relay's own refusals

@@ -60,14 +60,17 @@ def date_line() -> bytes:
     return _date_line
 
 
-def reply_bytes(reply: Reply, *, head_only: bool, connection: bytes) -> bytes:
+def reply_bytes(reply: Reply, *, head_only: bool, connection: bytes, request_id: bytes) -> bytes:
     """A whole response for a reply the gateway makes itself; `connection` is its
-    Connection header line, or nothing."""
+    Connection header line, or nothing; `request_id` its X-Request-Id."""
     parts = [
         status_line(reply.status),
         date_line(),
         b"Content-Type: " + reply.content_type.encode("latin-1") + b"\r\n",
         b"Content-Length: %d\r\n" % len(reply.body),
+        b"X-Request-Id: ",
+        request_id,
+        b"\r\n",
     ]
     for name, value in reply.headers:
         parts.append(f"{name}: {value}\r\n".encode("latin-1", "replace"))
@@ -75,6 +78,25 @@ def reply_bytes(reply: Reply, *, head_only: bool, connection: bytes) -> bytes:
     if not head_only:
         parts.append(reply.body)
     return b"".join(parts)
+
+
+def one_request_id(lines: list[bytes], request_id: bytes) -> None:
+    """Make an engine's answer (its header lines, `name: value\\r\\n` each) carry one
+    X-Request-Id, `request_id`: added, as engines do not send one unless asked (vLLM
+    --enable-request-id-headers, which echoes the one it was sent). An engine's own is
+    kept when it is the same; when it is not, the gateway's wins: the id the client sent,
+    or was told, and the access log's."""
+    for line in lines:
+        if line[0] | 0x20 == 0x78 and line[:14].lower() == b"x-request-id: ":  # 0x78: x
+            break
+    else:
+        lines.append(b"X-Request-Id: %s\r\n" % request_id)
+        return
+    # The engine sent one (or more): one line is left, its own if the same, else ours.
+    own = [line for line in lines if line[:14].lower() == b"x-request-id: "]
+    same = [line for line in own if line[14:-2] == request_id]
+    lines[:] = [line for line in lines if line not in own]
+    lines.append(same[0] if same else b"X-Request-Id: %s\r\n" % request_id)
 
 
 def chunk(data: bytes) -> bytes:
