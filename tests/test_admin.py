@@ -7,7 +7,14 @@ import json
 import pytest
 
 from vllm_fleet import config
-from vllm_fleet.gateway.admin import ReloadAsk, is_loopback, reload_request
+from vllm_fleet.gateway.admin import (
+    EngineAsk,
+    ReloadAsk,
+    engine_request,
+    is_loopback,
+    metrics_denied,
+    reload_request,
+)
 from vllm_fleet.gateway.core import Core
 from vllm_fleet.gateway.errors import Reply
 from vllm_fleet.gpus import Inventory
@@ -79,3 +86,47 @@ def test_only_post_reloads() -> None:
     reply = ask(core(), method="GET")
     assert error(reply)[0] == 405
     assert isinstance(reply, Reply) and ("Allow", "POST") in reply.headers
+
+
+# ---------------------------------------------------------------- /fleet/engines/{engine}/...
+
+
+def engine_ask(c: Core, path: str, method: str = "GET", **kw: str) -> EngineAsk | Reply:
+    return engine_request(
+        c, method, path, kw.get("peer", "127.0.0.1"), kw.get("api_key"), kw.get("authorization")
+    )
+
+
+def test_an_engine_is_restarted_with_post_and_its_metrics_read_with_get() -> None:
+    c = core()
+    assert engine_ask(c, "/fleet/engines/a-0/restart", "POST") == EngineAsk("a-0", "restart")
+    assert engine_ask(c, "/fleet/engines/a-0/metrics") == EngineAsk("a-0", "metrics")
+    status, err = error(engine_ask(c, "/fleet/engines/a-0/restart"))
+    assert status == 405 and err["code"] == "method_not_allowed"
+    status, err = error(engine_ask(c, "/fleet/engines/a-0/metrics", "POST"))
+    assert status == 405
+    status, err = error(engine_ask(c, "/fleet/engines/b-0/metrics"))
+    assert status == 404 and "engines: a-0" in err["message"]
+    status, err = error(engine_ask(c, "/fleet/engines/a-0/stop", "POST"))
+    assert status == 404 and "/restart" in err["message"]
+
+
+def test_restarting_is_for_an_admin_and_metrics_for_whoever_may_read_metrics() -> None:
+    assert (
+        error(engine_ask(core(), "/fleet/engines/a-0/restart", "POST", peer="10.1.2.3"))[0] == 403
+    )
+    # Without keys another machine may read an engine's metrics, as /metrics.
+    assert engine_ask(core(), "/fleet/engines/a-0/metrics", peer="10.1.2.3") == EngineAsk(
+        "a-0", "metrics"
+    )
+    c = core(["sk-admin"])
+    assert error(engine_ask(c, "/fleet/engines/a-0/metrics"))[0] == 401
+    ask = engine_ask(c, "/fleet/engines/a-0/restart", "POST", authorization="Bearer sk-admin")
+    assert ask == EngineAsk("a-0", "restart")
+    public = config.loads(
+        "gateway: {api_keys: [sk-admin], metrics_public: true}\ndeployments: {a: {model: m}}\n",
+        environ={},
+    )
+    c = Core(public, Registry(public, build_plan(public, Inventory(None, "test"), "py")))
+    assert engine_ask(c, "/fleet/engines/a-0/metrics") == EngineAsk("a-0", "metrics")
+    assert metrics_denied(c, None, None, "/fleet/targets") is None

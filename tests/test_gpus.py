@@ -9,7 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from vllm_fleet.gpus import Gpu, Inventory, InventoryError, parse_query_gpu, read_inventory
+from vllm_fleet.gpus import (
+    Gpu,
+    GpuNow,
+    GpuUse,
+    Inventory,
+    InventoryError,
+    parse_gpu_use,
+    parse_query_gpu,
+    read_gpu_use,
+    read_inventory,
+)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "nvidia-smi-h200"
 H200 = Gpu(
@@ -147,3 +157,46 @@ def test_hanging_nvidia_smi_times_out_to_no_inventory(
     assert inventory.gpus is None
     assert inventory.reason.startswith("nvidia-smi failed: ")
     assert "timed out after 0.5 seconds" in inventory.reason
+
+
+# ---------------------------------------------------------------- use, for the status page
+
+# The H200's line of query-gpu.csv, in read_gpu_use's columns (index, name, memory.used,
+# memory.total, utilization.gpu), and a busy board and one without a utilization figure.
+USE_LINES = (
+    "0, NVIDIA H200, 0, 143771, 0\n1, NVIDIA H200, 120034, 143771, 87\n2, X, 10, 20, [N/A]\n"
+)
+
+
+def test_gpu_use_is_parsed_with_utilization_missing_on_some_boards() -> None:
+    gpus = parse_gpu_use(USE_LINES)
+    assert gpus == [
+        GpuNow(0, "NVIDIA H200", 0, 143771, 0),
+        GpuNow(1, "NVIDIA H200", 120034, 143771, 87),
+        GpuNow(2, "X", 10, 20, None),
+    ]
+    with pytest.raises(InventoryError, match=r"^nvidia-smi line 1: expected 5 columns"):
+        parse_gpu_use("0, H200\n")
+
+
+def test_gpu_use_is_read_from_nvidia_smi_on_path_with_its_query(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args_file = tmp_path / "args.txt"
+    fake_nvidia_smi(tmp_path / "bin", f"echo \"$@\" > '{args_file}'\nprintf '{USE_LINES}'\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+    use = read_gpu_use()
+    assert use.gpus is not None and [g.utilization_pct for g in use.gpus] == [0, 87, None]
+    assert args_file.read_text().split() == [
+        "--query-gpu=index,name,memory.used,memory.total,utilization.gpu",
+        "--format=csv,noheader,nounits",
+    ]
+
+
+def test_gpu_use_without_nvidia_smi_or_with_a_failing_one_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert read_gpu_use() == GpuUse(None, "nvidia-smi not found: no NVIDIA GPU on this machine")
+    fake_nvidia_smi(tmp_path, "echo 'no driver' >&2\nexit 9\n")
+    assert read_gpu_use() == GpuUse(None, "nvidia-smi failed: no driver")

@@ -1,6 +1,6 @@
 """The package's modules import each other one way: no import cycles anywhere in
 `vllm_fleet`, and the relay's modules in the order DESIGN.md gives (wire/request ->
-control -> upstream -> exchange -> client -> server; `state`, `admission` and
+control -> console -> upstream -> exchange -> client -> server; `state`, `admission` and
 `linger` import no relay module).
 
 Read from the source with `ast` (every import statement, those under `if TYPE_CHECKING:`
@@ -20,8 +20,8 @@ PACKAGE = Path(vllm_fleet.__file__).parent
 RELAY = "vllm_fleet.gateway.relay"
 # Each relay module may import only the relay modules before it.
 RELAY_ORDER = (
-    "state", "admission", "linger", "wire", "request", "control", "upstream", "exchange",
-    "client", "server",
+    "state", "admission", "linger", "wire", "request", "control", "console", "upstream",
+    "exchange", "client", "server",
 )  # fmt: skip
 # What the connections share, the pacing, and the lingering close.
 RELAY_LEAVES = ("state", "admission", "linger")

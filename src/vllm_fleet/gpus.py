@@ -89,3 +89,78 @@ def read_inventory(timeout: float = 10.0) -> Inventory:
         return Inventory(tuple(parse_query_gpu(done.stdout)))
     except InventoryError as exc:
         return Inventory(None, str(exc))
+
+
+# ---------------------------------------------------------------- use, for the status page
+
+USE_FIELDS = "index,name,memory.used,memory.total,utilization.gpu"
+
+
+@dataclass(frozen=True)
+class GpuNow:
+    """One GPU as the status page shows it (utilization None where the board has none)."""
+
+    index: int
+    name: str
+    memory_used_mib: int
+    memory_total_mib: int
+    utilization_pct: int | None
+
+
+@dataclass(frozen=True)
+class GpuUse:
+    """Every GPU's use now; `gpus is None`: none could be read, and `reason` says why."""
+
+    gpus: tuple[GpuNow, ...] | None
+    reason: str = ""
+
+
+def parse_gpu_use(text: str) -> list[GpuNow]:
+    """Parse `nvidia-smi --query-gpu=index,name,memory.used,memory.total,utilization.gpu
+    --format=csv,noheader,nounits` output ("[N/A]" where a board lacks a figure)."""
+    gpus = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        cells = [cell.strip() for cell in line.split(",")]
+        if len(cells) < 5:
+            raise InventoryError(f"nvidia-smi line {number}: expected 5 columns, got {line!r}")
+        try:
+            index = int(cells[0])
+        except ValueError:
+            raise InventoryError(f"nvidia-smi line {number}: no GPU index: {line!r}") from None
+        use = cells[4].removesuffix("%").strip()
+        gpus.append(
+            GpuNow(
+                index=index,
+                name=cells[1],
+                memory_used_mib=_mib(cells[2]),
+                memory_total_mib=_mib(cells[3]),
+                utilization_pct=int(use) if use.isdigit() else None,
+            )
+        )
+    return gpus
+
+
+def read_gpu_use(timeout: float = 5.0) -> GpuUse:
+    """Ask nvidia-smi how busy each GPU is now; never raises (blocking: call it in a thread)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return GpuUse(None, "nvidia-smi not found: no NVIDIA GPU on this machine")
+    try:
+        done = subprocess.run(
+            [exe, f"--query-gpu={USE_FIELDS}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return GpuUse(None, f"nvidia-smi failed: {exc}")
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().splitlines()
+        return GpuUse(None, f"nvidia-smi failed: {detail[-1] if detail else done.returncode}")
+    try:
+        return GpuUse(tuple(parse_gpu_use(done.stdout)))
+    except InventoryError as exc:
+        return GpuUse(None, str(exc))

@@ -20,10 +20,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vllm_fleet.config import FleetConfig
 from vllm_fleet.plan import EngineSpec, Plan, RemoteSpec
+
+if TYPE_CHECKING:  # a type only: importing `engines` here would be a cycle at run time
+    from vllm_fleet.engines.vllm_metrics import EngineLoad
 
 
 class State(StrEnum):
@@ -65,6 +68,10 @@ class Upstream:
     # The `prefix` and `session` routing policies read them (gateway/policies/load.py).
     engine_waiting: float = 0.0
     kv_cache: float = 0.0
+    load: EngineLoad | None = None  # the whole last reading (None: none yet)
+    load_at: float = 0.0  # time.time() of that reading
+    # Restarting after a failure: time.time() when its backoff ends (None otherwise).
+    retry_at: float | None = None
     # The last failure that restarted it (exit, unhealthy, stalled), kept once it is
     # ready again so `fleet status` can say why it restarted; and when (time.time()).
     last_failure: str = ""
@@ -81,6 +88,11 @@ class Upstream:
             self.since = time.time()
         self.state = state
         self.message = message
+
+    def read_load(self, load: EngineLoad) -> None:
+        """Its engine's latest /metrics reading."""
+        self.engine_waiting, self.kv_cache = load.waiting, load.kv_cache
+        self.load, self.load_at = load, time.time()
 
     def eject(self, why: str) -> bool:
         """Out of the rotation until a health check begun after now passes; True when it

@@ -38,6 +38,7 @@ from rich.text import Text
 from vllm_fleet.config import ConfigError, FleetConfig
 from vllm_fleet.engines import EngineEvent, Supervisor
 from vllm_fleet.engines.demand import Demand
+from vllm_fleet.fleet_control import FleetControl
 from vllm_fleet.gateway.relay.server import connection_limit
 from vllm_fleet.gateway.server import serve
 from vllm_fleet.gateway.tls import server_tls
@@ -282,6 +283,7 @@ async def _run(
     stop = asyncio.Event()
     hurry = asyncio.Event()  # a second signal: no more waiting for anything
     reloader = Reloader(file, config, registry, supervisor, console, overrides, hurry)
+    control = FleetControl(reloader, supervisor, registry)
     signals = 0
 
     def on_signal(sig: signal.Signals) -> None:
@@ -323,7 +325,7 @@ async def _run(
         return 1
     try:
         context = tls.context if tls is not None else None
-        gateway = await serve(config, registry, host, port, control=reloader, tls=context)
+        gateway = await serve(config, registry, host, port, control=control, tls=context)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             console.print(
@@ -368,6 +370,7 @@ async def _run(
         if hurry.is_set():  # the second signal came during the drain
             supervisor.kill_now()
         await stopping
+        await control.stop()
         await gateway.close(grace=0)
     left = [u.name for u in registry.all() if u.managed and u.pid is not None]
     if left:  # pragma: no cover (stop() reaps every engine)

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -442,6 +443,48 @@ def test_plain_v1_with_model_chat_reaches_the_chat_engine(fleet: Fleet) -> None:
     _answer(reply, 40)
     embedded = client.embeddings.create(model="embed", input="routed by the body's model")
     assert len(embedded.data[0].embedding) == 384
+
+
+def test_the_status_pages_engine_figures_are_the_real_engines_metrics(fleet: Fleet) -> None:
+    """`GET /fleet/overview` (what the page at /fleet/ shows): after a chat answered through
+    the gateway, the chat engine's figures are vLLM's own /metrics, read over its socket,
+    and the gateway measured the request's time to first token."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from vllm_fleet.testing.harness import engine_request
+
+    client = OpenAI(base_url=f"{fleet.base}/chat/v1", api_key="unused")
+    stream = client.chat.completions.create(
+        model="chat", messages=MESSAGES, max_tokens=12, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip()
+    asked = time.time()
+    url = fleet.upstream("chat")["url"]
+
+    def engine_sums() -> dict[str, float]:
+        _, page = engine_request(url, "/metrics")
+        sums: dict[str, float] = {}
+        for family in text_string_to_metric_families(page.decode()):
+            for sample in family.samples:
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+        return sums
+
+    def figures() -> dict[str, Any] | None:
+        code, _, body = http("GET", f"{fleet.base}/fleet/overview", timeout=10)
+        assert code == 200, body
+        chat = next(d for d in json.loads(body)["deployments"] if d["id"] == "chat")
+        engine = chat["upstreams"][0]["engine"]
+        return chat if engine is not None and engine["at"] > asked else None
+
+    chat = wait_until(figures, timeout=60, interval=0.5, what="a reading after the chat")
+    engine, own = chat["upstreams"][0]["engine"], engine_sums()
+    assert own["vllm:generation_tokens_total"] > 0
+    assert engine["generation_tokens"] == own["vllm:generation_tokens_total"]
+    assert engine["prompt_tokens"] == own["vllm:prompt_tokens_total"]
+    assert engine["running"] == own["vllm:num_requests_running"] == 0
+    assert engine["waiting"] == own["vllm:num_requests_waiting"] == 0
+    assert engine["kv_cache"] == own["vllm:kv_cache_usage_perc"]
+    assert chat["recent"]["requests"] >= 1 and chat["recent"]["ttft_p50_ms"] > 0
 
 
 def test_a_killed_engine_is_restarted_and_503_until_ready(fleet: Fleet) -> None:

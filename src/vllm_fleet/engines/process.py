@@ -7,10 +7,11 @@ States (written into the engine's `registry.Upstream`):
     starting|ready --stop()--> stopping --> stopped     (stalled --stop()--> stopped)
     (the supervisor decides what an exit means: restart -> starting, or failed)
 
-While ready, every `engines.health_interval` the engine's `/health` is checked and, when
-its spec has a `stall_timeout`, its `/metrics` read (engines/vllm_metrics.py): busy
-with no token computed for that long is a stall. An engine whose /metrics lacks vLLM's
-metrics is left to the health check (said once in the log).
+While ready, every `engines.health_interval` the engine's `/health` is checked and its
+`/metrics` read (engines/vllm_metrics.py): the load it shows goes into the registry (the
+status page, the routing policies) and, when its spec has a `stall_timeout`, busy with
+no token computed for that long is a stall. An engine whose /metrics lacks vLLM's
+metrics is left to the health check (said once in the log when it has a stall_timeout).
 
 The stop sequence, always the same:
 
@@ -378,6 +379,7 @@ class EngineProcess:
         engine the gateway ejected before the check began."""
         failures = 0
         stall_timeout = self.spec.stall_timeout
+        read_metrics = True  # until its /metrics is found to lack vLLM's metrics
         progress = Progress()
         while True:
             if await self._wait(self.settings.health_interval, stop):
@@ -395,16 +397,19 @@ class EngineProcess:
                 failures = 0
                 if self.upstream.readmit(began):
                     log.warning("%s: health check passed: back in the rotation", self.spec.name)
-                if stall_timeout is None:
+                if not read_metrics:
                     continue
                 load = await self._load(READY_POLL_TIMEOUT)
                 if isinstance(load, str):
                     if load.startswith("no vLLM metrics"):
-                        log.warning("%s: %s; left to its health check", self.spec.name, load)
-                        stall_timeout = None
+                        if stall_timeout is not None:
+                            log.warning("%s: %s; left to its health check", self.spec.name, load)
+                        stall_timeout, read_metrics = None, False
                     # A failed read is no reading: the clock runs on from the last one.
                     continue
-                self.upstream.engine_waiting, self.upstream.kv_cache = load.waiting, load.kv_cache
+                self.upstream.read_load(load)
+                if stall_timeout is None:
+                    continue
                 verdict = judge(progress, load, time.monotonic(), stall_timeout)
                 progress = verdict.progress
                 if verdict.reason is not None:

@@ -259,6 +259,32 @@ class Supervisor:
         self._owners.pop(upstream, None)
         self.adapters.forget(upstream)
 
+    def cannot_restart(self, upstream: Upstream) -> str | None:
+        """Why `restart(upstream)` would be refused now; None when it may restart."""
+        if self._stopped or self._session is None:
+            return "the fleet is stopping"
+        if not upstream.managed:
+            return f"{upstream.name} is a remote endpoint ({upstream.url}), not run by the fleet"
+        if upstream.state in (State.UNLOADED, State.UNLOADING, State.SLEEPING):
+            return (
+                f"{upstream.name} is {upstream.state.value} (start: on_demand); load "
+                f"`{upstream.deployment}` instead"
+            )
+        if upstream.state is State.STOPPING:
+            return f"{upstream.name} is stopping already"
+        return None
+
+    async def restart(self, upstream: Upstream, drain: float) -> None:
+        """Restart one engine by hand (an admin asked; check `cannot_restart` first): out
+        of the rotation at once, its requests in flight get up to `drain` seconds, then
+        the stop sequence and a fresh start, counted as a restart; a failed engine is
+        started again, its failures in a row forgotten."""
+        upstream.set_state(State.STOPPING, "restarting (asked by an admin)")
+        self._emit(upstream)
+        await self.retire(upstream, drain, reason="restart")
+        upstream.restarts += 1
+        self.ensure(upstream, "restart")
+
     async def sync_adapters(self, upstream: Upstream, drain: float) -> list[str] | None:
         """Load and unload LoRA adapters on a ready engine to match the fleet file (see
         engines/adapters.py): the failures, in words; None when the engine is not ready
@@ -473,8 +499,12 @@ class Supervisor:
                 f"{why}; restarting in {delay:g}s "
                 f"(restart {failures} of at most {settings.max_restarts} in a row)",
             )
+            upstream.retry_at = time.time() + delay
             self._emit(upstream)
-            await self._sleep(stop, delay)
+            try:
+                await self._sleep(stop, delay)
+            finally:
+                upstream.retry_at = None
             if stop.is_set():
                 return
             upstream.restarts += 1

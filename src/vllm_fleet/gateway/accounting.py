@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from vllm_fleet.config import FleetConfig
 from vllm_fleet.gateway.limits import Limiter
 from vllm_fleet.gateway.metrics import GatewayMetrics
+from vllm_fleet.gateway.recent import Recent
 
 if TYPE_CHECKING:
     from vllm_fleet.gateway.access_log import AccessLog
@@ -30,6 +31,7 @@ class Accounting:
     def __init__(self, metrics: GatewayMetrics) -> None:
         self.metrics = metrics
         self.limiter = Limiter()
+        self.recent = Recent()  # the last minutes of each deployment, for the status page
         self.ledger: Ledger | None = None
         self.access_log: AccessLog | None = None
         self._ledger_path: str | None = None
@@ -78,6 +80,10 @@ class Accounting:
         deployment = request.deployment
         # The ledger counts API requests (not the fleet's own endpoints): those that
         # reached a deployment, and those of a known key refused before one.
+        if deployment and deployment != "-":  # an answer of a deployment, the gateway's own too
+            first = request.first_body
+            ttft = first - request.began if first and status < 400 else None
+            self.recent.add(deployment, status, ttft, completion, time.time())
         if self.ledger is not None and deployment and (deployment != "-" or key):
             self.ledger.record(key, deployment, prompt, completion, status >= 400)
         if key is not None and deployment:

@@ -6,8 +6,11 @@ gateway.keys, or one of gateway.api_keys); without keys, only a client on this m
 (loopback), since anyone who can reach the gateway could otherwise change the fleet.
 The body is optional: `{"file": PATH, "dry_run": true}` (or `?dry_run=1`); without
 `file` the fleet re-reads the file it was started with. Loading and unloading a
-deployment by hand is allowed to the same callers. The usage report needs an admin
-key too (any request when the fleet has no keys).
+deployment by hand is allowed to the same callers, and so is restarting one engine
+(`POST /fleet/engines/{engine}/restart`, the status page's button). The usage report
+and the status page's data need an admin key too (any request when the fleet has no
+keys); an engine's metrics (`GET /fleet/engines/{engine}/metrics`) and the Prometheus
+targets need what the gateway's own /metrics needs (nothing with gateway.metrics_public).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ USAGE_PATH = "/fleet/usage"
 DEPLOYMENTS_PATH = "/fleet/deployments/"
 DEPLOYMENT_ACTIONS = ("load", "unload")
 USAGE_GROUPS = ("key", "deployment", "both")
+ENGINES_PATH = "/fleet/engines/"
+ENGINE_ACTIONS = ("metrics", "restart")
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,12 @@ class UsageAsk:
 class DeploymentAsk:
     deployment: str
     action: str  # one of DEPLOYMENT_ACTIONS
+
+
+@dataclass(frozen=True)
+class EngineAsk:
+    engine: str  # its name, e.g. qwen-0
+    action: str  # one of ENGINE_ACTIONS
 
 
 @dataclass(frozen=True)
@@ -56,7 +67,7 @@ def is_loopback(peer: str) -> bool:
     return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
-def _may_change(
+def may_change(
     core: Core, peer: str, api_key: str | None, authorization: str | None, what: str
 ) -> Reply | None:
     """None when the caller may change the fleet (`what`): an admin key, or without
@@ -94,7 +105,7 @@ def deployment_request(
         return error_reply(
             405, f"{path} takes POST", "method_not_allowed", headers={"Allow": "POST"}
         )
-    denied = _may_change(core, peer, api_key, authorization, path)
+    denied = may_change(core, peer, api_key, authorization, path)
     if denied is not None:
         return denied
     adapter = core.config.adapters.get(dep_id)
@@ -114,6 +125,58 @@ def deployment_request(
     return DeploymentAsk(dep_id, action)
 
 
+def metrics_denied(
+    core: Core, api_key: str | None, authorization: str | None, what: str
+) -> Reply | None:
+    """None when the request may read metrics (`what`: /fleet/targets, an engine's
+    metrics): anyone with `gateway.metrics_public`, else as the gateway's /metrics."""
+    if core.config.gateway.metrics_public:
+        return None
+    return core.admin(api_key, authorization, what)
+
+
+def engine_request(
+    core: Core,
+    method: str,
+    path: str,
+    peer: str,
+    api_key: str | None,
+    authorization: str | None,
+) -> EngineAsk | Reply:
+    """What `GET /fleet/engines/{engine}/metrics` or `POST .../restart` asks, or the
+    error to answer."""
+    name, _, action = unquote(path.removeprefix(ENGINES_PATH)).partition("/")
+    if action not in ENGINE_ACTIONS:
+        return error_reply(
+            404,
+            f"no such path `{path}`; an engine's metrics are at GET /fleet/engines/<engine>/"
+            "metrics, and an admin restarts one with POST /fleet/engines/<engine>/restart",
+            "not_found",
+        )
+    allowed = ("POST",) if action == "restart" else ("GET", "HEAD")
+    if method not in allowed:
+        return error_reply(
+            405,
+            f"{path} takes {' or '.join(allowed)}",
+            "method_not_allowed",
+            headers={"Allow": ", ".join(allowed)},
+        )
+    if action == "restart":
+        denied = may_change(core, peer, api_key, authorization, path)
+    else:
+        denied = metrics_denied(core, api_key, authorization, path)
+    if denied is not None:
+        return denied
+    known = [u.name for u in core.registry.all()]
+    if name not in known:
+        return error_reply(
+            404,
+            f"no engine `{name}` in the fleet; engines: {', '.join(known) or 'none'}",
+            "engine_not_found",
+        )
+    return EngineAsk(name, action)
+
+
 def reload_request(
     core: Core,
     method: str,
@@ -131,7 +194,7 @@ def reload_request(
             "method_not_allowed",
             headers={"Allow": "POST"},
         )
-    denied = _may_change(core, peer, api_key, authorization, RELOAD_PATH)
+    denied = may_change(core, peer, api_key, authorization, RELOAD_PATH)
     if denied is not None:
         return denied
     dry_run = any(

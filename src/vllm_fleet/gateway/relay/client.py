@@ -23,7 +23,7 @@ import httptools
 from vllm_fleet.gateway.admin import DEPLOYMENTS_PATH, RELOAD_PATH, USAGE_PATH
 from vllm_fleet.gateway.core import OWN_ENDPOINTS
 from vllm_fleet.gateway.errors import Reply, error_reply
-from vllm_fleet.gateway.relay import control, wire
+from vllm_fleet.gateway.relay import console, control, wire
 from vllm_fleet.gateway.relay.admission import Admission
 from vllm_fleet.gateway.relay.exchange import Exchange
 from vllm_fleet.gateway.relay.linger import Linger
@@ -468,6 +468,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if path.startswith(DEPLOYMENTS_PATH):
             control.deployment(self, self.state, request, method, path)
+            return
+        if path.startswith("/fleet") and console.handles(path):
+            console.answer(self, self.state, request, method, path, query)
             return
         request.deployment = "-"  # an API request: counted, though it reach no deployment
         client = request.client

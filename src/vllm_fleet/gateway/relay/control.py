@@ -51,7 +51,7 @@ def reload(conn: Answerer, state: ServerState, request: Request, method: str, qu
         status, data = await fleet.reload(ask.file, ask.dry_run)
         return Reply(status, json.dumps(data).encode())
 
-    _answer_later(conn, state, request, answer(), "reload failed")
+    answer_later(conn, state, request, answer(), "reload failed")
 
 
 def usage(conn: Answerer, state: ServerState, request: Request, query: str) -> None:
@@ -68,7 +68,7 @@ def usage(conn: Answerer, state: ServerState, request: Request, query: str) -> N
         data = await asyncio.to_thread(ledger.report, ask.since, ask.by)  # type: ignore[arg-type]
         return Reply(200, json.dumps(data).encode())
 
-    _answer_later(conn, state, request, answer(), "reading the usage ledger failed")
+    answer_later(conn, state, request, answer(), "reading the usage ledger failed")
 
 
 def deployment(
@@ -94,10 +94,10 @@ def deployment(
         status, data = await act(ask.deployment)
         return Reply(status, json.dumps(data).encode())
 
-    _answer_later(conn, state, request, answer(), f"{ask.action} failed")
+    answer_later(conn, state, request, answer(), f"{ask.action} failed")
 
 
-def _answer_later(
+def answer_later(
     conn: Answerer,
     state: ServerState,
     request: Request,

@@ -301,6 +301,8 @@ class Exchange:
         self.core.counted(self.forward.deployment, self.forward.style, status)
 
     def on_body(self, data: bytes) -> None:
+        if not self.request.first_body:
+            self.request.first_body = time.monotonic()
         meter = self.meter
         # Most reads of a stream are whole events without usage: passed on, unlooked at.
         if meter is not None and not (

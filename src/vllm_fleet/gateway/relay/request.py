@@ -69,6 +69,7 @@ class Request:
         "deployment",
         "error",
         "expect",
+        "first_body",
         "first_byte",
         "forwarded_for",
         "h2c_offer",
@@ -129,6 +130,7 @@ class Request:
         self.status = 0  # of the answer's head, once sent
         self.responded = False  # an engine began answering it
         self.first_byte = 0.0  # time.monotonic() of the answer's head
+        self.first_body = 0.0  # of its first body bytes (a stream's first event: TTFT)
         self.bytes_out = 0  # bytes of the answer written to the client, head included
         self.ticket: Ticket | None = None  # its hold on the key's limits
         self.meter: Meter | None = None  # reads the answer's usage

@@ -38,11 +38,15 @@ class Connection(Protocol):
 
 
 class Control(Protocol):
-    """The running fleet, as the gateway's admin endpoints reach it (reloader.py)."""
+    """The running fleet, as the gateway's admin endpoints reach it (fleet_control.py)."""
 
     async def reload(self, file: str | None, dry_run: bool) -> tuple[int, dict[str, Any]]:
         """Reload from `file` (None: the fleet's own file), or only plan it; the HTTP
         status and the JSON answer."""
+        ...
+
+    async def restart(self, engine: str) -> tuple[int, dict[str, Any]]:
+        """Restart one engine by hand (fleet_control.py); the HTTP status and the answer."""
         ...
 
 
