@@ -28,10 +28,16 @@ CHAT = '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stre
 
 
 def call(
-    fleet: FleetUp, path: str, method: str = "GET", key: str | None = None, body: bytes = b""
+    fleet: FleetUp,
+    path: str,
+    method: str = "GET",
+    key: str | None = None,
+    body: bytes = b"",
+    extra: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     """One request to the gateway: status, headers (lower-case names), body."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers |= extra or {}
     if body:
         headers["Content-Type"] = "application/json"
     request = urllib.request.Request(
@@ -87,7 +93,7 @@ def test_the_page_is_served_to_anyone_and_its_data_only_to_an_admin(
     for asset, kind in (("fleet.js", "text/javascript"), ("fleet.css", "text/css")):
         status, headers, body = call(fleet, f"/fleet/assets/{asset}")
         assert status == 200 and headers["content-type"].startswith(kind) and body
-    for missing in ("nope.js", ".hidden.js", "index.html/x"):
+    for missing in ("nope.js", ".hidden.js", "index.html/x", "a%00.js", "x" * 4000 + ".js"):
         status, _, body = call(fleet, f"/fleet/assets/{missing}")
         assert status == 404, missing
         assert json.loads(body)["error"]["code"] == "not_found"
@@ -137,6 +143,9 @@ def test_the_overview_shows_each_engine_its_load_and_what_the_gateway_measured(
         status, _, body = call(fleet, "/chat/v1/chat/completions", "POST", body=CHAT.encode())
         assert status == 200 and b"[DONE]" in body
     assert call(fleet, "/nope/v1/chat/completions", "POST", body=CHAT.encode())[0] == 404
+    whole = CHAT.replace('"stream": true', '"stream": false').encode()
+    for _ in range(3):  # answered whole: counted, but there is no first token to time
+        assert call(fleet, "/code/v1/chat/completions", "POST", body=whole)[0] == 200
 
     def settled() -> dict[str, Any] | None:
         # The engines' load is read every health interval: wait for a reading after the
@@ -174,6 +183,9 @@ def test_the_overview_shows_each_engine_its_load_and_what_the_gateway_measured(
         }
         assert up["engine"]["generation_tokens"] == own["vllm:generation_tokens_total"]
         assert up["engine"]["running"] == own["vllm:num_requests_running"]
+    code_recent = deployment(data, "code")["recent"]
+    assert code_recent["requests"] == 3 and code_recent["ttft_p50_ms"] is None
+    assert code_recent["tokens_per_s"] > 0
     code = deployment(data, "code")["upstreams"][0]
     assert code["port"] == status_ups["code-0"]["port"] and code["socket"] is None
     lazy = deployment(data, "lazy")
@@ -203,10 +215,26 @@ def test_restart_gives_the_engine_a_new_process_and_says_what_it_cannot_restart(
     fleets.append(fleet)
     wait_until(lambda: any(u["state"] == "ready" for u in fleet.upstreams()), what="chat-0")
     before = next(u for u in fleet.upstreams() if u["name"] == "chat-0")
-    status, _, body = call(fleet, "/fleet/engines/chat-0/restart", "POST", body=b"{}")
+    # Without keys: from this machine only, not through a proxy nor from another site's page.
+    for header, why in (
+        ({"X-Forwarded-For": "10.0.0.7"}, "came through a proxy"),
+        ({"Origin": "http://evil.example"}, "a page of another site"),
+        ({"Sec-Fetch-Site": "cross-site"}, "a page of another site"),
+    ):
+        status, _, body = call(
+            fleet, "/fleet/engines/chat-0/restart", "POST", body=b"{}", extra=header
+        )
+        assert status == 403 and why in json.loads(body)["error"]["message"], body
+    same_site = {"Origin": fleet.url, "Sec-Fetch-Site": "same-origin"}
+    status, _, body = call(
+        fleet, "/fleet/engines/chat-0/restart", "POST", body=b"{}", extra=same_site
+    )
     assert status == 202, body
     answer = json.loads(body)
     assert answer["result"] == "restarting" and answer["engine"] == "chat-0"
+    # A second ask while the first is under way is refused: one restart at a time.
+    status, _, body = call(fleet, "/fleet/engines/chat-0/restart", "POST", body=b"{}")
+    assert status == 409 and "stopping already" in json.loads(body)["error"]["message"]
 
     def restarted() -> dict[str, Any] | None:
         up = next(u for u in fleet.upstreams() if u["name"] == "chat-0")
@@ -265,6 +293,15 @@ def test_a_crashed_engine_shows_its_backoff_and_a_failed_one_the_tail_of_its_log
     assert any("gated repo" in line for line in gated["log_tail"])
     assert "gave up after" in gated["message"]
     assert deployment(overview(fleet), "gated")["state"] == "failed"
+    # A failed engine is started again by a restart (and here fails again, as it must).
+    status, _, body = call(fleet, "/fleet/engines/gated-0/restart", "POST", body=b"{}")
+    assert status == 202, body
+    again = wait_until(
+        lambda: (u := failed()) and u["since"] > gated["since"] and u,
+        timeout=30,
+        what="gated-0 started again and failed again",
+    )
+    assert again["restarts"] > gated["restarts"]
     assert fleet.stop() == 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_fleet.masking import MASK, is_secret_name, mask_argv, mask_env, mask_value
+from vllm_fleet.masking import MASK, is_secret_name, mask_argv, mask_env, mask_text, mask_value
 
 
 @pytest.mark.parametrize(
@@ -107,3 +107,30 @@ def test_argv_without_secrets_is_unchanged() -> None:
 
 def test_secret_flag_at_the_end_with_no_value_is_kept() -> None:
     assert mask_argv(["vllm", "serve", "--api-key"]) == ["vllm", "serve", "--api-key"]
+
+
+@pytest.mark.parametrize(
+    ("line", "shown"),
+    [
+        (
+            "INFO non-default args: {'model': 'm', 'api_key': ['sk-abc123'], 'port': 8000}",
+            "INFO non-default args: {'model': 'm', 'api_key': ['****'], 'port': 8000}",
+        ),
+        (
+            "HF_TOKEN=hf_xyz --api-key sk-9 --hf-token=hf_q",
+            "HF_TOKEN=**** --api-key **** --hf-token=****",
+        ),
+        ('{"api_key": "sk-1", "n": 2}', '{"api_key": "****", "n": 2}'),
+        ("OPENAI_API_KEY: sk-z", "OPENAI_API_KEY: ****"),
+    ],
+)
+def test_secrets_in_a_log_line_are_masked(line: str, shown: str) -> None:
+    assert mask_text(line) == shown
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["TOKENIZERS_PARALLELISM=false", "max_num_batched_tokens=2048", "Loading weights: 100%"],
+)
+def test_log_lines_without_secrets_are_shown_as_they_are(line: str) -> None:
+    assert mask_text(line) == line

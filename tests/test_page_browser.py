@@ -185,7 +185,15 @@ def test_the_page_shows_every_deployment_ready_with_no_console_errors(
     fleet = start(tmp_path, fleets, gpus=True)
     # Some traffic while the page is open, for its figures and charts (and the README's
     # screenshot): ~12 s of requests, spread over a few of the charts' 5-s points.
-    background = threading.Thread(target=traffic, args=(fleet, 60, None, 0.2), daemon=True)
+    failures: list[BaseException] = []
+
+    def steady() -> None:
+        try:
+            traffic(fleet, 60, None, 0.2)
+        except BaseException as exc:  # seen by the test, not lost in the thread
+            failures.append(exc)
+
+    background = threading.Thread(target=steady, daemon=True)
     background.start()
     traffic(fleet, 10, dep="code")
     browser.get(f"{fleet.url}/fleet/")
@@ -203,6 +211,7 @@ def test_the_page_shows_every_deployment_ready_with_no_console_errors(
     gpu_text = eventually(lambda: "chat-1" in (t := _gpus_text(browser)) and t, what="GPUs")
     assert "NVIDIA H200" in gpu_text and "chat-0" in gpu_text
     background.join(timeout=60)
+    assert not background.is_alive() and failures == []
     time.sleep(2.5)  # a few more polls, charts drawn from the requests above
     shoot(browser, "fleet-page")
     shoot(browser, "fleet-page-phone", width=390, height=844)
@@ -302,3 +311,39 @@ def test_with_keys_the_page_asks_for_an_admin_key_and_refuses_another(
     shoot(browser, "fleet-page-keys")
     # The console may hold the 401/403 answers' network lines, nothing else.
     assert [p for p in console_problems(browser) if "/fleet/overview" not in p] == []
+
+
+def test_an_on_demand_deployment_is_loaded_and_unloaded_with_its_buttons(
+    tmp_path: Path, fleets: list[FleetUp], browser: Any
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    path = fake_fleet_file(
+        tmp_path,
+        {
+            "chat": {"model": "Qwen/Qwen2.5-1.5B-Instruct"},
+            "lazy": {"model": "Qwen/Qwen2.5-Coder-7B-Instruct", "start": "on_demand"},
+        },
+    )
+    fleet = FleetUp(path)
+    fleets.append(fleet)
+    wait_until(lambda: any(u["state"] == "ready" for u in fleet.upstreams()), what="chat ready")
+    browser.get(f"{fleet.url}/fleet/")
+    eventually(lambda: rows(browser).get("lazy-0", ("", ""))[0] == "unloaded", what="unloaded")
+
+    def press(kind: str) -> None:
+        card = browser.find_element(By.CSS_SELECTOR, '[data-deployment="lazy"]')
+        eventually(lambda: card.find_element(By.CSS_SELECTOR, f"button.{kind}").is_enabled())
+        card.find_element(By.CSS_SELECTOR, f"button.{kind}").click()
+        confirm = eventually(lambda: _alert(browser), what=f"the {kind} confirmation")
+        assert "lazy" in confirm.text
+        confirm.accept()
+
+    press("load")
+    eventually(lambda: rows(browser)["lazy-0"][0] == "ready", what="lazy-0 loaded")
+    assert next(u for u in fleet.upstreams() if u["name"] == "lazy-0")["state"] == "ready"
+    eventually(lambda: "load" in browser.find_element(By.ID, "toast").text.lower(), what="toast")
+    press("unload")
+    eventually(lambda: rows(browser)["lazy-0"][0] == "unloaded", what="lazy-0 unloaded")
+    assert next(u for u in fleet.upstreams() if u["name"] == "lazy-0")["pid"] is None
+    assert console_problems(browser) == []

@@ -25,10 +25,10 @@ def test_the_last_minute_counts_requests_errors_ttft_and_tokens() -> None:
     figures = recent.figures("qwen", T0)
     assert figures["requests"] == 20
     assert figures["errors"] == 2
-    # The window starts at the first bucket wholly inside the last minute.
-    span = T0 - (int((T0 - WINDOW_S) // STEP_S) + 1) * STEP_S
-    assert figures["rps"] == round(20 / span, 3)
-    assert figures["tokens_per_s"] == round(200 / span, 2)
+    # The window starts at the first bucket wholly inside the last minute: 55 s ago.
+    assert (WINDOW_S, STEP_S) == (60, 5)
+    assert figures["rps"] == round(20 / 55, 3)
+    assert figures["tokens_per_s"] == round(200 / 55, 2)
     ttfts = sorted(0.010 * (i + 1) for i in range(20) if i not in (3, 7))
     assert figures["ttft_p50_ms"] == round(ttfts[8] * 1e3, 1)  # nearest rank 9 of 18
     assert figures["ttft_p95_ms"] == round(ttfts[17] * 1e3, 1)

@@ -10,7 +10,9 @@ import random
 from collections import Counter
 from typing import Any
 
-from vllm_fleet.config import loads
+import pytest
+
+from vllm_fleet.config import ConfigError, loads
 from vllm_fleet.gateway.body import Body
 from vllm_fleet.gateway.policies import check_lines, for_fleet
 from vllm_fleet.gateway.policies.load import within_bound
@@ -230,3 +232,18 @@ def test_a_request_without_a_prompt_goes_to_the_least_loaded_and_is_not_counted(
     short = policy.hint(body(messages=[{"role": "user", "content": "hi"}]), ())
     assert policy.pick(ups, set(), short, 0) is ups[1]
     assert policy.stats() == {"policy": "prefix", "hits": 0, "misses": 0, "spills": 0, "blocks": 0}
+
+
+@pytest.mark.parametrize("header", ["X-Request-Id", "authorization", "api-key", "Connection"])
+def test_a_session_header_the_gateway_consumes_is_refused_at_load(header: str) -> None:
+    with pytest.raises(ConfigError, match=r"gateway\.session_header: .* reads or replaces itself"):
+        loads(f"gateway: {{session_header: {header}}}\ndeployments: {{a: {{model: org/a}}}}\n")
+
+
+def test_every_header_the_relay_does_not_pass_on_as_sent_is_refused_as_a_session_header() -> None:
+    from vllm_fleet.config.models import GATEWAY_HEADERS
+    from vllm_fleet.gateway.relay.request import CTYPE, HEADER_KIND, TRACE
+
+    passed_on = (CTYPE, TRACE)  # kept in the forwarded lines as sent
+    consumed = {name.decode() for name, kind in HEADER_KIND.items() if kind not in passed_on}
+    assert consumed <= GATEWAY_HEADERS

@@ -110,3 +110,10 @@ def test_an_engine_that_is_not_running_is_still_a_target() -> None:
 def test_the_proxy_path_quotes_the_name() -> None:
     assert engine_metrics_path("a.b-0") == "/fleet/engines/a.b-0/metrics"
     assert engine_metrics_path("x/y z") == "/fleet/engines/x%2Fy%20z/metrics"
+
+
+def test_behind_a_tls_gateway_what_goes_through_it_is_scraped_over_https() -> None:
+    groups = scrape_targets(registry(), "gw.example:8443", True, node="n", tls=True)
+    assert groups and all(g["labels"]["__scheme__"] == "https" for g in groups)
+    plain = scrape_targets(registry(), "gw.example:8080", True, node="n")
+    assert all("__scheme__" not in g["labels"] for g in plain)

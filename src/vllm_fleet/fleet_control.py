@@ -11,7 +11,6 @@ unloaded (on-demand: load its deployment instead).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -28,7 +27,6 @@ class FleetControl:
         self.reloader = reloader
         self.supervisor = supervisor
         self.registry = registry
-        self._tasks: set[asyncio.Task[None]] = set()
 
     async def reload(self, file: str | None, dry_run: bool) -> tuple[int, dict[str, Any]]:
         return await self.reloader.reload(file, dry_run)
@@ -48,17 +46,12 @@ class FleetControl:
                 "(`fleet status` says when)",
                 "reload_in_progress",
             )
-        why = self.supervisor.cannot_restart(upstream)
-        if why is not None:
-            return 409, error_object(409, f"cannot restart {engine}: {why}", "cannot_restart")
         drain = self.registry.config.engines.drain_timeout
         was = upstream.state.value
-        log.warning("%s: restarting, asked through POST /fleet/engines/.../restart", engine)
-        task = asyncio.create_task(
-            self.supervisor.restart(upstream, drain), name=f"restart {engine}"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        why = self.supervisor.restart(upstream, drain)
+        if why is not None:
+            return 409, error_object(409, f"cannot restart {engine}: {why}", "cannot_restart")
+        log.warning("%s: restarting, asked through POST /fleet/engines/%s/restart", engine, engine)
         return 202, {
             "engine": engine,
             "deployment": upstream.deployment,
@@ -68,9 +61,3 @@ class FleetControl:
                 f"{drain:g} s, then it is stopped and started again"
             ),
         }
-
-    async def stop(self) -> None:
-        """The fleet stops: restarts under way end where they are."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)

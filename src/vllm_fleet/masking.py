@@ -54,3 +54,27 @@ def mask_argv(argv: Sequence[str]) -> list[str]:
             continue
         out.append(arg)
     return out
+
+
+# A secret's value in a line of text (an engine's log): `api_key='sk-..'`, `"api_key":
+# ["sk-.."]`, `HF_TOKEN=hf_..`, `--api-key sk-..`, `--hf-token=hf_..`.
+_SECRET_IN_TEXT = re.compile(
+    r"""(?ix)
+    ( (?:--)?[a-z_-]*(?:api[_-]?keys?|token|secrets?|password|passwd|credentials?)
+      ['"]? \s* [:=] \s* \[? \s* ['"]? )
+    ( [^'"\s,\]}]+ )
+    | ( --(?:api[_-]key|hf[_-]token|ssl[_-]keyfile[_-]password) \s+ )
+    ( [^\s'",\]}]+ )
+    """
+)
+
+
+def mask_text(line: str) -> str:
+    """`line` with every value that follows a secret's name masked (engine log tails
+    shown on the status page: vLLM logs its non-default arguments, the key among them)."""
+
+    def hide(match: re.Match[str]) -> str:
+        head = match.group(1) if match.group(1) is not None else match.group(3)
+        return f"{head}{MASK}"
+
+    return _SECRET_IN_TEXT.sub(hide, line)

@@ -230,6 +230,7 @@ class Progress:
             if config.gateway.tls is None
             else f"  status: fleet status {config.source}   (it trusts gateway.tls.cert; or "
             f"--url {url} --cacert CA.pem)",
+            f"  page:   {url}/fleet/   (the live status page, in a browser)",
             "Ctrl-C or SIGTERM stops the gateway and every engine.",
         ]
         for line in lines:
@@ -370,7 +371,6 @@ async def _run(
         if hurry.is_set():  # the second signal came during the drain
             supervisor.kill_now()
         await stopping
-        await control.stop()
         await gateway.close(grace=0)
     left = [u.name for u in registry.all() if u.managed and u.pid is not None]
     if left:  # pragma: no cover (stop() reaps every engine)

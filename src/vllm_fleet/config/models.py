@@ -174,6 +174,18 @@ class TlsConfig(_Strict):
     key: Annotated[str, Field(min_length=1)]
 
 
+# Request headers the gateway reads or replaces itself (gateway/relay/request.py), which
+# reach no routing policy as the client sent them.
+GATEWAY_HEADERS = frozenset(
+    {
+        "host", "content-length", "connection", "expect", "api-key", "authorization",
+        "upgrade", "transfer-encoding", "te", "trailer", "trailers", "keep-alive",
+        "proxy-connection", "proxy-authenticate", "proxy-authorization",
+        "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip",
+    }
+)  # fmt: skip
+
+
 class GatewayConfig(_Strict):
     host: str = "127.0.0.1"
     port: Port = 8080
@@ -213,6 +225,18 @@ class GatewayConfig(_Strict):
     session_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")] = "x-session-id"
 
     _host = field_validator("host")(lambda v: _check_host(v))
+
+    @field_validator("session_header")
+    @classmethod
+    def _session_header(cls, value: str) -> str:
+        if value.lower() in GATEWAY_HEADERS:
+            raise ValueError(
+                f"`{value}` is a header the gateway reads or replaces itself, never passed on "
+                "as sent, so no session can be named by it; name another header "
+                "(the default is x-session-id)"
+            )
+        return value
+
     _numbers = field_validator(
         "port", "max_body_mb", "connect_timeout", "max_connections", "header_timeout",
         "lingering_time", "lingering_timeout", "lingering_max_mb", "default_max_tokens",

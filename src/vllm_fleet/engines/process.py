@@ -316,8 +316,10 @@ class EngineProcess:
                     if size >= METRICS_MAX_BYTES:
                         break
                 body = b"".join(chunks)
-                if resp.status != 200:
-                    return f"no vLLM metrics: /metrics answered {resp.status}"
+                if resp.status == 404:  # no such page: not vLLM
+                    return "no vLLM metrics: /metrics answered 404"
+                if resp.status != 200:  # a passing failure: read again next time
+                    return f"/metrics answered {resp.status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
             return f"/metrics: {exc or f'no answer within {timeout:g} s'}"
         load = parse_load(body.decode("utf-8", errors="replace"))

@@ -159,6 +159,7 @@ class Supervisor:
         self._probe_session: aiohttp.ClientSession | None = None  # remote endpoints'
         self._owners: dict[Upstream, _Owner] = {}
         self._stopped = False
+        self._restarts: set[asyncio.Task[None]] = set()  # restarts an admin asked for
         self.adapters = Adapters(lambda: self.registry.config)
 
     @property
@@ -256,8 +257,9 @@ class Supervisor:
             await asyncio.gather(owner.task, return_exceptions=True)
         if owner.engine is not None:
             await owner.engine.stop()
-        self._owners.pop(upstream, None)
-        self.adapters.forget(upstream)
+        if self._owners.get(upstream) is owner:  # not a new owner started meanwhile
+            del self._owners[upstream]
+            self.adapters.forget(upstream)
 
     def cannot_restart(self, upstream: Upstream) -> str | None:
         """Why `restart(upstream)` would be refused now; None when it may restart."""
@@ -274,14 +276,32 @@ class Supervisor:
             return f"{upstream.name} is stopping already"
         return None
 
-    async def restart(self, upstream: Upstream, drain: float) -> None:
-        """Restart one engine by hand (an admin asked; check `cannot_restart` first): out
-        of the rotation at once, its requests in flight get up to `drain` seconds, then
-        the stop sequence and a fresh start, counted as a restart; a failed engine is
-        started again, its failures in a row forgotten."""
+    def restart(self, upstream: Upstream, drain: float) -> str | None:
+        """Restart one engine by hand (an admin asked): None once under way, else why not
+        (`cannot_restart`). It is out of the rotation at once (stopping, so a second ask
+        is refused), its requests in flight get up to `drain` seconds, then the stop
+        sequence and a fresh start, counted as a restart; a failed engine is started
+        again, its failures in a row forgotten."""
+        why = self.cannot_restart(upstream)
+        if why is not None:
+            return why
         upstream.set_state(State.STOPPING, "restarting (asked by an admin)")
         self._emit(upstream)
+        task = asyncio.create_task(self._restart(upstream, drain), name=f"restart {upstream.name}")
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+        return None
+
+    async def _restart(self, upstream: Upstream, drain: float) -> None:
         await self.retire(upstream, drain, reason="restart")
+        # Meanwhile a reload may have removed it, or a swap unloaded it: then it stays so.
+        if (
+            self._stopped
+            or upstream not in self.registry.all()
+            or upstream.state not in (State.STOPPING, State.STOPPED)
+            or self.owns(upstream)
+        ):
+            return
         upstream.restarts += 1
         self.ensure(upstream, "restart")
 
@@ -373,6 +393,9 @@ class Supervisor:
         for all of them. Idempotent; engines still loading are stopped too."""
         self._stop.set()
         self._stopped = True
+        for restart in list(self._restarts):  # its engine is stopped with the others
+            restart.cancel()
+        await asyncio.gather(*self._restarts, return_exceptions=True)
         owners = list(self._owners.values())
         for owner in owners:
             owner.stop.set()

@@ -81,8 +81,11 @@ class Accounting:
         # The ledger counts API requests (not the fleet's own endpoints): those that
         # reached a deployment, and those of a known key refused before one.
         if deployment and deployment != "-":  # an answer of a deployment, the gateway's own too
+            # Time to first token: to a stream's first event (a whole answer's body comes
+            # only once every token is made: no first token to time).
             first = request.first_body
-            ttft = first - request.began if first and status < 400 else None
+            streamed = meter is not None and meter.sse
+            ttft = first - request.began if first and streamed and status < 400 else None
             self.recent.add(deployment, status, ttft, completion, time.time())
         if self.ledger is not None and deployment and (deployment != "-" or key):
             self.ledger.record(key, deployment, prompt, completion, status >= 400)

@@ -67,14 +67,44 @@ def is_loopback(peer: str) -> bool:
     return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
+@dataclass(frozen=True)
+class Asker:
+    """Where a request that would change the fleet comes from, beyond its key: its
+    peer's address, whether a proxy passed it on (it has X-Forwarded-For), and whether a
+    browser sent it from a page of another site (its Origin names another host than its
+    Host, or Sec-Fetch-Site says cross-site)."""
+
+    peer: str
+    proxied: bool = False
+    cross_site: bool = False
+
+
 def may_change(
-    core: Core, peer: str, api_key: str | None, authorization: str | None, what: str
+    core: Core, asker: Asker | str, api_key: str | None, authorization: str | None, what: str
 ) -> Reply | None:
     """None when the caller may change the fleet (`what`): an admin key, or without
-    keys a client on this machine; else the error to answer."""
+    keys a client on this machine, not through a proxy, not a page of another site in a
+    browser there; else the error to answer."""
+    if isinstance(asker, str):
+        asker = Asker(asker)
     if core.keys.enabled:
         return core.admin(api_key, authorization, what)
-    if not is_loopback(peer):
+    if asker.cross_site:
+        return error_reply(
+            403,
+            f"{what} was sent by a page of another site (its Origin is not this gateway); "
+            "the fleet's own page and `fleet` commands are accepted",
+            "forbidden",
+        )
+    if asker.proxied:
+        return error_reply(
+            403,
+            f"{what} came through a proxy (X-Forwarded-For), so not from this machine; "
+            "while the fleet has no keys it is accepted only from this machine: run it "
+            "there, or give the fleet an admin key (gateway.keys, gateway.api_keys)",
+            "forbidden",
+        )
+    if not is_loopback(asker.peer):
         return error_reply(
             403,
             f"{what} is accepted only from this machine while the fleet has no keys "
@@ -88,7 +118,7 @@ def deployment_request(
     core: Core,
     method: str,
     path: str,
-    peer: str,
+    peer: Asker | str,
     api_key: str | None,
     authorization: str | None,
 ) -> DeploymentAsk | Reply:
@@ -139,13 +169,13 @@ def engine_request(
     core: Core,
     method: str,
     path: str,
-    peer: str,
+    peer: Asker | str,
     api_key: str | None,
     authorization: str | None,
 ) -> EngineAsk | Reply:
     """What `GET /fleet/engines/{engine}/metrics` or `POST .../restart` asks, or the
     error to answer."""
-    name, _, action = unquote(path.removeprefix(ENGINES_PATH)).partition("/")
+    name, _, action = path.removeprefix(ENGINES_PATH).partition("/")
     if action not in ENGINE_ACTIONS:
         return error_reply(
             404,
@@ -182,7 +212,7 @@ def reload_request(
     method: str,
     query: str,
     body: bytes,
-    peer: str,
+    peer: Asker | str,
     api_key: str | None,
     authorization: str | None,
 ) -> ReloadAsk | Reply:

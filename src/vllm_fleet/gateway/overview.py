@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from vllm_fleet import __version__
 from vllm_fleet.gateway.core import Core
 from vllm_fleet.gpus import GpuUse
+from vllm_fleet.masking import mask_text
 from vllm_fleet.plan import EngineSpec
 from vllm_fleet.registry import State, Upstream
 from vllm_fleet.swaps import phase_of
@@ -88,7 +89,7 @@ def overview(core: Core, readings: Readings) -> dict[str, Any]:
                 "model": config.adapter_path(adapter),
                 "base": adapter.base,
                 "start": base.start if base is not None else "always",
-                "state": phase_of(ups).value if holding or not ups else _adapter_state(ups),
+                "state": phase_of(ups).value if holding or not ups else _adapter_state(a_id, ups),
                 "routing": base.routing if base is not None else "least_outstanding",
                 "ready": sum(1 for u in holding if u.state is State.READY),
                 "replicas": len(ups),
@@ -119,9 +120,12 @@ def overview(core: Core, readings: Readings) -> dict[str, Any]:
     }
 
 
-def _adapter_state(ups: Sequence[Upstream]) -> str:
-    """An adapter no engine holds: failed where every ready engine failed to load it."""
+def _adapter_state(a_id: str, ups: Sequence[Upstream]) -> str:
+    """An adapter no engine holds: failed where every ready engine failed to load it,
+    loading where one is to load it, else its base's phase."""
     ready = [u for u in ups if u.state is State.READY]
+    if ready and all(a_id in u.adapter_errors for u in ready):
+        return "failed"
     if ready:
         return "loading"
     return phase_of(ups).value
@@ -160,7 +164,7 @@ def _replica(up: Upstream, readings: Readings) -> dict[str, Any]:
         "ejected": up.ejected,
         "last_failure": up.last_failure,
         "retry_at": round(up.retry_at, 3) if up.retry_at is not None else None,
-        "log_tail": list(readings.log_tails.get(up.name, ())),
+        "log_tail": [mask_text(line) for line in readings.log_tails.get(up.name, ())],
         "engine": (
             {
                 "running": load.running,
@@ -201,20 +205,24 @@ def _gpus(core: Core, readings: Readings) -> dict[str, Any]:
 def _keys(core: Core) -> list[dict[str, Any]]:
     """Requests and tokens of each key (by name) since the gateway started."""
     metrics = core.metrics
-    names = {key for key, _, _ in metrics.key_requests} | {key for key, _ in metrics.key_tokens}
-    rows = []
-    for name in sorted(names):
-        requests = sum(n for (k, _, _), n in metrics.key_requests.items() if k == name)
-        errors = sum(n for (k, _, s), n in metrics.key_requests.items() if k == name and s >= 500)
-        prompt = sum(t[0] for (k, _), t in metrics.key_tokens.items() if k == name)
-        completion = sum(t[1] for (k, _), t in metrics.key_tokens.items() if k == name)
-        rows.append(
-            {
-                "name": name,
-                "requests": requests,
-                "errors": errors,
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-            }
-        )
-    return rows
+    rows: dict[str, dict[str, Any]] = {}
+
+    def row(name: str) -> dict[str, Any]:
+        found = rows.get(name)
+        if found is None:
+            found = rows[name] = {
+                "name": name, "requests": 0, "errors": 0, "prompt_tokens": 0,
+                "completion_tokens": 0,
+            }  # fmt: skip
+        return found
+
+    for (name, _, status), count in metrics.key_requests.items():
+        counted = row(name)
+        counted["requests"] += count
+        if status >= 500:
+            counted["errors"] += count
+    for (name, _), (prompt, completion) in metrics.key_tokens.items():
+        counted = row(name)
+        counted["prompt_tokens"] += prompt
+        counted["completion_tokens"] += completion
+    return [rows[name] for name in sorted(rows)]

@@ -5,10 +5,11 @@ minutes for its charts.
 
 Answers are counted in buckets of `STEP_S` seconds (unix time); a bucket keeps at most
 `SAMPLES` times to first token (past that, new ones replace old ones in turn), so memory
-is bounded whatever the traffic. Time to first token is the time from the request's
-arrival to the first bytes of its answer's body: a stream's first event, which vLLM sends
-once the first token is computed, or a whole answer's body. Errors are answers of 500 and
-over (the gateway's own 502/503 included); 4xx are the client's.
+is bounded whatever the traffic (and by the deployments seen: one removed by a reload
+keeps its last buckets, a few kB, until the gateway stops). Time to first token is timed
+for streamed answers only: from the request's arrival to its stream's first event, which
+vLLM sends once the first token is computed. Errors are answers of 500 and over (the
+gateway's own 502/503 included); 4xx are the client's.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def percentile(values: list[float], share: float) -> float | None:
 
 
 class Recent:
-    """The buckets of every deployment (those of a deployment removed by a reload age out)."""
+    """The buckets of every deployment seen."""
 
     def __init__(self) -> None:
         self._buckets: dict[str, dict[int, _Bucket]] = {}

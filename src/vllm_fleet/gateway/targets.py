@@ -36,14 +36,15 @@ _ANY_HOST = ("0.0.0.0", "::", "")
 
 
 def scrape_targets(
-    registry: Registry, gateway_address: str, via_gateway: bool, node: str
+    registry: Registry, gateway_address: str, via_gateway: bool, node: str, tls: bool = False
 ) -> list[dict[str, Any]]:
     """One HTTP SD target group per upstream, in the registry's order.
 
     `gateway_address`: `host:port` Prometheus reaches the gateway by (the request's
     `Host`); `via_gateway`: scrape every engine through the gateway's proxy route, for a
-    Prometheus that cannot reach the engines' ports; `node`: this machine's name."""
-    return [_group(up, registry, gateway_address, via_gateway, node) for up in registry.all()]
+    Prometheus that cannot reach the engines' ports; `node`: this machine's name; `tls`:
+    the gateway serves HTTPS (`gateway.tls`), so what goes through it is scraped so."""
+    return [_group(up, registry, gateway_address, via_gateway, node, tls) for up in registry.all()]
 
 
 def engine_metrics_path(name: str) -> str:
@@ -52,7 +53,7 @@ def engine_metrics_path(name: str) -> str:
 
 
 def _group(
-    up: Upstream, registry: Registry, gateway_address: str, via_gateway: bool, node: str
+    up: Upstream, registry: Registry, gateway_address: str, via_gateway: bool, node: str, tls: bool
 ) -> dict[str, Any]:
     dep = registry.config.deployments.get(up.deployment)
     labels = {
@@ -66,6 +67,8 @@ def _group(
     if via_gateway or (isinstance(spec, EngineSpec) and spec.uds is not None):
         target = gateway_address
         labels["__metrics_path__"] = engine_metrics_path(up.name)
+        if tls:
+            labels["__scheme__"] = "https"
     elif isinstance(spec, EngineSpec):
         target = _host_port(_reachable(spec.host, gateway_address), spec.port)
         labels["__metrics_path__"] = "/metrics"

@@ -25,7 +25,7 @@ from vllm_fleet.gateway.admin import ENGINES_PATH, engine_request, metrics_denie
 from vllm_fleet.gateway.assets import is_page_path, page_reply
 from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.overview import Readings, overview, wants_tail
-from vllm_fleet.gateway.relay.control import Answerer, answer_later
+from vllm_fleet.gateway.relay.control import Answerer, answer_later, asker
 from vllm_fleet.gateway.relay.request import Request
 from vllm_fleet.gateway.relay.state import ServerState
 from vllm_fleet.gateway.targets import scrape_targets
@@ -70,9 +70,9 @@ def answer(
 ) -> None:
     """Answer one of the routes `handles()` said yes to."""
     core = state.core
-    peer = conn.peer_bytes.decode("latin-1")
     if path.startswith(ENGINES_PATH):
-        asked = engine_request(core, method, path, peer, request.api_key, request.authorization)
+        who = asker(conn, request)
+        asked = engine_request(core, method, path, who, request.api_key, request.authorization)
         if isinstance(asked, Reply):
             conn.reply(asked)
         elif asked.action == "restart":
@@ -97,7 +97,8 @@ def answer(
             return
         via = any(p in ("via=gateway", "via=gateway/") for p in query.split("&"))
         address = request.host.decode("latin-1") if request.host else _own_address(state)
-        groups = scrape_targets(core.registry, address, via, socket.gethostname())
+        tls = core.config.gateway.tls is not None
+        groups = scrape_targets(core.registry, address, via, socket.gethostname(), tls)
         conn.reply(Reply(200, json.dumps(groups).encode()))
         return
     denied = core.admin(request.api_key, request.authorization, path)
@@ -161,14 +162,15 @@ def _restart(conn: Answerer, state: ServerState, request: Request, engine: str) 
 def _engine_metrics(conn: Answerer, state: ServerState, request: Request, engine: str) -> None:
     upstream = next(u for u in state.core.registry.all() if u.name == engine)
     spec = upstream.spec
-    if isinstance(spec, EngineSpec) and spec.uds is not None:
-        connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=str(spec.uds))
-        url = "http://localhost/metrics"
-    else:
-        connector = aiohttp.TCPConnector(force_close=True)
-        url = f"{upstream.url.rstrip('/')}/metrics"
+    uds = spec.uds if isinstance(spec, EngineSpec) else None
+    url = "http://localhost/metrics" if uds is not None else f"{upstream.url.rstrip('/')}/metrics"
 
     async def answer() -> Reply:
+        connector: aiohttp.BaseConnector = (
+            aiohttp.UnixConnector(path=str(uds))
+            if uds is not None
+            else aiohttp.TCPConnector(force_close=True)
+        )
         timeout = aiohttp.ClientTimeout(total=METRICS_TIMEOUT)
         try:
             async with (

@@ -16,12 +16,31 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
-from vllm_fleet.gateway.admin import deployment_request, reload_request, usage_request
+from vllm_fleet.gateway.admin import Asker, deployment_request, reload_request, usage_request
 from vllm_fleet.gateway.errors import Reply, not_on_demand
 from vllm_fleet.gateway.relay.request import Request, internal_error
 from vllm_fleet.gateway.relay.state import ServerState
 
 log = logging.getLogger(__name__)
+
+
+def asker(conn: Answerer, request: Request) -> Asker:
+    """Where `request` comes from, for the routes that change the fleet (admin.py)."""
+    origin = fetch_site = None
+    lines = request.lines
+    for i in range(0, len(lines), 4):
+        name = lines[i].lower()
+        if name == b"origin":
+            origin = lines[i + 2]
+        elif name == b"sec-fetch-site":
+            fetch_site = lines[i + 2]
+    if fetch_site is not None:
+        cross = fetch_site.lower() in (b"cross-site", b"same-site")
+    elif origin is not None:
+        cross = origin.partition(b"://")[2] != (request.host or b"")
+    else:
+        cross = False
+    return Asker(conn.peer_bytes.decode("latin-1"), bool(request.forwarded_for), cross)
 
 
 class Answerer(Protocol):
@@ -39,8 +58,8 @@ def reload(conn: Answerer, state: ServerState, request: Request, method: str, qu
     fleet = state.control
     assert fleet is not None
     asked = reload_request(
-        state.core, method, query, bytes(request.body),
-        conn.peer_bytes.decode("latin-1"), request.api_key, request.authorization,
+        state.core, method, query, bytes(request.body), asker(conn, request), request.api_key,
+        request.authorization,
     )  # fmt: skip
     if isinstance(asked, Reply):
         conn.reply(asked)
@@ -77,9 +96,8 @@ def deployment(
     """Answer POST /fleet/deployments/{id}/load or /unload."""
     core = state.core
     asked = deployment_request(
-        core, method, path, conn.peer_bytes.decode("latin-1"), request.api_key,
-        request.authorization,
-    )  # fmt: skip
+        core, method, path, asker(conn, request), request.api_key, request.authorization
+    )
     if isinstance(asked, Reply):
         conn.reply(asked)
         return
