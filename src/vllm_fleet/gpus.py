@@ -66,27 +66,43 @@ class Inventory:
         return tuple(g.index for g in self.gpus or ())
 
 
-def read_inventory(timeout: float = 10.0) -> Inventory:
-    """Ask nvidia-smi for the GPUs; never raises, says why when there is no inventory."""
+class _NoAnswer(Exception):
+    """nvidia-smi is missing (`missing`) or failed; the message says how."""
+
+    def __init__(self, message: str, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+def _query(fields: str, timeout: float) -> str:
+    """nvidia-smi's CSV answer (no header, no units) to `--query-gpu=fields`."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
-        return Inventory(None, "nvidia-smi not found: no NVIDIA GPU inventory on this machine")
+        raise _NoAnswer("nvidia-smi not found", missing=True)
     try:
         done = subprocess.run(
-            [exe, f"--query-gpu={QUERY_FIELDS}", "--format=csv,noheader,nounits"],
+            [exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=timeout,
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return Inventory(None, f"nvidia-smi failed: {exc}")
+        raise _NoAnswer(f"nvidia-smi failed: {exc}") from None
     if done.returncode != 0:
         detail = (done.stderr or done.stdout).strip().splitlines()
         why = detail[-1] if detail else f"exit status {done.returncode}"
-        return Inventory(None, f"nvidia-smi failed: {why}")
+        raise _NoAnswer(f"nvidia-smi failed: {why}")
+    return done.stdout
+
+
+def read_inventory(timeout: float = 10.0) -> Inventory:
+    """Ask nvidia-smi for the GPUs; never raises, says why when there is no inventory."""
     try:
-        return Inventory(tuple(parse_query_gpu(done.stdout)))
+        return Inventory(tuple(parse_query_gpu(_query(QUERY_FIELDS, timeout))))
+    except _NoAnswer as exc:
+        why = f"{exc}: no NVIDIA GPU inventory on this machine" if exc.missing else str(exc)
+        return Inventory(None, why)
     except InventoryError as exc:
         return Inventory(None, str(exc))
 
@@ -144,23 +160,9 @@ def parse_gpu_use(text: str) -> list[GpuNow]:
 
 def read_gpu_use(timeout: float = 5.0) -> GpuUse:
     """Ask nvidia-smi how busy each GPU is now; never raises (blocking: call it in a thread)."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return GpuUse(None, "nvidia-smi not found: no NVIDIA GPU on this machine")
     try:
-        done = subprocess.run(
-            [exe, f"--query-gpu={USE_FIELDS}", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return GpuUse(None, f"nvidia-smi failed: {exc}")
-    if done.returncode != 0:
-        detail = (done.stderr or done.stdout).strip().splitlines()
-        return GpuUse(None, f"nvidia-smi failed: {detail[-1] if detail else done.returncode}")
-    try:
-        return GpuUse(tuple(parse_gpu_use(done.stdout)))
+        return GpuUse(tuple(parse_gpu_use(_query(USE_FIELDS, timeout))))
+    except _NoAnswer as exc:
+        return GpuUse(None, f"{exc}: no NVIDIA GPU on this machine" if exc.missing else str(exc))
     except InventoryError as exc:
         return GpuUse(None, str(exc))
