@@ -33,6 +33,7 @@ import pytest
 from openai import AzureOpenAI, OpenAI
 
 from tests.conftest import free_port, group_members, wait_until
+from tests.test_page_browser import browser as browser  # the fixture
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -445,10 +446,12 @@ def test_plain_v1_with_model_chat_reaches_the_chat_engine(fleet: Fleet) -> None:
     assert len(embedded.data[0].embedding) == 384
 
 
-def test_the_status_pages_engine_figures_are_the_real_engines_metrics(fleet: Fleet) -> None:
-    """`GET /fleet/overview` (what the page at /fleet/ shows): after a chat answered through
-    the gateway, the chat engine's figures are vLLM's own /metrics, read over its socket,
-    and the gateway measured the request's time to first token."""
+def test_the_status_pages_engine_figures_are_the_real_engines_metrics(
+    fleet: Fleet, browser: Any
+) -> None:
+    """`GET /fleet/overview` and the page at /fleet/ that shows it, in Chromium: after a
+    chat answered through the gateway, the chat engine's figures are vLLM's own /metrics,
+    read over its socket, and the gateway measured the request's time to first token."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from vllm_fleet.testing.harness import engine_request
@@ -485,6 +488,27 @@ def test_the_status_pages_engine_figures_are_the_real_engines_metrics(fleet: Fle
     assert engine["waiting"] == own["vllm:num_requests_waiting"] == 0
     assert engine["kv_cache"] == own["vllm:kv_cache_usage_perc"]
     assert chat["recent"]["requests"] >= 1 and chat["recent"]["ttft_p50_ms"] > 0
+
+    # The page shows the same: the replica's running and waiting requests and KV cache.
+    from selenium.webdriver.common.by import By
+
+    from tests.test_page_browser import console_problems, eventually, rows, shoot
+
+    browser.get(f"{fleet.base}/fleet/")
+    name = chat["upstreams"][0]["name"]
+    eventually(lambda: rows(browser).get(name, ("", ""))[0] == "ready", what=f"{name} ready")
+    row = browser.find_element(By.CSS_SELECTOR, f'[data-replica="{name}"]')
+
+    def cell(label: str) -> str:
+        text: str = row.find_element(By.CSS_SELECTOR, f'td[data-label="{label}"]').text
+        return text.strip()
+
+    assert cell("Run") == f"{own['vllm:num_requests_running']:.0f}"
+    assert cell("Wait") == f"{own['vllm:num_requests_waiting']:.0f}"
+    assert cell("KV cache") == f"{own['vllm:kv_cache_usage_perc'] * 100:.0f}%"
+    assert str(chat["upstreams"][0]["pid"]) == rows(browser)[name][1]
+    shoot(browser, "fleet-page-vllm")
+    assert console_problems(browser) == []
 
 
 def test_a_killed_engine_is_restarted_and_503_until_ready(fleet: Fleet) -> None:

@@ -415,7 +415,7 @@
     r.stats.errors.parentNode.classList.toggle('alarm', rec.errors > 0);
     text(r.stats.p50, ms(rec.ttft_p50_ms));
     text(r.stats.p95, ms(rec.ttft_p95_ms));
-    text(r.stats.tps, num(rec.tokens_per_s, 0));
+    text(r.stats.tps, num(rec.tokens_per_s));
     text(r.stats.running, eng ? num(eng.running, 0) : '—');
     text(r.stats.waiting, eng ? num(eng.waiting, 0) : '—');
     text(r.stats.kv, eng ? pct(eng.kv_cache) : '—');
