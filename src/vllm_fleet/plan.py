@@ -21,18 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_fleet.config import ConfigError, ConfigIssue, Deployment, FleetConfig
-from vllm_fleet.config.checks import engine_ports, vllm_port_blocks
+from vllm_fleet.config.checks import engine_ports
 from vllm_fleet.config.flags import flag_name
+from vllm_fleet.gpu_plan import assign_gpus
 from vllm_fleet.gpus import Inventory
 from vllm_fleet.lora import NO_LORA, LoraFlags, lora_flags
+from vllm_fleet.port_plan import assign_ports, assign_vllm_ports, vllm_port_warnings
 from vllm_fleet.socket_plan import assign_sockets, socket_dir
 from vllm_fleet.swap_groups import SwapGroup, sleep_warnings, swap_groups
 
 _PLACEHOLDER = re.compile(r"\{(model|host|port|uds|python|id)\}")
-
-# Linux's default ephemeral ports (net.ipv4.ip_local_port_range): outgoing connections
-# take ports here at random, so a VLLM_PORT range inside it can lose a port to one.
-EPHEMERAL_PORTS = range(32768, 61000)
 
 
 @dataclass(frozen=True)
@@ -126,10 +124,10 @@ def build_plan(
     warnings: list[str] = []
     kept = _keep_prior(config, inventory, python, prior)
     held = [e for e in prior.engines] if prior is not None else []
-    gpu_plan = _assign_gpus(config, inventory, issues, warnings, kept, held)
+    gpu_plan = assign_gpus(config, inventory, issues, warnings, kept, held)
     groups = swap_groups(config, gpu_plan, issues)
-    blocks = _assign_blocks(config, issues, kept, held)
-    port_plan = _assign_ports(config, issues, blocks, kept, held)
+    blocks = assign_vllm_ports(config, issues, kept, held)
+    port_plan = assign_ports(config, issues, blocks, kept, held)
     socket_plan = assign_sockets(
         config,
         issues,
@@ -166,7 +164,7 @@ def build_plan(
             "compete for GPU memory; give each deployment `gpus:`"
         )
     warnings.extend(
-        _vllm_port_warnings(
+        vllm_port_warnings(
             config,
             {(e.deployment, e.replica): e.vllm_ports for e in engines if e.vllm_ports is not None},
         )
@@ -399,205 +397,3 @@ def engine_env(
     if dep.sleep:
         env["VLLM_SERVER_DEV_MODE"] = "1"  # vLLM's /sleep and /wake_up are dev routes
     return env
-
-
-def _vllm_port_warnings(config: FleetConfig, blocks: dict[tuple[str, int], range]) -> list[str]:
-    warnings = []
-    eph = EPHEMERAL_PORTS
-    reaching = [
-        f"{d}-{r}" for (d, r), b in blocks.items() if b.start < eph.stop and eph.start < b.stop
-    ]
-    if reaching:
-        warnings.append(
-            f"the VLLM_PORT ranges of {', '.join(reaching)} reach into Linux's ephemeral "
-            f"ports ({EPHEMERAL_PORTS.start}-{EPHEMERAL_PORTS.stop - 1}), where outgoing "
-            "connections take ports at random; lower engines.vllm_port_base or "
-            "engines.vllm_port_span"
-        )
-    for dep_id, dep in config.deployments.items():
-        if "VLLM_PORT" in dep.env and dep.replicas > 1 and not dep.remote:
-            warnings.append(
-                f"the {dep.replicas} replicas of `{dep_id}` all get VLLM_PORT="
-                f"{dep.env['VLLM_PORT']} from its env: started together they scan from the "
-                "same port and can collide; remove VLLM_PORT from `env` to give each its "
-                "own range"
-            )
-    return warnings
-
-
-def _ports_in_use(config: FleetConfig, held: list[EngineSpec]) -> set[int]:
-    """The ports the file declares (the gateway's, fixed engine ports) and those the
-    running engines hold (their serving ports and VLLM_PORT ranges)."""
-    used = {config.gateway.port}
-    for dep in config.deployments.values():
-        used.update(engine_ports(dep))
-    for engine in held:
-        if engine.port is not None:
-            used.add(engine.port)
-        if engine.vllm_ports is not None:
-            used.update(engine.vllm_ports)
-    return used
-
-
-def _assign_blocks(
-    config: FleetConfig,
-    issues: list[ConfigIssue],
-    kept: Mapping[tuple[str, int], EngineSpec],
-    held: list[EngineSpec],
-) -> dict[tuple[str, int], range]:
-    """Each local engine's VLLM_PORT range: the kept engines' own; without a running
-    plan, one after another in file order (`vllm_port_blocks`); on a reload, the first
-    ranges from `engines.vllm_port_base` that no running engine holds and that hold no
-    port the file declares or a running engine listens on."""
-    if not held:
-        return vllm_port_blocks(config)
-    wanted = vllm_port_blocks(config)  # which engines get one, and how wide
-    span, base = config.engines.vllm_port_span, config.engines.vllm_port_base
-    busy = _ports_in_use(config, held) | {config.engines.base_port}
-    blocks: dict[tuple[str, int], range] = {}
-    for key in wanted:
-        if key in kept and kept[key].vllm_ports is not None:
-            blocks[key] = kept[key].vllm_ports  # type: ignore[assignment]
-    slot = 0
-    for key in wanted:
-        if key in blocks:
-            continue
-        while True:
-            block = range(base + slot * span, base + (slot + 1) * span)
-            slot += 1
-            if block.stop - 1 > 65535:
-                issues.append(
-                    ConfigIssue(
-                        loc=("engines", "vllm_port_base"),
-                        message=f"no VLLM_PORT range of {span} ports left below 65536 for "
-                        f"`{key[0]}` replica {key[1]} beside the running engines; lower "
-                        "engines.vllm_port_base or engines.vllm_port_span",
-                    )
-                )
-                return blocks
-            if busy.isdisjoint(block) and all(
-                b.stop <= block.start or block.stop <= b.start for b in blocks.values()
-            ):
-                blocks[key] = block
-                break
-    return blocks
-
-
-def _assign_ports(
-    config: FleetConfig,
-    issues: list[ConfigIssue],
-    blocks: dict[tuple[str, int], range],
-    kept: Mapping[tuple[str, int], EngineSpec],
-    held: list[EngineSpec],
-) -> dict[tuple[str, int], int]:
-    """Fixed ports as written; kept engines' as they are; the rest counted up from
-    `engines.base_port`, skipping every port the file names (including the gateway's),
-    the VLLM_PORT ranges, and the ports of the running engines (`held`)."""
-    taken = _ports_in_use(config, held)
-    for block in blocks.values():
-        taken.update(block)
-    ports = {key: spec.port for key, spec in kept.items() if spec.port is not None}
-    next_port = config.engines.base_port
-    for dep_id, dep in config.deployments.items():
-        if dep.remote or dep.listen == "uds":
-            continue
-        fixed = engine_ports(dep)
-        for replica in range(dep.replicas):
-            if (dep_id, replica) in ports:
-                continue
-            if fixed:
-                ports[(dep_id, replica)] = fixed[replica]
-                continue
-            while next_port in taken:
-                next_port += 1
-            if next_port > 65535:
-                issues.append(
-                    ConfigIssue(
-                        loc=("engines", "base_port"),
-                        message=f"no port left for `{dep_id}` replica {replica}: counting up "
-                        f"from {config.engines.base_port} passes 65535; lower `base_port`",
-                    )
-                )
-            ports[(dep_id, replica)] = next_port
-            taken.add(next_port)
-    return ports
-
-
-def _assign_gpus(
-    config: FleetConfig,
-    inventory: Inventory,
-    issues: list[ConfigIssue],
-    warnings: list[str],
-    kept: Mapping[tuple[str, int], EngineSpec],
-    held: list[EngineSpec],
-) -> dict[tuple[str, int], tuple[int, ...]]:
-    """GPUs as listed, split between replicas; counted ones from the GPUs nobody lists:
-    kept engines keep theirs, the others take first the GPUs no running engine holds
-    (so a replacement can start beside the engine it replaces), then any left."""
-    known = set(inventory.indices) if inventory.gpus is not None else None
-    used: set[int] = set()
-    plan: dict[tuple[str, int], tuple[int, ...]] = {}
-    counted: list[tuple[str, Deployment]] = []
-    for dep_id, dep in config.deployments.items():
-        if dep.remote or dep.gpus is None:
-            continue
-        if isinstance(dep.gpus, int):
-            counted.append((dep_id, dep))
-            continue
-        for index, gpu in enumerate(dep.gpus):
-            if known is not None and gpu not in known:
-                have = ", ".join(str(i) for i in sorted(known)) or "none"
-                issues.append(
-                    ConfigIssue(
-                        loc=("deployments", dep_id, "gpus", index),
-                        message=f"this machine has no GPU {gpu} (it has: {have}); an engine "
-                        "pinned to a missing GPU silently sees no GPU at all",
-                    )
-                )
-        used.update(dep.gpus)
-        share = len(dep.gpus) // dep.replicas
-        for replica in range(dep.replicas):
-            plan[(dep_id, replica)] = tuple(dep.gpus[replica * share : (replica + 1) * share])
-    if counted and known is None:
-        for dep_id, _ in counted:
-            issues.append(
-                ConfigIssue(
-                    loc=("deployments", dep_id, "gpus"),
-                    message=f"a GPU count needs the machine's GPU inventory ({inventory.reason}); "
-                    "list the GPU indices instead, e.g. `gpus: [0, 1]`",
-                )
-            )
-        return plan
-    for key, spec in kept.items():
-        dep = config.deployments[key[0]]
-        if isinstance(dep.gpus, int) and spec.gpus is not None:
-            plan[key] = spec.gpus
-            used.update(spec.gpus)
-    running = {g for e in held for g in e.gpus or ()}
-    # Free GPUs no running engine holds first, then those a running engine holds.
-    free = sorted((i for i in known or () if i not in used), key=lambda i: (i in running, i))
-    for dep_id, dep in counted:
-        assert isinstance(dep.gpus, int)
-        for replica in range(dep.replicas):
-            if (dep_id, replica) in plan:
-                continue
-            if len(free) < dep.gpus:
-                issues.append(
-                    ConfigIssue(
-                        loc=("deployments", dep_id, "gpus"),
-                        message=f"replica {replica} needs {dep.gpus} GPU(s) but only "
-                        f"{len(free)} are left unassigned on this machine "
-                        f"(GPUs {', '.join(map(str, sorted(known or ())))}); lower the count "
-                        "or the replicas"
-                        + (
-                            "; on-demand deployments take turns on GPUs they list by "
-                            "index (`gpus: [0]`): a GPU count never shares"
-                            if dep.on_demand
-                            else ""
-                        ),
-                    )
-                )
-                break
-            plan[(dep_id, replica)] = tuple(sorted(free[: dep.gpus]))
-            free = free[dep.gpus :]
-    return plan
