@@ -17,12 +17,14 @@ import asyncio
 import json
 import socket
 import time
+from pathlib import Path
 
 import aiohttp
 
 from vllm_fleet.engines.supervisor import read_log_tail
 from vllm_fleet.gateway.admin import ENGINES_PATH, engine_request, metrics_denied
 from vllm_fleet.gateway.assets import is_page_path, page_reply
+from vllm_fleet.gateway.core import Core
 from vllm_fleet.gateway.errors import Reply, error_reply
 from vllm_fleet.gateway.overview import Readings, overview, wants_tail
 from vllm_fleet.gateway.relay.control import Answerer, answer_later, asker
@@ -114,20 +116,33 @@ def _own_address(state: ServerState) -> str:
     return f"[{host}]:{gateway.port}" if ":" in host else f"{host}:{gateway.port}"
 
 
-def _overview(conn: Answerer, state: ServerState, request: Request) -> None:
-    core = state.core
-    control = state.control
-    tails = {
+def _tails_wanted(core: Core) -> dict[str, tuple[Path, int]]:
+    """The engines whose log tail the page shows now, and how many lines (overview.py)."""
+    return {
         u.name: (u.spec.log_path, lines)
         for u in core.registry.all()
         if isinstance(u.spec, EngineSpec) and (lines := wants_tail(u))
     }
 
+
+def _read_tails(wanted: dict[str, tuple[Path, int]]) -> dict[str, list[str]]:
+    return {name: read_log_tail(path, lines) for name, (path, lines) in wanted.items()}
+
+
+def _overview(conn: Answerer, state: ServerState, request: Request) -> None:
+    core = state.core
+    control = state.control
+
     async def answer() -> Reply:
         gpus = await _gpus.now()
-        read = await asyncio.to_thread(
-            lambda: {name: read_log_tail(path, lines) for name, (path, lines) in tails.items()}
-        )
+        # The tails are read in a thread: an engine may change state meanwhile (starting
+        # to failed), so read again until what was read is what its state wants; the
+        # overview is then built at once, with no await between.
+        for _ in range(3):
+            wanted = _tails_wanted(core)
+            read = await asyncio.to_thread(_read_tails, wanted)
+            if _tails_wanted(core) == wanted:
+                break
         readings = Readings(
             now=time.time(),
             node=socket.gethostname(),
